@@ -1,0 +1,104 @@
+"""Task-agnostic compression of a backbone: an ordered plan of methods, each one file.
+
+A plan is a list of ``{"method": NAME, **fields}``; ``compress(model, plan)`` applies them in order,
+in place. The compressed backbone saves once (safetensors + its plan) and serves every task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cpet.compress import int8, unstructured
+from cpet.errors import CpetError
+
+METHODS = {
+    "int8": (int8.Config, int8.apply),
+    "unstructured": (unstructured.Config, unstructured.apply),
+}
+
+
+def parse_plan(plan) -> list[tuple[str, object]]:
+    """Validate a plan -> [(method name, its Config)]; unknown methods/fields are clear errors."""
+    if isinstance(plan, dict) or isinstance(plan, str):
+        raise CpetError("compress: expected a list of steps like [{method: unstructured, sparsity: 0.5}, {method: int8}]")
+    steps = []
+    for i, step in enumerate(plan):
+        if not isinstance(step, dict) or "method" not in step:
+            raise CpetError(f"compress[{i}]: each step needs a 'method' key, got {step!r}")
+        args = dict(step)
+        name = args.pop("method")
+        if name not in METHODS:
+            raise CpetError(f"compress[{i}]: unknown method {name!r}; available: {sorted(METHODS)}")
+        cfg_cls = METHODS[name][0]
+        valid = {f.name for f in fields(cfg_cls)}
+        bad = sorted(set(args) - valid)
+        if bad:
+            raise CpetError(f"compress[{i}] ({name}): unknown field {bad[0]!r}; valid: {sorted(valid)}")
+        steps.append((name, cfg_cls(**args)))
+    return steps
+
+
+def plan_to_json(plan) -> list[dict]:
+    return [{"method": name, **asdict(cfg)} for name, cfg in parse_plan(plan)]
+
+
+def compress(model: nn.Module, plan) -> nn.Module:
+    """Apply each step of ``plan`` to ``model`` in place (the backbone, not a TaskModel)."""
+    for name, cfg in parse_plan(plan):
+        model = METHODS[name][1](model, cfg)
+    model.eval()
+    return model
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan, source: str) -> Path:
+    """Backbone weights (int8 as int8) as safetensors + HF config + tokenizer + compression.json."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(out / "model.safetensors", save(state))
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1"}
+    _atomic_write_bytes(out / "compression.json", json.dumps(meta, indent=2).encode())
+    return out
+
+
+def load_compressed(path: str | os.PathLike):
+    """Rebuild the architecture, re-create the compressed layer types, load the exact saved tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+    p = Path(path)
+    if not (p / "compression.json").is_file():
+        raise CpetError(f"{p} is not a cpet compressed backbone (no compression.json); make one with cpet compress")
+    meta = json.loads((p / "compression.json").read_text())
+    config = AutoConfig.from_pretrained(p)
+    cls = T5EncoderModel if config.model_type in ("t5", "mt5") else AutoModel
+    with torch.device("cpu"):
+        model = cls.from_config(config)
+    compress(model, meta["plan"])  # layer types and shapes; the values are replaced below
+    state = load_file(str(p / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise CpetError(f"{p}: saved tensors do not fit the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, meta

@@ -1,0 +1,236 @@
+"""Experiment configuration: frozen dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+A YAML file and the overrides both become the same nested dict, which is checked against the
+dataclass fields (unknown keys are errors that list the valid ones) and then built bottom-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpet.errors import CpetError
+
+ATTN_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("ffn_in", "ffn_out")
+ALL_ROLES = ATTN_ROLES + FFN_ROLES
+
+
+def _check_roles(roles: tuple[str, ...], what: str) -> None:
+    bad = [r for r in roles if r not in ALL_ROLES]
+    if bad or not roles:
+        raise CpetError(f"{what}: unknown target roles {bad or '[] (empty)'}; choose from {list(ALL_ROLES)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone: an HF hub id, a local folder, or the alias ``minilm`` (the embedded default)."""
+
+    name: str = "minilm"
+    max_length: int = 128
+    pooling: str | None = None  # mean | last | cls; None = by architecture (encoders mean, decoders last)
+
+    def __post_init__(self):
+        if self.pooling not in (None, "mean", "last", "cls"):
+            raise CpetError(f"model.pooling={self.pooling!r}: use mean, last or cls")
+        if self.max_length < 8:
+            raise CpetError(f"model.max_length={self.max_length} is too small (>= 8)")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A task and how much of it to use. ``data_dir`` falls back to $CPET_DATA, then ../shared/data."""
+
+    name: str = "sst2"
+    data_dir: str | None = None
+    max_train: int | None = None  # subsample the training part (after the validation part is held out)
+    val_size: int | float = 0.1  # held out of train for model selection: a count or a fraction
+    max_test: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.val_size, float) and not 0 < self.val_size < 1:
+            raise CpetError(f"task.val_size={self.val_size}: a fraction must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _check_roles(self.targets, "lora.targets")
+        if self.r < 1:
+            raise CpetError(f"lora.r={self.r}: rank must be >= 1")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Knowledge-recovery bypass y = base(x) + act(x D^T) U^T on each target linear (U starts at 0)."""
+
+    r: int = 32
+    activation: str = "gelu"
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ALL_ROLES
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _check_roles(self.targets, "recovery.targets")
+        if self.activation not in ("gelu", "relu", "silu", "identity"):
+            raise CpetError(f"recovery.activation={self.activation!r}: use gelu, relu, silu or identity")
+        if self.r < 1:
+            raise CpetError(f"recovery.r={self.r}: rank must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """loss = task + alpha * MSE(teacher, student) on the chosen outputs."""
+
+    alpha: float = 0.05
+    outputs: tuple[str, ...] = ("hidden",)  # hidden (last hidden states, real tokens) and/or logits
+    cache_teacher: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        bad = [o for o in self.outputs if o not in ("hidden", "logits")]
+        if bad or not self.outputs:
+            raise CpetError(f"distill.outputs={list(self.outputs)}: choose from ['hidden', 'logits']")
+        if self.alpha < 0:
+            raise CpetError(f"distill.alpha={self.alpha} must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at epoch ends)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise CpetError("train.epochs and train.batch_size must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise CpetError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+
+
+PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    # ordered compression plan, e.g. [{method: unstructured, sparsity: 0.5}, {method: int8}]
+    compress: tuple = ({"method": "int8"},)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paradigms: tuple[str, ...] = PARADIGMS
+    output_dir: str = "runs/experiment"
+
+    def __post_init__(self):
+        object.__setattr__(self, "paradigms", tuple(self.paradigms))
+        bad = [p for p in self.paradigms if p not in PARADIGMS]
+        if bad:
+            raise CpetError(f"paradigms: unknown {bad}; choose from {list(PARADIGMS)}")
+        if "clm_cpet" in self.paradigms and "base_pet" not in self.paradigms:
+            raise CpetError("paradigms: clm_cpet inherits from and distils base_pet, so base_pet must run too")
+        object.__setattr__(self, "compress", tuple(dict(step) for step in self.compress))
+        from cpet.compress import parse_plan  # validates methods and their fields
+
+        parse_plan(self.compress)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, path: str):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the valid ones named."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CpetError(f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise CpetError(f"unknown config key {where}{unknown[0]}; valid keys here: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            value = _build(sub, value, f"{path}.{name}" if path else name)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise CpetError(f"{path or 'config'}: {e}") from None
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise CpetError(f"override {key}: {p} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-3", "task.name=rte"]`` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise CpetError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise CpetError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> ExperimentConfig:
+    """Read an experiment YAML (optional), apply dotted overrides, validate, return the config."""
+    data: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CpetError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise CpetError(f"{p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise CpetError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(ExperimentConfig, data, "")

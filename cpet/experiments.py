@@ -1,0 +1,158 @@
+"""One experiment = the paper's paradigms on one backbone, task and compression plan.
+
+    [1] base+PET : train PET (+head) on the uncompressed backbone M              -> teacher
+    [3] CLM+PET  : compress M once -> C (saved); fresh PET on C, task loss only
+    [4] CLM+CPET : PET inherited from [1], recovery modules added, trained on
+                   task + alpha * MSE(teacher, student)
+
+Each paradigm writes ``<output_dir>/<paradigm>/result.json`` and its task modules; a finished
+paradigm is skipped on a rerun and an interrupted one resumes from its checkpoint, so rerunning the
+same command continues where it stopped. ``results.md`` is regenerated from the JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cpet.compress import compress, load_compressed, plan_to_json, save_compressed
+from cpet.config import ExperimentConfig
+from cpet.inherit import inherit
+from cpet.models import load_backbone
+from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
+from cpet.tasks import load_task
+from cpet.train import evaluate, train
+
+LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or continue) every paradigm in ``cfg.paradigms``; returns their result records."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", cfg.to_dict())
+    data = load_task(cfg.task)
+    spec = data.spec
+    log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
+        f"{len(data.test)} test (official validation) from {data.source}")
+    common = {"task": spec.name, "backbone": cfg.model.name, "data_source": data.source,
+              "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
+    max_len, tc = cfg.model.max_length, cfg.train
+
+    def run_paradigm(paradigm: str, model, teacher=None) -> dict:
+        pdir = out / paradigm
+        n_params = sum(v.numel() for v in _task_tensors(model))
+        log(f"[{LABELS[paradigm]}] training {n_params:,} task parameters" + (" with distillation" if teacher else ""))
+        res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
+                    teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log)
+        t0 = time.perf_counter()
+        test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size)
+        eval_s = time.perf_counter() - t0
+        save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
+        record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
+                  "plan": plan_to_json(cfg.compress) if paradigm != "base_pet" else [],
+                  "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
+                  "history": res.history, "steps": res.steps, "train_seconds": round(res.train_seconds, 2),
+                  "eval_seconds": round(eval_s, 2),
+                  "trainable_params": n_params,
+                  "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
+                             **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
+                                if paradigm == "clm_cpet" else {})}}
+        _write_json(pdir / "result.json", record)
+        shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
+        log(f"[{LABELS[paradigm]}] test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+            + f" | train {res.train_seconds:.0f}s, eval {eval_s:.1f}s")
+        return record
+
+    def done(paradigm: str) -> dict | None:
+        f = out / paradigm / "result.json"
+        if f.is_file():
+            log(f"[{LABELS[paradigm]}] already done ({f}); skipping")
+            return json.loads(f.read_text())
+        return None
+
+    records = []
+    backbone, tokenizer = load_backbone(cfg.model.name)
+    teacher = None
+    if "base_pet" in cfg.paradigms:
+        rec = done("base_pet")
+        if rec is None:
+            torch.manual_seed(tc.seed)
+            teacher = build_task_model(backbone, spec.num_labels, cfg.model.pooling, lora=cfg.lora)
+            rec = run_paradigm("base_pet", teacher)
+        else:
+            teacher = load_task_modules(backbone, out / "base_pet" / "task")
+        records.append(rec)
+
+    clm = [p for p in cfg.paradigms if p != "base_pet"]
+    if clm:
+        cdir = out / "backbone_compressed"
+        if not (cdir / "compression.json").is_file():
+            log(f"compressing with plan {plan_to_json(cfg.compress)}")
+            fresh, _ = load_backbone(cfg.model.name)
+            save_compressed(compress(fresh, cfg.compress), tokenizer, cdir, cfg.compress, cfg.model.name)
+        for paradigm in clm:
+            rec = done(paradigm)
+            if rec is None:
+                compressed, _, _ = load_compressed(cdir)
+                torch.manual_seed(tc.seed)
+                if paradigm == "clm_pet":
+                    student = build_task_model(compressed, spec.num_labels, cfg.model.pooling, lora=cfg.lora)
+                    rec = run_paradigm(paradigm, student)
+                else:
+                    student = build_task_model(compressed, spec.num_labels, cfg.model.pooling,
+                                               lora=cfg.lora, recovery=cfg.recovery)
+                    inherit(student, teacher)
+                    rec = run_paradigm(paradigm, student, teacher=teacher)
+            records.append(rec)
+    write_report(out, records)
+    return records
+
+
+def _task_tensors(model):
+    from cpet.layers import task_state_dict
+
+    return task_state_dict(model).values()
+
+
+def results_table(records: list[dict]) -> str:
+    """Markdown: one row per paradigm with its test metrics, times and trainable parameter count."""
+    metrics = []
+    for r in records:
+        metrics += [m for m in r["test"] if m not in metrics]
+    head = ["paradigm", *metrics, "best val", "train s", "eval s", "task params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        key = next(iter(r["best_val"]))
+        row = [r["label"], *(f"{100 * r['test'][m]:.2f}" if m in r["test"] else "" for m in metrics),
+               f"{100 * r['best_val'][key]:.2f}", f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.1f}",
+               f"{r['trainable_params']:,}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, records: list[dict]) -> Path:
+    if not records:
+        return out / "results.md"
+    r0 = records[0]
+    plan = next((r["plan"] for r in records if r["plan"]), [])
+    plan_s = " + ".join(f"{s['method']}" + (f"({s['pattern']}, {s['sparsity']:.0%})" if s["method"] == "unstructured" else "")
+                        for s in plan) or "none"
+    text = (f"# {r0['task']} on {r0['backbone']}\n\n"
+            f"Compression plan: {plan_s}. Splits: {r0['split_sizes']} (test = official validation set).\n"
+            f"Metrics on the test set, in percent; 'best val' selects the checkpoint.\n\n"
+            + results_table(records) + "\n")
+    (out / "results.md").write_text(text)
+    return out / "results.md"

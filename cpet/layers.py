@@ -1,0 +1,70 @@
+"""The one wrapper every add-on hangs from, and the name filters that decide what trains and saves.
+
+    y = base(x) + sum_k branch_k(x)
+
+``Adapted`` calls ``self.base(x)`` without looking inside, so the same LoRA / recovery branches
+work over fp32, int8 and pruned layers alike. Branch module names are the kinds in
+``TRAINABLE_KINDS``; a parameter trains (and saves with its task) iff its dotted name contains one
+of them as a path component (``...query.lora.A``, ``...query.recovery.U``, ``head.out.weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+BRANCH_KINDS = ("lora", "recovery")  # forward order of side branches
+TRAINABLE_KINDS = ("lora", "recovery", "head")
+
+
+class Adapted(nn.Module):
+    """A linear-like ``base`` plus side branches (each returns a delta of the base's output shape)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., out)
+        for kind in BRANCH_KINDS:
+            branch = self._modules.get(kind)
+            if branch is not None:
+                y = y + branch(x)
+        return y
+
+
+def wrap(model: nn.Module, name: str) -> Adapted:
+    """Replace ``model.<name>`` by ``Adapted(it)`` (once) and return the wrapper."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = getattr(parent, child)
+    if isinstance(module, Adapted):
+        return module
+    wrapped = Adapted(module)
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+def kind_of(param_name: str) -> str | None:
+    parts = param_name.split(".")
+    for kind in TRAINABLE_KINDS:
+        if kind in parts:
+            return kind
+    return None
+
+
+def freeze_backbone(model: nn.Module) -> list[str]:
+    """requires_grad only for task modules (lora / recovery / head); returns the trainable names."""
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(kind_of(name) is not None)
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+def task_state_dict(model: nn.Module, kinds: tuple[str, ...] = TRAINABLE_KINDS) -> dict[str, torch.Tensor]:
+    """The task's own tensors (never the backbone), detached copies."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if kind_of(n) in kinds}

@@ -1,0 +1,116 @@
+"""A task's own modules (PET + recovery + head): attach to a backbone, save, load.
+
+On disk, one folder per task: ``task_modules.safetensors`` (only lora / recovery / head tensors,
+never the backbone) and ``task_config.json`` (which modules sit where, their hyper-parameters, the
+task's labels). Both written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cpet.config import LoraConfig, RecoveryConfig
+from cpet.errors import CpetError
+from cpet.layers import Adapted, task_state_dict
+from cpet.models import TaskModel
+from cpet.pet import lora as lora_mod
+from cpet import recovery as recovery_mod
+
+FORMAT = "cpet-task-v1"
+
+
+def build_task_model(backbone: nn.Module, num_labels: int, pooling: str | None = None,
+                     lora: LoraConfig | None = None, recovery: RecoveryConfig | None = None) -> TaskModel:
+    """Backbone + head, plus fresh LoRA and/or recovery modules on their target roles."""
+    model = TaskModel(backbone, num_labels, pooling)
+    if lora is not None:
+        lora_mod.apply(model, lora)
+    if recovery is not None:
+        recovery_mod.apply(model, recovery)
+    return model
+
+
+def _branch_names(model: nn.Module, kind: str) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules)
+
+
+def describe(model: TaskModel) -> dict:
+    """What the task's modules are and where they sit (enough to rebuild them on a backbone)."""
+    desc: dict = {"format": FORMAT, "num_labels": model.head.out.out_features, "pooling": model.head.pooling}
+    lora_names = _branch_names(model, "lora")
+    if lora_names:
+        b = model.get_submodule(lora_names[0]).lora
+        desc["lora"] = {"r": b.r, "alpha": b.alpha, "dropout": getattr(b.dropout, "p", 0.0), "modules": lora_names}
+    rec_names = _branch_names(model, "recovery")
+    if rec_names:
+        b = model.get_submodule(rec_names[0]).recovery
+        act = next(k for k, v in recovery_mod.ACTIVATIONS.items() if isinstance(b.act, v))
+        desc["recovery"] = {"r": b.D.shape[0], "activation": act, "dropout": getattr(b.dropout, "p", 0.0),
+                            "modules": rec_names}
+    return desc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_task_modules(model: TaskModel, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in task_state_dict(model).items()}
+    _atomic_write(out / "task_modules.safetensors", save(state))
+    _atomic_write(out / "task_config.json", json.dumps({**describe(model), **(extra or {})}, indent=2).encode())
+    return out
+
+
+def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel:
+    """Rebuild the saved task's modules on ``backbone`` and load their exact tensors."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
+    if not cfg_path.is_file() or not st_path.is_file():
+        raise CpetError(f"{p} is not a cpet task folder (needs task_config.json and task_modules.safetensors)")
+    desc = json.loads(cfg_path.read_text())
+    model = TaskModel(backbone, desc["num_labels"], desc["pooling"])
+    if "lora" in desc:
+        d = desc["lora"]
+        lora_mod.add_lora_to(model, d["modules"], LoraConfig(r=d["r"], alpha=d["alpha"], dropout=d["dropout"]))
+    if "recovery" in desc:
+        d = desc["recovery"]
+        cfg = RecoveryConfig(r=d["r"], activation=d["activation"], dropout=d["dropout"])
+        recovery_mod.add_recovery_to(model, d["modules"], cfg)
+    load_into(model, load_file(str(st_path)), what=str(p))
+    return model
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Copy task tensors by name into ``model``; every tensor must find a slot of the same shape."""
+    params = {n: p for n, p in model.named_parameters()}
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise CpetError(f"{what}: {len(missing)} tensors have no place in the model, e.g. {missing[0]!r}")
+    bad = [(k, tuple(v.shape), tuple(params[k].shape)) for k, v in state.items() if v.shape != params[k].shape]
+    if bad:
+        k, got, want = bad[0]
+        raise CpetError(f"{what}: {k} has shape {got} but the model expects {want} "
+                        f"({len(bad)} mis-shaped); was it trained on a different backbone or rank?")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def config_dict(lora: LoraConfig | None, recovery: RecoveryConfig | None) -> dict:
+    return {"lora_config": asdict(lora) if lora else None, "recovery_config": asdict(recovery) if recovery else None}

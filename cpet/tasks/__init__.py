@@ -1,0 +1,127 @@
+"""Tasks: loaders from a local data folder (the paper's split policy) with the HF hub as fallback.
+
+Split policy (paper, section 4.1): the official validation set is the *test* set; a deterministic
+part of the official train set (``val_size``) is held out for model selection; the rest trains.
+The hold-out does not depend on the training seed, so every paradigm sees the same splits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpet.config import TaskConfig
+from cpet.errors import CpetError
+from cpet.tasks.metrics import METRICS
+
+DATA_ENV = "CPET_DATA"
+DEFAULT_DATA_DIR = "../shared/data"
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    labels: tuple[str, ...]  # index = class id
+    metrics: tuple[str, ...]  # first one selects the best checkpoint
+    load_local: object  # (data_dir: Path) -> (train, test) lists of Example
+    hub: tuple[str, str]  # (dataset, config) for datasets.load_dataset
+    hub_fields: tuple[str, str | None]  # text fields on the hub
+    hub_test_split: str = "validation"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    source: str
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    TASKS[spec.name] = spec
+    return spec
+
+
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    """Config/flag value, else $CPET_DATA, else ../shared/data if it exists; None means use the hub."""
+    chosen = data_dir or os.environ.get(DATA_ENV)
+    if chosen:
+        p = Path(chosen)
+        if not p.is_dir():
+            raise CpetError(f"data folder {p} does not exist; pass task.data_dir=PATH or set ${DATA_ENV}")
+        return p
+    p = Path(DEFAULT_DATA_DIR)
+    return p if p.is_dir() else None
+
+
+def _from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
+    try:
+        import datasets
+    except ImportError:
+        raise CpetError(f"no local data folder for {spec.name} (set task.data_dir or ${DATA_ENV}) and the "
+                        "'datasets' package for the hub fallback is missing: pip install 'cpet[hub]'") from None
+    try:
+        ds = datasets.load_dataset(*spec.hub)
+    except Exception as e:  # noqa: BLE001
+        raise CpetError(f"could not load {spec.name} from the hub ({str(e).splitlines()[0]}); offline? "
+                        f"set task.data_dir or ${DATA_ENV} to a local copy") from None
+    fa, fb = spec.hub_fields
+
+    def conv(split):
+        return [Example(r[fa], r[fb] if fb else None, int(r["label"])) for r in ds[split]]
+
+    return conv("train"), conv(spec.hub_test_split)
+
+
+def load_task(cfg: TaskConfig) -> TaskData:
+    """The task's train / val (held out of train) / test (official validation) splits."""
+    from cpet.tasks import glue, superglue  # noqa: F401  (register the tasks)
+
+    if cfg.name not in TASKS:
+        raise CpetError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
+    spec = TASKS[cfg.name]
+    root = resolve_data_dir(cfg.data_dir)
+    if root is not None:
+        try:
+            train_all, test = spec.load_local(root)
+        except FileNotFoundError as e:
+            raise CpetError(f"{spec.name}: data file missing in {root} ({e.filename}); "
+                            f"point task.data_dir / ${DATA_ENV} at a folder laid out like ../shared/data") from None
+        source = str(root)
+    else:
+        train_all, test = _from_hub(spec)
+        source = f"hub:{'/'.join(spec.hub)}"
+    order = list(range(len(train_all)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    n_val = cfg.val_size if isinstance(cfg.val_size, int) else int(round(cfg.val_size * len(train_all)))
+    if not 0 < n_val < len(train_all):
+        raise CpetError(f"task.val_size={cfg.val_size} leaves no train or no val examples ({len(train_all)} in train)")
+    val = [train_all[i] for i in order[:n_val]]
+    train = [train_all[i] for i in order[n_val:]]
+    if cfg.max_train is not None:
+        train = train[: cfg.max_train]
+    if cfg.max_test is not None:
+        test = test[: cfg.max_test]
+    return TaskData(spec, train, val, test, source)
+
+
+def evaluate_predictions(spec: TaskSpec, pred: list[int], gold: list[int]) -> dict[str, float]:
+    return {m: METRICS[m](pred, gold, spec.num_labels) for m in spec.metrics}

@@ -1,0 +1,256 @@
+"""The trainer: AdamW + warmup/linear decay over the task modules only, eval each epoch, best-on-val,
+resumable checkpoints, optional distillation from a frozen teacher (CPET's recovery objective).
+
+    loss = CE(student) + alpha * distill(teacher, student)          (alpha term only with a teacher)
+
+Runs unchanged under ``accelerate launch``: the Accelerator places the model, wraps it for several
+processes and does the backward; each process trains on its shard of every epoch's permutation.
+Exact resume: a checkpoint holds the task tensors, AdamW state, the RNG state, the best state so far
+and the position in the epoch; data order is a function of (seed, epoch), so the rest replays identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cpet.config import DistillConfig, TrainConfig
+from cpet.distill import Teacher, distill_loss
+from cpet.layers import freeze_backbone, task_state_dict
+from cpet.tasks import Example, TaskSpec, evaluate_predictions
+
+
+# ---------------------------------------------------------------- data
+def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict]:
+    """Tokenize once: a list of {input_ids, token_type_ids?} (unpadded) per example."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+
+
+def collate(encoded: list[dict], examples: list[Example], indices: list[int], pad_id: int) -> dict:
+    """Right-padded batch tensors; ``index`` is each example's position in its split."""
+    t = max(len(encoded[i]["input_ids"]) for i in indices)
+    B = len(indices)
+    ids = torch.full((B, t), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, t, dtype=torch.long)
+    tt = torch.zeros(B, t, dtype=torch.long) if "token_type_ids" in encoded[indices[0]] else None
+    for row, i in enumerate(indices):
+        x = encoded[i]["input_ids"]
+        ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+        if tt is not None:
+            tt[row, : len(x)] = torch.tensor(encoded[i]["token_type_ids"])
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(indices),
+             "labels": torch.tensor([examples[i].label for i in indices])}
+    if tt is not None:
+        batch["token_type_ids"] = tt
+    return batch
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer, examples: list[Example], max_length: int, batch_size: int = 64,
+            encoded: list[dict] | None = None) -> list[int]:
+    """Argmax predictions; batches sorted by length so padding is minimal (order restored)."""
+    model.eval()
+    encoded = encoded or encode(tokenizer, examples, max_length)
+    order = sorted(range(len(examples)), key=lambda i: len(encoded[i]["input_ids"]))
+    device = next(model.parameters()).device
+    preds = [0] * len(examples)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = collate(encoded, examples, idx, tokenizer.pad_token_id)
+        logits = model(**_model_inputs(batch, device)).logits
+        for i, p in zip(idx, logits.argmax(-1).tolist()):
+            preds[i] = p
+    return preds
+
+
+def evaluate(model, tokenizer, spec: TaskSpec, examples: list[Example], max_length: int, batch_size: int = 64,
+             encoded=None) -> dict[str, float]:
+    preds = predict(model, tokenizer, examples, max_length, batch_size, encoded)
+    return evaluate_predictions(spec, preds, [e.label for e in examples])
+
+
+# ---------------------------------------------------------------- checkpoints
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def _load_checkpoint(directory: Path) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    for d in (directory, directory.with_name(directory.name + ".old")):  # .old survives a crash mid-swap
+        if (d / "trainer.json").is_file() and (d / "state.safetensors").is_file():
+            return load_file(str(d / "state.safetensors")), json.loads((d / "trainer.json").read_text())
+    return None
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    best_val: dict[str, float]
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    steps: int = 0
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example], val_set: list[Example],
+          cfg: TrainConfig, max_length: int, out_dir: str | Path | None = None,
+          teacher: nn.Module | None = None, distill: DistillConfig | None = None,
+          log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
+          resume: bool = True) -> TrainResult:
+    """Train the task modules of ``model`` (backbone frozen) and leave the best-on-val state loaded.
+
+    ``out_dir/checkpoint`` is written every ``cfg.checkpoint_every`` steps and at epoch ends; with
+    ``resume`` an existing checkpoint there is continued exactly. ``on_step(step)`` runs after each
+    optimizer step (used by tests to interrupt a run).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    trainable = freeze_backbone(model)
+    if not trainable:
+        raise ValueError("nothing to train: the model has no lora / recovery / head parameters")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for n, p in named.items() if p.ndim >= 2]
+    no_decay = [p for n, p in named.items() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    teach = Teacher(teacher.to(device), cache=distill.cache_teacher) if teacher is not None else None
+
+    encoded = encode(tokenizer, train_set, max_length)
+    val_encoded = encode(tokenizer, val_set, max_length)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total))
+
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
+    step, epoch, pos = 0, 0, 0
+    best_val, best_epoch, best_state, history = None, -1, None, []
+    elapsed = 0.0
+    loaded = _load_checkpoint(ckpt_dir) if (ckpt_dir and resume) else None
+    if loaded:
+        tensors, meta = loaded
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(tensors[f"param.{n}"])
+        opt_state = optimizer.state_dict()
+        for gi, group in enumerate(opt_state["param_groups"]):
+            for pid in group["params"]:
+                if f"opt.{pid}.exp_avg" in tensors:
+                    opt_state["state"][pid] = {k: tensors[f"opt.{pid}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+        optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(tensors["rng"])
+        step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
+        best_val, best_epoch, history, elapsed = meta["best_val"], meta["best_epoch"], meta["history"], meta["elapsed"]
+        if any(k.startswith("best.") for k in tensors):
+            best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        log(f"  resumed from {ckpt_dir} at step {step} (epoch {epoch + 1}, batch {pos})")
+
+    def save_checkpoint():
+        if ckpt_dir is None or not accelerator.is_main_process:
+            return
+        tensors = {f"param.{n}": p.detach() for n, p in named.items()}
+        for pid, st in optimizer.state_dict()["state"].items():
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                tensors[f"opt.{pid}.{k}"] = torch.as_tensor(st[k]).detach()
+        tensors["rng"] = torch.get_rng_state()
+        if best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        meta = {"step": step, "epoch": epoch, "pos": pos, "best_val": best_val, "best_epoch": best_epoch,
+                "history": history, "elapsed": elapsed}
+        _atomic_save(tensors, meta, ckpt_dir)
+
+    key_metric = spec.metrics[0]
+    t_start = time.perf_counter() - elapsed
+    while epoch < cfg.epochs:
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(len(train_set), generator=g).tolist()
+        perm = perm[accelerator.process_index:: accelerator.num_processes]
+        batches = [perm[s: s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
+        prepared.train()
+        if teach is not None:
+            teach.model.eval()
+        running, seen = 0.0, 0
+        for b in range(pos, len(batches)):
+            batch = collate(encoded, train_set, batches[b], tokenizer.pad_token_id)
+            inputs = _model_inputs(batch, device)
+            out = prepared(**inputs)
+            loss = F.cross_entropy(out.logits, batch["labels"].to(device))
+            if teach is not None and distill.alpha > 0:
+                loss = loss + distill.alpha * distill_loss(teach(batch), out, inputs["attention_mask"], distill.outputs)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total, warmup)
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, pos = step + 1, b + 1
+            running, seen = running + loss.item(), seen + 1
+            if (b + 1) % max(1, len(batches) // 5) == 0 or b + 1 == len(batches):
+                log(f"  epoch {epoch + 1}/{cfg.epochs} batch {b + 1}/{len(batches)} "
+                    f"loss {running / seen:.4f} ({time.perf_counter() - t_start:.0f}s)")
+            elapsed = time.perf_counter() - t_start
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint()
+            if on_step is not None:
+                on_step(step)
+        metrics = evaluate(prepared, tokenizer, spec, val_set, max_length, cfg.eval_batch_size, val_encoded)
+        history.append({"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        log(f"  epoch {epoch + 1}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if best_val is None or metrics[key_metric] > best_val[key_metric]:
+            best_val, best_epoch = metrics, epoch + 1
+            best_state = task_state_dict(accelerator.unwrap_model(prepared))
+        epoch, pos = epoch + 1, 0
+        elapsed = time.perf_counter() - t_start
+        save_checkpoint()
+    model = accelerator.unwrap_model(prepared)
+    if best_state is not None:
+        load_task_state(model, best_state)
+    return TrainResult(best_val, best_epoch, history, time.perf_counter() - t_start, step)
+
+
+def load_task_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
