@@ -26,6 +26,11 @@ class Adapted(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base's stored weight (some HF models read ``.weight.dtype`` of their linears)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
         for kind in BRANCH_KINDS:
@@ -37,9 +42,15 @@ class Adapted(nn.Module):
 
 def wrap(model: nn.Module, name: str) -> Adapted:
     """Replace ``model.<name>`` by ``Adapted(it)`` (once) and return the wrapper."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        from cpet.errors import CpetError
+
+        raise CpetError(f"module {name!r} not found in {type(model).__name__}; "
+                        "were these task modules made for another backbone?") from None
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    module = getattr(parent, child)
     if isinstance(module, Adapted):
         return module
     wrapped = Adapted(module)

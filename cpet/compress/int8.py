@@ -67,6 +67,11 @@ class Int8Linear(nn.Module):
             m.bias.copy_(linear.bias.detach().float())
         return m
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored int8 weight (HF code such as T5's FFN inspects ``.weight.dtype``)."""
+        return self.weight_int8
+
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale[:, None]  # (out, in)
 
@@ -112,5 +117,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
-    noise = (reference - approx).float().pow(2).sum()
-    return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp(min=1e-30)))
+    reference, approx = reference.detach().float(), approx.detach().float()
+    noise = (reference - approx).pow(2).sum()
+    return float(10 * torch.log10(reference.pow(2).sum() / noise.clamp(min=1e-30)))

@@ -1,0 +1,96 @@
+"""Tiny random backbones (BERT, LLaMA, T5 encoder) with the real MiniLM tokenizer, and a tiny data folder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from cpet.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    return BertModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    return LlamaModel(cfg).eval()
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu")
+    return T5EncoderModel(cfg).eval()
+
+
+BACKBONES = {"bert": tiny_bert, "llama": tiny_llama, "t5": tiny_t5}
+
+
+@pytest.fixture(params=sorted(BACKBONES))
+def any_backbone(request):
+    return BACKBONES[request.param]()
+
+
+@pytest.fixture
+def batch(tokenizer):
+    enc = tokenizer(["a great and moving film", "dull , lifeless", "it is fine i guess , not much more"],
+                    padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"]}
+
+
+POS = ["a great film", "wonderful and moving", "truly delightful", "brilliant acting", "i loved it",
+       "a joy to watch", "superb", "charming and warm"]
+NEG = ["a dull mess", "boring and long", "awful script", "i hated it", "lifeless", "a waste of time",
+       "terrible", "painfully bad"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A data folder laid out like ../shared/data with a small SST-2 and RTE (real-format files)."""
+    rng = random.Random(0)
+    d = tmp_path / "data"
+    sst = d / "glue" / "SST-2"
+    sst.mkdir(parents=True)
+    for split, n in (("train", 64), ("dev", 16)):
+        rows = [(rng.choice(POS), 1) if i % 2 else (rng.choice(NEG), 0) for i in range(n)]
+        (sst / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s} \t{l}\n" for s, l in rows))
+    rte = d / "superglue" / "RTE"
+    rte.mkdir(parents=True)
+    for split, n in (("train", 20), ("val", 6)):
+        with open(rte / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"premise": f"the cat sat on mat {i}", "hypothesis": "a cat sat",
+                                    "label": "entailment" if i % 2 else "not_entailment", "idx": i}) + "\n")
+    return d
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    """A tiny BERT saved as an HF folder (with tokenizer), loadable by name like any hub model."""
+    path = tmp_path / "tiny-bert"
+    tiny_bert().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,119 @@
+"""Configs, tasks and the CLI: defaults, overrides, and one clear message per kind of bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cpet.cli import main
+from cpet.config import ExperimentConfig, load_config, parse_overrides
+from cpet.errors import CpetError
+from cpet.tasks import load_task
+from cpet.tasks.metrics import accuracy, f1_binary, f1_macro
+from cpet.config import TaskConfig
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("task: {name: rte}\ntrain: {lr: 0.001}\ncompress:\n  - {method: unstructured, pattern: '2:4'}\n")
+    cfg = load_config(p, ["train.epochs=5", "lora.targets=[q,k]"])
+    assert cfg.task.name == "rte" and cfg.train.lr == 0.001 and cfg.train.epochs == 5
+    assert cfg.lora.targets == ("q", "k") and cfg.compress[0]["pattern"] == "2:4"
+    assert isinstance(load_config(), ExperimentConfig)
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("train: {lrr: 1}\n", [], "unknown config key train.lrr"),
+    ("train: [1, 2\n", [], "not valid YAML"),
+    ("- 1\n", [], "top level must be a mapping"),
+    ("", ["task.nme=x"], "unknown config key task.nme"),
+    ("", ["train.lr"], "not key=value"),
+    ("", ["compress=[{method: magic}]"], "unknown method 'magic'"),
+    ("", ["paradigms=[clm_cpet]"], "base_pet must run too"),
+    ("", ["distill.outputs=[attention]"], "choose from"),
+])
+def test_config_errors(tmp_path, text, overrides, match):
+    p = tmp_path / "e.yaml"
+    p.write_text(text)
+    with pytest.raises(CpetError, match=match):
+        load_config(p, overrides)
+
+
+def test_task_errors(tmp_path, data_dir):
+    with pytest.raises(CpetError, match="unknown task 'sst3'"):
+        load_task(TaskConfig(name="sst3", data_dir=str(data_dir)))
+    with pytest.raises(CpetError, match="does not exist"):
+        load_task(TaskConfig(name="sst2", data_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(CpetError, match="data file missing"):
+        load_task(TaskConfig(name="cb", data_dir=str(data_dir)))
+
+
+def test_splits_deterministic_and_disjoint(data_dir):
+    a = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=0.25))
+    b = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=0.25))
+    assert a.train == b.train and a.val == b.val
+    assert len(a.val) == 16 and len(a.train) == 48 and len(a.test) == 16
+    rte = load_task(TaskConfig(name="rte", data_dir=str(data_dir), val_size=4))
+    assert rte.spec.num_labels == 2 and rte.train[0].text_b == "a cat sat"
+
+
+def test_env_var_data_dir(monkeypatch, data_dir):
+    monkeypatch.setenv("CPET_DATA", str(data_dir))
+    assert load_task(TaskConfig(name="sst2", val_size=8)).source == str(data_dir)
+
+
+def test_metrics_known_values():
+    assert accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == 0.75
+    # tp=2 fp=1 fn=1 -> 2*2/(4+1+1)
+    assert f1_binary([1, 1, 1, 0, 0], [1, 1, 0, 1, 0]) == pytest.approx(4 / 6)
+    # per class: c0: tp1 fp0 fn1 -> 2/3; c1: tp1 fp1 fn0 -> 2/3; c2: tp1 fp0 fn0 -> 1
+    assert f1_macro([0, 1, 1, 2], [0, 1, 0, 2], 3) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_real_data_loaders():
+    from pathlib import Path
+
+    root = Path("../shared/data")
+    if not root.is_dir():
+        pytest.skip("../shared/data not present")
+    sst = load_task(TaskConfig(name="sst2", data_dir=str(root), val_size=1000))
+    assert len(sst.test) == 872 and len(sst.train) == 67349 - 1000
+    cb = load_task(TaskConfig(name="cb", data_dir=str(root)))
+    assert len(cb.test) == 56 and cb.spec.metrics == ("accuracy", "f1_macro")
+    rte = load_task(TaskConfig(name="rte", data_dir=str(root)))
+    assert len(rte.test) == 277 and {e.label for e in rte.test} == {0, 1}
+
+
+def test_cli_bad_input_one_line(tmp_path, capsys):
+    p = tmp_path / "e.yaml"
+    p.write_text("model: {name: minilm}\nbogus: 1\n")
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown config key bogus" in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_unknown_architecture_subprocess(tmp_path, data_dir):
+    """A real process: a model folder of an unmapped architecture -> one message, no traceback."""
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2ish"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(d)
+    (tmp_path / "e.yaml").write_text("")
+    r = subprocess.run([sys.executable, "-m", "cpet.cli", "run", str(tmp_path / "e.yaml"), f"model.name={d}",
+                        f"output_dir={tmp_path / 'o'}", "task.name=sst2", f"task.data_dir={data_dir}",
+                        "task.val_size=8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "architecture 'gpt2' has no cpet map" in r.stderr
+
+
+def test_cli_run_tiny(tmp_path, data_dir, tiny_model_dir, capsys):
+    p = tmp_path / "e.yaml"
+    p.write_text(f"model: {{name: {tiny_model_dir}, max_length: 32}}\n"
+                 f"task: {{name: sst2, data_dir: {data_dir}, val_size: 16}}\n"
+                 "train: {epochs: 1, batch_size: 16}\nrecovery: {r: 4}\n")
+    assert main(["run", str(p), "-o", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "| CLM+CPET |" in out and (tmp_path / "o" / "results.md").is_file()

@@ -1,0 +1,151 @@
+"""Inheritance, task-module save/load, PEFT import/export against the real peft package."""
+
+import copy
+
+import pytest
+import torch
+
+from cpet.compress import compress
+from cpet.config import LoraConfig, RecoveryConfig
+from cpet.errors import CpetError
+from cpet.inherit import inherit
+from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
+
+
+def _randomize(model, seed=3):
+    """Give every task tensor non-trivial values (fresh B/U are zero, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and any(k in n.split(".") for k in ("lora", "recovery", "head")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_inheritance_into_uncompressed_model_is_identity(any_backbone, batch):
+    teacher = build_task_model(any_backbone, 3, lora=LoraConfig(targets=("q", "v", "ffn_in")))
+    _randomize(teacher)
+    student = build_task_model(copy.deepcopy(any_backbone), 3, lora=LoraConfig(targets=("q", "v", "ffn_in")),
+                               recovery=RecoveryConfig())
+    names = inherit(student, teacher)
+    assert names and all(".lora." in n or n.startswith("head.") for n in names)
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(**batch).logits, teacher(**batch).logits, rtol=0, atol=0)
+
+
+def test_inheritance_errors(batch):
+    from conftest import tiny_bert
+
+    teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig(targets=("q", "v")))
+    other_rank = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=4, targets=("q", "v")))
+    with pytest.raises(CpetError, match="shape"):
+        inherit(other_rank, teacher)
+    fewer = build_task_model(tiny_bert(), 2, lora=LoraConfig(targets=("q",)))
+    with pytest.raises(CpetError, match="no counterpart"):
+        inherit(fewer, teacher)
+    with pytest.raises(CpetError, match="no lora/head tensors"):
+        inherit(fewer, {})
+
+
+@pytest.mark.parametrize("plan", [[], [{"method": "unstructured", "sparsity": 0.5}, {"method": "int8"}]])
+def test_task_modules_save_load_exact(tmp_path, any_backbone, batch, plan):
+    backbone = compress(any_backbone, plan)
+    model = build_task_model(copy.deepcopy(backbone), 2, lora=LoraConfig(), recovery=RecoveryConfig(r=4))
+    _randomize(model)
+    save_task_modules(model, tmp_path / "task")
+    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["task_config.json", "task_modules.safetensors"]
+    loaded = load_task_modules(copy.deepcopy(backbone), tmp_path / "task")
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_load_task_modules_errors(tmp_path):
+    from conftest import tiny_bert, tiny_llama
+
+    with pytest.raises(CpetError, match="not a cpet task folder"):
+        load_task_modules(tiny_bert(), tmp_path)
+    model = build_task_model(tiny_bert(), 2, lora=LoraConfig())
+    save_task_modules(model, tmp_path / "t")
+    with pytest.raises(CpetError):  # modules named for BERT do not exist in LLaMA
+        load_task_modules(tiny_llama(), tmp_path / "t")
+
+
+# ---------------------------------------------------------------- PEFT interop (real peft)
+peft = pytest.importorskip("peft")
+
+
+def _peft_model(seed=0):
+    from conftest import tiny_bert
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
+    model = peft.get_peft_model(tiny_bert(seed), cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # as if trained
+    return model.eval()
+
+
+def test_import_peft_adapter_gives_peft_outputs(tmp_path, batch):
+    from conftest import tiny_bert
+    from cpet.models import TaskModel
+    from cpet.pet.peft_io import import_peft
+
+    pm = _peft_model()
+    pm.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    model = TaskModel(tiny_bert(), 2)
+    names = import_peft(model, tmp_path / "adapter")
+    assert len(names) == 4  # 2 layers x (query, value)
+    with torch.no_grad():
+        ref = pm(**batch).last_hidden_state
+        got = model.eval().backbone(**batch).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref, tiny_bert()(**batch).last_hidden_state, atol=1e-3)  # the adapter matters
+
+
+def test_import_peft_onto_compressed_backbone(tmp_path, batch):
+    """The paper's inheritance from a community adapter: peft LoRA (on M) -> cpet LoRA on C."""
+    from conftest import tiny_bert
+    from cpet.models import TaskModel
+    from cpet.pet.peft_io import import_peft
+
+    _peft_model().save_pretrained(tmp_path / "adapter")
+    student = TaskModel(compress(tiny_bert(), [{"method": "int8"}]), 2)
+    import_peft(student, tmp_path / "adapter")
+    assert isinstance(student.backbone.encoder.layer[0].attention.self.query.base,
+                      __import__("cpet.compress.int8", fromlist=["Int8Linear"]).Int8Linear)
+
+
+def test_export_peft_loads_in_peft_with_equal_outputs(tmp_path, batch):
+    from conftest import tiny_bert
+    from cpet.pet.peft_io import export_peft
+
+    model = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o")))
+    _randomize(model)
+    export_peft(model, tmp_path / "exp", base_model_name_or_path="tiny")
+    pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "exp").eval()
+    with torch.no_grad():
+        ref = model.eval().backbone(**batch).last_hidden_state
+        got = pm(**batch).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_refuses_pickle_and_unsupported(tmp_path):
+    import json
+
+    from conftest import tiny_bert
+    from cpet.pet.peft_io import import_peft
+
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (d / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(CpetError, match="pickled"):
+        import_peft(tiny_bert(), d)
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}))
+    with pytest.raises(CpetError, match="DoRA"):
+        import_peft(tiny_bert(), d)

@@ -1,0 +1,110 @@
+"""Trainer: exact resume after an interruption, teacher cache, distillation, the whole pipeline."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cpet.config import DistillConfig, LoraConfig, RecoveryConfig, TaskConfig, TrainConfig, load_config
+from cpet.distill import Teacher, distill_loss
+from cpet.experiments import run_experiment
+from cpet.layers import task_state_dict
+from cpet.task_modules import build_task_model
+from cpet.tasks import load_task
+from cpet.train import collate, encode, train
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _setup(data_dir, tokenizer):
+    from conftest import tiny_bert
+
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
+    torch.manual_seed(0)
+    model = build_task_model(tiny_bert(), 2, lora=LoraConfig(dropout=0.1))  # dropout: RNG must resume too
+    return data, model
+
+
+def test_resume_after_interruption_is_exact(tmp_path, data_dir, tokenizer):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, checkpoint_every=3, seed=7)
+    data, model = _setup(data_dir, tokenizer)
+    ref_model = copy.deepcopy(model)
+    ref = train(ref_model, tokenizer, data.spec, data.train, data.val, cfg, 32, out_dir=tmp_path / "ref", log=lambda s: None)
+
+    def boom(step):
+        if step == 8:  # after the checkpoint at step 6, mid epoch 2 (6 batches per epoch)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(model, tokenizer, data.spec, data.train, data.val, cfg, 32, out_dir=tmp_path / "run",
+              on_step=boom, log=lambda s: None)
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 6 and meta["epoch"] == 1
+    _, fresh = _setup(data_dir, tokenizer)  # a new process would start from a fresh model
+    logs = []
+    res = train(fresh, tokenizer, data.spec, data.train, data.val, cfg, 32, out_dir=tmp_path / "run", log=logs.append)
+    assert any("resumed" in line for line in logs)
+    assert res.steps == ref.steps == 12
+    assert res.history == ref.history and res.best_val == ref.best_val
+    a, b = task_state_dict(fresh), task_state_dict(ref_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_cache_equals_fresh_teacher(data_dir, tokenizer):
+    from conftest import tiny_bert
+
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
+    enc = encode(tokenizer, data.train, 32)
+    teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig())
+    cached, fresh = Teacher(teacher, cache=True), Teacher(teacher, cache=False)
+    b1 = collate(enc, data.train, [0, 1, 2, 3], 0)
+    b2 = collate(enc, data.train, [3, 9, 1, 20], 0)  # overlaps b1, different padding
+    cached(b1)
+    for b in (b1, b2):
+        (h1, z1), (h2, z2) = cached(b), fresh(b)
+        torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z1, z2, rtol=1e-5, atol=1e-5)
+    assert len(cached._hidden) == 6
+
+
+def test_distill_loss_zero_for_identical_models(data_dir, tokenizer):
+    from conftest import tiny_bert
+
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
+    batch = collate(encode(tokenizer, data.train, 32), data.train, [0, 1, 2], 0)
+    model = build_task_model(tiny_bert(), 2, lora=LoraConfig()).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    out = model(**inputs)
+    t = Teacher(copy.deepcopy(model))(batch)
+    assert distill_loss(t, out, batch["attention_mask"], ("hidden", "logits")).item() < 1e-10
+    other = build_task_model(tiny_bert(seed=1), 2, lora=LoraConfig()).eval()
+    assert distill_loss(t, other(**inputs), batch["attention_mask"], ("hidden",)).item() > 1e-3
+
+
+def test_pipeline_end_to_end_tiny(tmp_path, data_dir, tiny_model_dir):
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2",
+                             f"task.data_dir={data_dir}", "task.val_size=16", "train.epochs=2",
+                             "train.batch_size=16", "recovery.r=4", f"output_dir={tmp_path / 'out'}",
+                             "compress=[{method: unstructured, sparsity: 0.5}, {method: int8}]"])
+    logs = []
+    records = run_experiment(cfg, log=logs.append)
+    assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
+    out = tmp_path / "out"
+    for r in records:
+        saved = json.loads((out / r["paradigm"] / "result.json").read_text())
+        assert 0.0 <= saved["test"]["accuracy"] <= 1.0 and saved["steps"] == 6
+        assert (out / r["paradigm"] / "task" / "task_modules.safetensors").is_file()
+        assert not (out / r["paradigm"] / "checkpoint").exists()
+    assert records[2]["trainable_params"] > records[1]["trainable_params"]  # recovery modules added
+    assert (out / "backbone_compressed" / "compression.json").is_file()
+    table = (out / "results.md").read_text()
+    for label in ("base+PET", "CLM+PET", "CLM+CPET"):
+        assert f"| {label} |" in table
+    # a rerun continues: every finished paradigm is skipped, results are unchanged
+    logs2 = []
+    again = run_experiment(cfg, log=logs2.append)
+    assert sum("already done" in l for l in logs2) == 3
+    assert [r["test"] for r in again] == [r["test"] for r in records]
