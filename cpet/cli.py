@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _run(config_path, overrides: list[str], output_dir: str | None) -> int:
     cfg = load_config(config_path, overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = run_experiment(cfg, log=lambda s: print(s, flush=True))
+    if int(os.environ.get("RANK", "0")) != 0:  # other processes of a distributed launch stay quiet
+        return 0
     print()
     print(results_table(records))
     print(f"\nresults: {Path(cfg.output_dir).resolve()} (one result.json per paradigm, results.md)")

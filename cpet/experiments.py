@@ -39,10 +39,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or continue) every paradigm in ``cfg.paradigms``; returns their result records."""
+    """Run (or continue) every paradigm in ``cfg.paradigms``; returns their result records.
+
+    Under ``accelerate launch`` / ``torchrun`` every process runs this; only the main one logs and
+    writes files, the others train their data shard and wait where they need its files.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    if not main:
+        log = lambda s: None  # noqa: E731
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", cfg.to_dict())
+    if main:
+        _write_json(out / "config.json", cfg.to_dict())
     data = load_task(cfg.task)
     spec = data.spec
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
@@ -60,7 +71,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         t0 = time.perf_counter()
         test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size)
         eval_s = time.perf_counter() - t0
-        save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
+        if main:
+            save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
         record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
                   "plan": plan_to_json(cfg.compress) if paradigm != "base_pet" else [],
                   "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
@@ -70,8 +82,10 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                   "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
                              **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
                                 if paradigm == "clm_cpet" else {})}}
-        _write_json(pdir / "result.json", record)
-        shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
+        if main:
+            _write_json(pdir / "result.json", record)
+            shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
+        state.wait_for_everyone()
         log(f"[{LABELS[paradigm]}] test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
             + f" | train {res.train_seconds:.0f}s, eval {eval_s:.1f}s")
         return record
@@ -99,10 +113,11 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     clm = [p for p in cfg.paradigms if p != "base_pet"]
     if clm:
         cdir = out / "backbone_compressed"
-        if not (cdir / "compression.json").is_file():
+        if main and not (cdir / "compression.json").is_file():
             log(f"compressing with plan {plan_to_json(cfg.compress)}")
             fresh, _ = load_backbone(cfg.model.name)
             save_compressed(compress(fresh, cfg.compress), tokenizer, cdir, cfg.compress, cfg.model.name)
+        state.wait_for_everyone()
         for paradigm in clm:
             rec = done(paradigm)
             if rec is None:
@@ -117,7 +132,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                     inherit(student, teacher)
                     rec = run_paradigm(paradigm, student, teacher=teacher)
             records.append(rec)
-    write_report(out, records)
+    if main:
+        write_report(out, records)
     return records
 
 

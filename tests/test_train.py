@@ -108,3 +108,23 @@ def test_pipeline_end_to_end_tiny(tmp_path, data_dir, tiny_model_dir):
     again = run_experiment(cfg, log=logs2.append)
     assert sum("already done" in l for l in logs2) == 3
     assert [r["test"] for r in again] == [r["test"] for r in records]
+
+
+@pytest.mark.slow
+def test_two_process_launch(tmp_path, data_dir, tiny_model_dir):
+    """The same CLI under a 2-process distributed launch (gloo on CPU): each trains half of every epoch,
+    only rank 0 writes files, and the results are complete."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "e.yaml"
+    p.write_text(f"model: {{name: {tiny_model_dir}, max_length: 32}}\n"
+                 f"task: {{name: sst2, data_dir: {data_dir}, val_size: 16}}\n"
+                 "train: {epochs: 1, batch_size: 8}\nrecovery: {r: 4}\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cpet.cli",
+                        "run", str(p), "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("| CLM+CPET |") == 1
+    assert "batch 3/3" in r.stdout  # 48 train examples / (2 processes x batch 8)
+    for paradigm in ("base_pet", "clm_pet", "clm_cpet"):
+        assert json.loads((tmp_path / "o" / paradigm / "result.json").read_text())["steps"] == 3
