@@ -3,7 +3,13 @@
     theta_P(C) <- theta_P(M)         (matched by parameter name; the head comes along)
 
 Compression that keeps shapes (int8, unstructured pruning) keeps every name and shape, so this is
-a copy. Recovery modules are not inherited: the teacher has none; they start as a no-op.
+a copy. After structured pruning the student's layers record which original rows/columns they kept
+(``kept_out`` / ``kept_in``), and the teacher's LoRA is sliced to them:
+
+    A (r, in)  -> A[:, kept_in]        B (out, r) -> B[kept_out, :]
+
+which is exactly the teacher's LoRA update restricted to the surviving neurons / heads. Recovery
+modules are not inherited: the teacher has none; they start as a no-op.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
     if missing_in_teacher:
         raise CpetError(f"inherit: student tensor {missing_in_teacher[0]!r} is missing from the teacher "
                         f"({len(missing_in_teacher)} in all)")
+    src = {name: _slice_to_student(student, name, value) for name, value in src.items()}
     for name, value in src.items():
         if value.shape != dst[name].shape:
             raise CpetError(f"inherit: {name} is {tuple(value.shape)} in the teacher but {tuple(dst[name].shape)} "
@@ -43,3 +50,16 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
         for name, value in src.items():
             dst[name].copy_(value)
     return sorted(src)
+
+
+def _slice_to_student(student: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Slice a teacher LoRA tensor by the kept indices of the student's (structurally pruned) base layer."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-2] != "lora":
+        return value
+    base = getattr(student.get_submodule(".".join(parts[:-2])), "base", None)
+    if parts[-1] == "A" and getattr(base, "kept_in", None) is not None and value.shape[1] != base.in_features:
+        return value[:, base.kept_in]
+    if parts[-1] == "B" and getattr(base, "kept_out", None) is not None and value.shape[0] != base.out_features:
+        return value[base.kept_out]
+    return value

@@ -1,5 +1,7 @@
 """int8 SQNR and kernels, exact sparsity, N:M patterns, composition, bit-exact save/load."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -113,3 +115,44 @@ def test_plan_errors():
         parse_plan([{"method": "unstructured", "pattern": "half"}])
     with pytest.raises(CpetError, match="list of steps"):
         parse_plan({"method": "int8"})
+
+
+def test_wanda_uses_activations_and_keeps_row_sparsity(batch):
+    from conftest import tiny_bert
+    from cpet.compress.calibration import Calibration, input_stats
+
+    calib = Calibration(torch.randint(1000, 5000, (4, 16), generator=torch.Generator().manual_seed(0)), 2)
+    dense = tiny_bert()
+    stats = input_stats(dense, ["encoder.layer.0.intermediate.dense"], calib)["encoder.layer.0.intermediate.dense"]
+    wanda = compress(copy.deepcopy(dense), [{"method": "unstructured", "score": "wanda", "sparsity": 0.5}],
+                     calibration=calib)
+    mag = compress(copy.deepcopy(dense), [{"method": "unstructured", "sparsity": 0.5}])
+    w = wanda.encoder.layer[0].intermediate.dense.weight
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()  # exactly half of every row
+    W = dense.encoder.layer[0].intermediate.dense.weight
+    score = W.abs() * stats["sq"].sqrt()
+    kept = score[w != 0].min(), score[w == 0].max()
+    # within each row the kept entries out-score the pruned ones
+    for r in range(W.shape[0]):
+        assert score[r][w[r] != 0].min() >= score[r][w[r] == 0].max()
+    assert not torch.equal(w != 0, mag.encoder.layer[0].intermediate.dense.weight != 0)
+
+
+def test_global_magnitude_total_sparsity():
+    from conftest import tiny_bert
+    from cpet.models import compressible_layers
+
+    model = compress(tiny_bert(), [{"method": "unstructured", "sparsity": 0.6, "scope": "global"}])
+    layers = compressible_layers(model, ("q", "k", "v", "o", "ffn_in", "ffn_out")).values()
+    zeros = sum((l.weight == 0).sum().item() for l in layers)
+    total = sum(l.weight.numel() for l in layers)
+    assert abs(zeros / total - 0.6) < 1e-3
+    per_layer = [(l.weight == 0).float().mean().item() for l in layers]
+    assert max(per_layer) - min(per_layer) > 0.01  # global: layers differ
+
+
+def test_wanda_needs_calibration():
+    from conftest import tiny_bert
+
+    with pytest.raises(CpetError, match="calibration"):
+        compress(tiny_bert(), [{"method": "unstructured", "score": "wanda"}])

@@ -17,6 +17,7 @@ PLANS = {
     "pruned": [{"method": "unstructured", "sparsity": 0.5}],
     "pruned+int8": [{"method": "unstructured", "sparsity": 0.5}, {"method": "int8"}],
     "2:4": [{"method": "unstructured", "pattern": "2:4"}],
+    "sp+int8": [{"method": "structured", "ffn": 0.5}, {"method": "int8"}],
 }
 
 

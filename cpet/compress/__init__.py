@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cpet.compress import int8, unstructured
+from cpet.compress import int8, structured, unstructured
 from cpet.errors import CpetError
 
+# name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
 METHODS = {
-    "int8": (int8.Config, int8.apply),
-    "unstructured": (unstructured.Config, unstructured.apply),
+    "int8": int8,
+    "unstructured": unstructured,
+    "structured": structured,
 }
 
 
@@ -36,7 +38,7 @@ def parse_plan(plan) -> list[tuple[str, object]]:
         name = args.pop("method")
         if name not in METHODS:
             raise CpetError(f"compress[{i}]: unknown method {name!r}; available: {sorted(METHODS)}")
-        cfg_cls = METHODS[name][0]
+        cfg_cls = METHODS[name].Config
         valid = {f.name for f in fields(cfg_cls)}
         bad = sorted(set(args) - valid)
         if bad:
@@ -49,10 +51,25 @@ def plan_to_json(plan) -> list[dict]:
     return [{"method": name, **asdict(cfg)} for name, cfg in parse_plan(plan)]
 
 
-def compress(model: nn.Module, plan) -> nn.Module:
-    """Apply each step of ``plan`` to ``model`` in place (the backbone, not a TaskModel)."""
-    for name, cfg in parse_plan(plan):
-        model = METHODS[name][1](model, cfg)
+def needs_calibration(plan) -> bool:
+    return any(getattr(cfg, "calibrated", False) for _, cfg in parse_plan(plan))
+
+
+def compress(model: nn.Module, plan, calibration=None, tokenizer=None, data_dir: str | None = None) -> nn.Module:
+    """Apply each step of ``plan`` to ``model`` in place (the backbone, not a TaskModel).
+
+    Data-dependent steps (Wanda, activation-scored structured pruning) read ``calibration``; if it is
+    not given it is made from ``tokenizer`` and the default task-agnostic text.
+    """
+    steps = parse_plan(plan)
+    if calibration is None and needs_calibration(plan):
+        if tokenizer is None:
+            raise CpetError("this plan needs calibration text: pass tokenizer= (or calibration=) to compress")
+        from cpet.compress.calibration import make_calibration
+
+        calibration = make_calibration(tokenizer, data_dir=data_dir)
+    for name, cfg in steps:
+        model = METHODS[name].apply(model, cfg, calibration)
     model.eval()
     return model
 
@@ -94,8 +111,9 @@ def load_compressed(path: str | os.PathLike):
     cls = T5EncoderModel if config.model_type in ("t5", "mt5") else AutoModel
     with torch.device("cpu"):
         model = cls.from_config(config)
-    compress(model, meta["plan"])  # layer types and shapes; the values are replaced below
     state = load_file(str(p / "model.safetensors"))
+    for name, cfg in parse_plan(meta["plan"]):  # layer types and shapes; the values are loaded below
+        model = METHODS[name].skeleton(model, cfg, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise CpetError(f"{p}: saved tensors do not fit the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")

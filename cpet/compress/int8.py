@@ -65,6 +65,9 @@ class Int8Linear(nn.Module):
         m.scale.copy_(s)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
+        for attr in ("kept_in", "kept_out"):  # traces of structured pruning travel with the layer
+            if getattr(linear, attr, None) is not None:
+                m.register_buffer(attr, getattr(linear, attr).clone())
         return m
 
     @property
@@ -105,7 +108,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
+def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     """Replace every target nn.Linear by an Int8Linear (in place); returns the model."""
     from cpet.models import compressible_layers
 
@@ -113,6 +116,11 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         if isinstance(layer, nn.Linear):
             _replace(model, name, Int8Linear.from_linear(layer, cfg.kernel))
     return model
+
+
+def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
+    """Int8 layers of the right shapes; their values are then loaded from the saved tensors."""
+    return apply(model, cfg)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

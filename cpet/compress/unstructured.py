@@ -1,10 +1,12 @@
-"""UP: unstructured magnitude pruning, per layer, to an exact sparsity or an N:M pattern.
+"""UP: unstructured pruning by magnitude or Wanda, to an exact sparsity or an N:M pattern.
 
-    keep W_ij iff |W_ij| is among the largest (1 - sparsity) of its layer      (pattern "unstructured")
-    keep the N largest |W| of every M consecutive inputs of a row               (pattern "2:4" etc.)
+    magnitude: score_ij = |W_ij|                       (ranked per layer, or across all target layers)
+    wanda:     score_ij = |W_ij| * ||X_j||_2           (ranked within each output row; Sun et al. 2023)
+    N:M:       keep the N highest-scoring of every M consecutive inputs of a row ("2:4" = the paper's UP)
 
-The zeros are written into the frozen weight (fp32 or int8), so the pruning mask is ``weight != 0``
-and composes with int8 in either order (symmetric quantization keeps zeros exactly zero).
+X_j is input feature j over task-agnostic calibration tokens (forward hooks, one pass over the model
+as compressed so far). The zeros are written into the frozen weight (fp32 or int8), so the mask is
+``weight != 0`` and composes with int8 in either order (symmetric quantization keeps zeros at zero).
 """
 
 from __future__ import annotations
@@ -22,17 +24,29 @@ from cpet.errors import CpetError
 class Config:
     sparsity: float = 0.5
     pattern: str = "unstructured"  # unstructured | "N:M" such as "2:4"
+    score: str = "magnitude"  # magnitude | wanda (needs calibration text)
+    scope: str = "layer"  # layer | global (magnitude only: one threshold over all target layers)
     targets: tuple[str, ...] = ALL_ROLES
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         _check_roles(self.targets, "unstructured.targets")
+        if self.score not in ("magnitude", "wanda"):
+            raise CpetError(f"unstructured.score={self.score!r}: use magnitude or wanda")
+        if self.scope not in ("layer", "global"):
+            raise CpetError(f"unstructured.scope={self.scope!r}: use layer or global")
+        if self.scope == "global" and (self.score == "wanda" or self.pattern != "unstructured"):
+            raise CpetError("unstructured.scope=global works with score=magnitude and pattern=unstructured only")
         if self.pattern == "unstructured":
             if not 0 <= self.sparsity < 1:
                 raise CpetError(f"unstructured.sparsity={self.sparsity} must lie in [0, 1)")
         else:
             n, m = _parse_nm(self.pattern)
             object.__setattr__(self, "sparsity", 1 - n / m)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.score == "wanda"
 
 
 def _parse_nm(pattern: str) -> tuple[int, int]:
@@ -45,29 +59,40 @@ def _parse_nm(pattern: str) -> tuple[int, int]:
     return n, m
 
 
-def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask keeping exactly round((1 - sparsity) * numel) largest-magnitude entries."""
-    n_prune = int(round(sparsity * w.numel()))
-    mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+def magnitude_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask keeping exactly numel - round(sparsity * numel) entries of highest |score|."""
+    n_prune = int(round(sparsity * score.numel()))
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if n_prune:
-        idx = torch.topk(w.abs().flatten().float(), n_prune, largest=False).indices
+        idx = torch.topk(score.flatten().abs().float(), n_prune, largest=False).indices
         mask[idx] = False
-    return mask.view_as(w)
+    return mask.view_as(score)
 
 
-def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n largest |w| in every group of m consecutive inputs (rows split into groups)."""
-    out_f, in_f = w.shape
+def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the same number of highest-score entries in every output row (Wanda's comparison group)."""
+    out_f, in_f = score.shape
+    n_prune = int(round(sparsity * in_f))
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if n_prune:
+        idx = torch.topk(score.abs().float(), n_prune, dim=1, largest=False).indices
+        mask.scatter_(1, idx, False)
+    return mask
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs (rows split into groups)."""
+    out_f, in_f = score.shape
     if in_f % m:
         raise CpetError(f"{n}:{m} pruning needs in_features divisible by {m}, got {in_f}")
-    groups = w.abs().float().reshape(out_f, in_f // m, m)  # (out, G, m)
+    groups = score.abs().float().reshape(out_f, in_f // m, m)  # (out, G, m)
     keep = torch.topk(groups, n, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(out_f, in_f)
 
 
-def _weight_and_score(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored weight to zero in place, and the float weight whose magnitude ranks entries."""
+def _weight_and_float(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored weight to zero in place, and its float value (whose magnitude ranks entries)."""
     if isinstance(layer, nn.Linear):
         return layer.weight.data, layer.weight.data
     if hasattr(layer, "weight_int8"):
@@ -76,14 +101,37 @@ def _weight_and_score(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
+def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
+    from cpet.compress.calibration import input_stats
     from cpet.models import compressible_layers
 
-    for layer in compressible_layers(model, cfg.targets).values():
-        w, score = _weight_and_score(layer)
-        if cfg.pattern == "unstructured":
-            mask = magnitude_mask(score, cfg.sparsity)
+    layers = compressible_layers(model, cfg.targets)
+    scores = {name: _weight_and_float(layer)[1].abs() for name, layer in layers.items()}
+    if cfg.score == "wanda":
+        if calib is None:
+            raise CpetError("unstructured score=wanda needs calibration text (pass a tokenizer / calibration to compress)")
+        stats = input_stats(model, list(layers), calib)
+        for name in layers:
+            scores[name] = scores[name] * stats[name]["sq"].sqrt()[None, :]  # |W_ij| * ||X_j||
+    if cfg.scope == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        n_prune = int(round(cfg.sparsity * flat.numel()))
+        threshold = torch.kthvalue(flat.float(), n_prune).values if n_prune else flat.min() - 1
+    for name, layer in layers.items():
+        w, _ = _weight_and_float(layer)
+        s = scores[name]
+        if cfg.pattern != "unstructured":
+            mask = nm_mask(s, *_parse_nm(cfg.pattern))
+        elif cfg.scope == "global":
+            mask = s > threshold
+        elif cfg.score == "wanda":
+            mask = row_mask(s, cfg.sparsity)
         else:
-            mask = nm_mask(score, *_parse_nm(cfg.pattern))
+            mask = magnitude_mask(s, cfg.sparsity)
         w.mul_(mask.to(w.dtype))
+    return model
+
+
+def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
+    """Shapes do not change: nothing to rebuild before loading saved tensors."""
     return model
