@@ -21,10 +21,13 @@ FFN_ROLES = ("ffn_in", "ffn_out")
 ALL_ROLES = ATTN_ROLES + FFN_ROLES
 
 
-def _check_roles(roles: tuple[str, ...], what: str) -> None:
-    bad = [r for r in roles if r not in ALL_ROLES]
+EMBED_ROLE = "embed"  # the token embedding: a compression target (int8), never a PET target
+
+
+def _check_roles(roles: tuple[str, ...], what: str, allowed: tuple[str, ...] = ALL_ROLES) -> None:
+    bad = [r for r in roles if r not in allowed]
     if bad or not roles:
-        raise CpetError(f"{what}: unknown target roles {bad or '[] (empty)'}; choose from {list(ALL_ROLES)}")
+        raise CpetError(f"{what}: unknown target roles {bad or '[] (empty)'}; choose from {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,9 @@ class ExperimentConfig:
             raise CpetError(f"paradigms: unknown {bad}; choose from {list(PARADIGMS)}")
         if "clm_cpet" in self.paradigms and "base_pet" not in self.paradigms:
             raise CpetError("paradigms: clm_cpet inherits from and distils base_pet, so base_pet must run too")
-        object.__setattr__(self, "compress", tuple(dict(step) for step in self.compress))
-        from cpet.compress import parse_plan  # validates methods and their fields
+        from cpet.compress import parse_plan, resolve_plan  # validates methods and their fields
 
+        object.__setattr__(self, "compress", tuple(dict(step) for step in resolve_plan(self.compress)))
         parse_plan(self.compress)
 
     def to_dict(self) -> dict:

@@ -34,6 +34,7 @@ _BERT = ArchMap("encoder", {
     "o": r"layer\.\d+\.attention\.output\.dense$",
     "ffn_in": r"layer\.\d+\.intermediate\.dense$",
     "ffn_out": r"layer\.\d+\.output\.dense$",
+    "embed": r"embeddings\.word_embeddings$",
 }, "mean")
 _T5 = ArchMap("encoder-decoder", {
     "q": r"(SelfAttention|EncDecAttention)\.q$",
@@ -42,6 +43,7 @@ _T5 = ArchMap("encoder-decoder", {
     "o": r"(SelfAttention|EncDecAttention)\.o$",
     "ffn_in": r"DenseReluDense\.wi(_0|_1)?$",
     "ffn_out": r"DenseReluDense\.wo$",
+    "embed": r"encoder\.embed_tokens$",
 }, "mean")
 _LLAMA = ArchMap("decoder", {
     "q": r"self_attn\.q_proj$",
@@ -50,6 +52,7 @@ _LLAMA = ArchMap("decoder", {
     "o": r"self_attn\.o_proj$",
     "ffn_in": r"mlp\.(gate_proj|up_proj)$",
     "ffn_out": r"mlp\.down_proj$",
+    "embed": r"embed_tokens$",
 }, "last")
 
 ARCHITECTURES: dict[str, ArchMap] = {

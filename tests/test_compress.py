@@ -156,3 +156,30 @@ def test_wanda_needs_calibration():
 
     with pytest.raises(CpetError, match="calibration"):
         compress(tiny_bert(), [{"method": "unstructured", "score": "wanda"}])
+
+
+def test_int8_embedding(any_backbone, batch):
+    from cpet.compress.int8 import Int8Embedding
+
+    emb = any_backbone.get_input_embeddings()
+    ids = batch["input_ids"]
+    ref = emb(ids).detach()
+    model = compress(any_backbone, [{"method": "int8", "targets": ["embed"]}])
+    q = model.get_input_embeddings()
+    assert isinstance(q, Int8Embedding) and q.weight_int8.dtype == torch.int8
+    assert sqnr_db(ref, q(ids)) > SQNR_DB_MIN
+    assert not any(isinstance(m, nn.Embedding) and m.num_embeddings == 30522 for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_full_int8_save_load_other_families(tmp_path, tokenizer, family):
+    from conftest import BACKBONES
+
+    model = compress(BACKBONES[family](), "UP+Q")
+    save_compressed(model, tokenizer, tmp_path / "c", "UP+Q", source="tiny")
+    loaded, _, _ = load_compressed(tmp_path / "c")
+    ids = torch.randint(1000, 5000, (2, 9))
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        b = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.equal(a, b)

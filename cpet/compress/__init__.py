@@ -26,10 +26,32 @@ METHODS = {
 }
 
 
+# The paper's method names (Table 1); "Q+UP+M" style strings concatenate them in the order written.
+PRESETS = {
+    "Q": [{"method": "int8"}],
+    "UP": [{"method": "unstructured", "pattern": "2:4"}],
+    "SP": [{"method": "structured", "ffn": 0.5, "heads": 0.5}],
+}
+
+
+def resolve_plan(plan) -> list[dict]:
+    """A list of steps as is; a preset string such as ``"UP+Q"`` -> its steps."""
+    if isinstance(plan, dict):
+        raise CpetError("compress: expected a list of steps like [{method: unstructured, sparsity: 0.5}, {method: int8}]")
+    if isinstance(plan, str):
+        steps = []
+        for token in plan.split("+"):
+            if token.strip() not in PRESETS:
+                raise CpetError(f"compress plan {plan!r}: unknown preset {token.strip()!r}; presets: "
+                                f"{sorted(PRESETS)} joined by '+', or a list of steps")
+            steps += PRESETS[token.strip()]
+        return [dict(s) for s in steps]
+    return list(plan)
+
+
 def parse_plan(plan) -> list[tuple[str, object]]:
     """Validate a plan -> [(method name, its Config)]; unknown methods/fields are clear errors."""
-    if isinstance(plan, dict) or isinstance(plan, str):
-        raise CpetError("compress: expected a list of steps like [{method: unstructured, sparsity: 0.5}, {method: int8}]")
+    plan = resolve_plan(plan)
     steps = []
     for i, step in enumerate(plan):
         if not isinstance(step, dict) or "method" not in step:
@@ -88,12 +110,19 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state, aliases, seen = {}, {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.dtype)
+        if v.numel() and key in seen:  # tied tensors (e.g. T5's shared embedding) are stored once
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        state[k] = v.contiguous()
     _atomic_write_bytes(out / "model.safetensors", save(state))
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1"}
+    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases}
     _atomic_write_bytes(out / "compression.json", json.dumps(meta, indent=2).encode())
     return out
 
@@ -108,10 +137,11 @@ def load_compressed(path: str | os.PathLike):
         raise CpetError(f"{p} is not a cpet compressed backbone (no compression.json); make one with cpet compress")
     meta = json.loads((p / "compression.json").read_text())
     config = AutoConfig.from_pretrained(p)
-    cls = T5EncoderModel if config.model_type in ("t5", "mt5") else AutoModel
     with torch.device("cpu"):
-        model = cls.from_config(config)
+        model = T5EncoderModel(config) if config.model_type in ("t5", "mt5") else AutoModel.from_config(config)
     state = load_file(str(p / "model.safetensors"))
+    for alias, name in meta.get("aliases", {}).items():
+        state[alias] = state[name]
     for name, cfg in parse_plan(meta["plan"]):  # layer types and shapes; the values are loaded below
         model = METHODS[name].skeleton(model, cfg, state)
     missing, unexpected = model.load_state_dict(state, strict=False)

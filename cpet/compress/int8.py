@@ -1,4 +1,4 @@
-"""Q: 8-bit weights, symmetric per output channel.
+"""Q: 8-bit weights, symmetric per output channel (and per row of the token embedding).
 
     W ~= scale[:, None] * Wq,   Wq = clamp(round(W / scale), -127, 127) in int8,   scale = max|W_row| / 127
 
@@ -18,17 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpet.config import ALL_ROLES, _check_roles
+from cpet.config import ALL_ROLES, EMBED_ROLE, _check_roles
 
 
 @dataclass(frozen=True)
 class Config:
-    targets: tuple[str, ...] = ALL_ROLES
+    targets: tuple[str, ...] = ALL_ROLES + (EMBED_ROLE,)
     kernel: str = "auto"  # auto: fbgemm when grad is off, else dequantize | dequant: always dequantize
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        _check_roles(self.targets, "int8.targets")
+        _check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
         if self.kernel not in ("auto", "dequant"):
             from cpet.errors import CpetError
 
@@ -103,18 +103,51 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows + one fp32 scale per row; a lookup dequantizes only those rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        q, s = quantize_per_channel(emb.weight)
+        m.weight_int8.copy_(q)
+        m.scale.copy_(s)
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_int8
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_int8).float() * self.scale[ids].unsqueeze(-1)  # (..., dim)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Swap ``old`` for ``new`` under every parent that holds it (tied modules, e.g. T5's shared embedding)."""
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, child_name, new)
 
 
 def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
-    """Replace every target nn.Linear by an Int8Linear (in place); returns the model."""
+    """Replace every target nn.Linear / nn.Embedding by its int8 version (in place); returns the model."""
     from cpet.models import compressible_layers
 
     for name, layer in compressible_layers(model, cfg.targets).items():
         if isinstance(layer, nn.Linear):
-            _replace(model, name, Int8Linear.from_linear(layer, cfg.kernel))
+            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel))
+        elif isinstance(layer, nn.Embedding):
+            new = Int8Embedding.from_embedding(layer)
+            tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]
+            for m in tied:  # e.g. T5's `shared`, tied to the encoder's embed_tokens: one int8 copy for all
+                _replace(model, m, new)
     return model
 
 
