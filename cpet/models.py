@@ -78,18 +78,36 @@ def get_arch(model: nn.Module) -> ArchMap:
 
 
 def target_modules(model: nn.Module, roles: tuple[str, ...], arch: ArchMap | None = None) -> dict[str, str]:
-    """Module names (in ``model``) of the linears playing ``roles`` -> their role."""
+    """Module names (in ``model``) of the layers playing ``roles`` -> their role.
+
+    A compound module that declares ``roles`` (the MoE FFN, which replaced ffn_in and ffn_out) is
+    returned once for all of them. Layers inside add-on wrappers are reached through the wrapper.
+    """
     arch = arch or get_arch(_backbone_of(model))
     patterns = {role: re.compile(arch.roles[role]) for role in roles}
     found: dict[str, str] = {}
+    covered: set[str] = set()
+    compound: list[str] = []
     for name, module in model.named_modules():
-        if name.endswith((".base", ".lora", ".recovery")) or ".base." in name:
-            continue  # inside a wrapper: the wrapper itself is the target
+        if name.endswith((".base", ".lora", ".recovery")) or ".base." in name \
+                or any(name.startswith(c) for c in compound):
+            continue  # inside a wrapper or a compound module: the outer module is the target
+        module_roles = getattr(getattr(module, "base", module), "roles", None)
+        if module_roles:
+            hit = [r for r in roles if r in module_roles]
+            if hit:
+                found[name] = hit[0]
+                covered.update(hit)
+            compound.append(name + ".")
+            continue
+        if not (hasattr(module, "in_features") or hasattr(module, "num_embeddings")):
+            continue  # e.g. the Identity left where MoE absorbed BERT's output.dense
         for role, pat in patterns.items():
             if pat.search(name):
                 found[name] = role
+                covered.add(role)
                 break
-    missing = [r for r in roles if r not in found.values()]
+    missing = [r for r in roles if r not in covered]
     if missing:
         raise CpetError(f"no modules found for roles {missing} in {type(model).__name__}; "
                         "check the architecture map (cpet.models.ARCHITECTURES)")

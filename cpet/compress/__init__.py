@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cpet.compress import int8, structured, unstructured
+from cpet.compress import int8, moefication, structured, unstructured
 from cpet.errors import CpetError
 
 # name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
@@ -23,6 +23,7 @@ METHODS = {
     "int8": int8,
     "unstructured": unstructured,
     "structured": structured,
+    "moefication": moefication,
 }
 
 
@@ -31,6 +32,7 @@ PRESETS = {
     "Q": [{"method": "int8"}],
     "UP": [{"method": "unstructured", "pattern": "2:4"}],
     "SP": [{"method": "structured", "ffn": 0.5, "heads": 0.5}],
+    "M": [{"method": "moefication", "experts": 16, "top": 0.25}],
 }
 
 

@@ -143,6 +143,8 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     for name, layer in compressible_layers(model, cfg.targets).items():
         if isinstance(layer, nn.Linear):
             _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel))
+        elif hasattr(layer, "quantize_"):  # a MoE FFN: its experts go int8 in place
+            layer.quantize_()
         elif isinstance(layer, nn.Embedding):
             new = Int8Embedding.from_embedding(layer)
             tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]

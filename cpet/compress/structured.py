@@ -88,6 +88,8 @@ def _groups(model: nn.Module) -> dict[str, dict[str, list[str]]]:
 
     if any(isinstance(m, Adapted) for m in model.modules()):
         raise CpetError("structured pruning must run before PET / recovery modules are added (it reshapes layers)")
+    if any(getattr(m, "roles", None) for m in model.modules()):
+        raise CpetError("structured pruning must run before moefication in a plan")
     groups: dict[str, dict[str, list[str]]] = {}
     for name, role in target_modules(model, ALL_ROLES).items():
         m = re.match(r"^(.*?\.\d+)\.", name)

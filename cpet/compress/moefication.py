@@ -1,0 +1,391 @@
+"""M: MoEfication (Zhang et al., 2022): split each FFN's neurons into E experts, route each token to
+the top-k, and compute only those experts' neurons.
+
+    FFN(x) = W_out act(W_in x + b_in) + b_out  =  sum_e W_out[:, S_e] act(W_in[S_e] x + b_in[S_e]) + b_out
+    MoE(x) = sum_{e in topk(router(x))} (same expert term)          router(x) = W_2 tanh(W_1 x)
+
+Experts: balanced k-means over the (normalized) rows of W_in (or, ``clustering: coactivation``, over
+each neuron's activation pattern on calibration text), E clusters of exactly d_ff / E neurons.
+Router: a small MLP trained on calibration tokens to match each token's distribution of activation
+mass over experts (MoEfication trains its MLP router on the same signal). Compute: tokens are grouped
+by expert and each expert runs one dense (fp32) or fbgemm int8 matmul pair on its tokens only.
+
+The backbones here use GELU/SiLU, not T5's ReLU, so activations are not exactly sparse: the top-k
+output error is measured and logged per layer (``moe_rel_error`` buffer). ``activation: relu``
+swaps in ReLU ("ReLUfication"); that changes the function and wants recovery training.
+``min_speedup``: each MoE FFN is timed against its dense FFN at compression time and the dense FFN is
+kept where MoE is slower (so a plan never ships a slower model); 0 forces MoE everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cpet.errors import CpetError
+
+
+@dataclass(frozen=True)
+class Config:
+    experts: int = 16
+    top: float = 0.25  # fraction of experts per token (rounded up to >= 1 expert)
+    clustering: str = "kmeans"  # kmeans (on W_in rows) | coactivation (on calibration activations)
+    activation: str = "keep"  # keep | relu
+    router_hidden: int = 128
+    router_steps: int = 300
+    min_speedup: float = 1.0  # keep the dense FFN where MoE measured slower than this
+
+    def __post_init__(self):
+        if self.experts < 2:
+            raise CpetError(f"moefication.experts={self.experts} must be >= 2")
+        if not 0 < self.top <= 1:
+            raise CpetError(f"moefication.top={self.top} must lie in (0, 1]")
+        if self.clustering not in ("kmeans", "coactivation"):
+            raise CpetError(f"moefication.clustering={self.clustering!r}: use kmeans or coactivation")
+        if self.activation not in ("keep", "relu"):
+            raise CpetError(f"moefication.activation={self.activation!r}: use keep or relu")
+
+    @property
+    def calibrated(self) -> bool:
+        return True  # the router is trained on calibration activations
+
+    @property
+    def k(self) -> int:
+        return max(1, math.ceil(self.top * self.experts))
+
+
+# ---------------------------------------------------------------- the FFN blocks of each architecture
+@dataclass
+class FFNBlock:
+    block: str  # module replaced by the MoE
+    ins: list[str]  # [W_in] or [W_gate, W_up] (gated: act(gate) * up)
+    out: str  # W_out
+    act: nn.Module
+    identity: str | None = None  # a module to turn into Identity (BERT's output.dense)
+
+
+def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    from cpet.models import target_modules
+
+    mt = model.config.model_type
+    outs = [n for n, r in target_modules(model, ("ffn_out",)).items()]
+    blocks = []
+    for out in sorted(outs):
+        if mt in ("bert", "roberta", "xlm-roberta", "electra"):
+            layer = out[: -len(".output.dense")]
+            block = layer + ".intermediate"
+            blocks.append(FFNBlock(block, [block + ".dense"], out, model.get_submodule(block).intermediate_act_fn,
+                                   identity=out))
+        elif mt in ("llama", "mistral", "qwen2"):
+            block = out[: -len(".down_proj")]
+            blocks.append(FFNBlock(block, [block + ".gate_proj", block + ".up_proj"], out,
+                                   model.get_submodule(block).act_fn))
+        elif mt in ("t5", "mt5"):
+            block = out[: -len(".wo")]
+            mod = model.get_submodule(block)
+            ins = [block + ".wi_0", block + ".wi_1"] if hasattr(mod, "wi_0") else [block + ".wi"]
+            blocks.append(FFNBlock(block, ins, out, mod.act))
+        else:
+            raise CpetError(f"moefication: no FFN block map for {mt!r}")
+    return blocks
+
+
+# ---------------------------------------------------------------- the MoE FFN
+def _w(layer: nn.Module) -> torch.Tensor:
+    return layer.dequantize() if hasattr(layer, "weight_int8") else layer.weight.detach()
+
+
+def _b(layer: nn.Module) -> torch.Tensor | None:
+    b = getattr(layer, "bias", None)
+    return None if b is None else b.detach().float()
+
+
+class MoEFFN(nn.Module):
+    """Experts stored stacked: ``w_in`` (n_in, E, m, d), ``w_out`` (E, d, m); int8 experts keep the
+    dense layers' per-row scales (exact: a neuron's row/column scale does not depend on its expert)."""
+
+    roles = ("ffn_in", "ffn_out")  # what PET / recovery targeting sees this module as
+
+    def __init__(self, d: int, d_ff: int, experts: int, k: int, n_in: int, act: nn.Module, router_hidden: int,
+                 bias_in: bool, bias_out: bool, int8: bool):
+        super().__init__()
+        m = d_ff // experts
+        self.in_features = self.out_features = d
+        self.experts, self.k, self.m, self.int8 = experts, k, m, int8
+        self.act = act
+        wdt = torch.int8 if int8 else torch.float32
+        self.register_buffer("w_in", torch.zeros(n_in, experts, m, d, dtype=wdt))
+        self.register_buffer("w_out", torch.zeros(experts, d, m, dtype=wdt))
+        self.register_buffer("s_in", torch.ones(n_in, experts, m) if int8 else None)
+        self.register_buffer("s_out", torch.ones(d) if int8 else None)
+        self.register_buffer("b_in", torch.zeros(n_in, experts, m) if bias_in else None)
+        self.register_buffer("b_out", torch.zeros(d) if bias_out else None)
+        self.register_buffer("perm", torch.arange(d_ff))  # expert-ordered position -> original neuron
+        self.register_buffer("moe_rel_error", torch.zeros(()))  # measured top-k output error (calibration)
+        self.router = nn.Sequential(nn.Linear(d, router_hidden), nn.Tanh(), nn.Linear(router_hidden, experts))
+        for p in self.router.parameters():
+            p.requires_grad_(False)
+        self._packed: dict = {}
+
+    @property
+    def flops_per_token(self) -> int:
+        n_in = self.w_in.shape[0]
+        d = self.in_features
+        return self.k * self.m * d * (n_in + 1) + d * self.router[0].out_features + self.router[2].in_features * self.experts
+
+    # -- expert weights, dequantized (training path / reference) or packed for fbgemm (inference)
+    def _deq_in(self, i: int, e: int) -> torch.Tensor:
+        w = self.w_in[i, e]
+        return w.float() * self.s_in[i, e][:, None] if self.int8 else w
+
+    def _deq_out(self, e: int) -> torch.Tensor:
+        w = self.w_out[e]
+        return w.float() * self.s_out[:, None] if self.int8 else w
+
+    def _pack(self, key, w_int8, scale, bias):
+        import warnings
+
+        if key not in self._packed:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), scale.double(),
+                                                             torch.zeros(len(scale), dtype=torch.long), 0)
+                self._packed[key] = torch.ops.quantized.linear_prepack(q, bias)
+        return self._packed[key]
+
+    def _expert(self, x: torch.Tensor, e: int, fast: bool) -> torch.Tensor:
+        """One expert on its tokens x (n, d) -> (n, d), without b_out."""
+        hs = []
+        for i in range(self.w_in.shape[0]):
+            b = None if self.b_in is None else self.b_in[i, e]
+            if fast:
+                hs.append(torch.ops.quantized.linear_dynamic(x, self._pack(("in", i, e), self.w_in[i, e], self.s_in[i, e], b), True))
+            else:
+                hs.append(F.linear(x, self._deq_in(i, e), b))
+        h = self.act(hs[0]) * hs[1] if len(hs) == 2 else self.act(hs[0])  # (n, m)
+        if fast:
+            return torch.ops.quantized.linear_dynamic(h, self._pack(("out", e), self.w_out[e], self.s_out, None), True)
+        return F.linear(h, self._deq_out(e))
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """fp32 experts -> int8 with the dense layers' scales (per neuron for W_in, per output for W_out)."""
+        from cpet.compress.int8 import quantize_per_channel
+
+        if self.int8:
+            return
+        n_in, E, m, d = self.w_in.shape
+        q, s = quantize_per_channel(self.w_in.reshape(-1, d))  # one row per neuron
+        self.w_in, self.s_in = q.reshape(n_in, E, m, d), s.reshape(n_in, E, m)
+        full = self.w_out.permute(1, 0, 2).reshape(d, E * m)  # (d, d_ff) in expert order
+        q, s = quantize_per_channel(full)
+        self.w_out, self.s_out = q.reshape(d, E, m).permute(1, 0, 2).contiguous(), s
+        self.int8 = True
+        self._packed = {}
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router(x).topk(self.k, dim=-1).indices  # (N, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, d)
+        fast = self.int8 and not torch.is_grad_enabled() and flat.dtype == torch.float32 and flat.device.type == "cpu"
+        if self.k == self.experts:
+            idx = None
+        else:
+            idx = self.route(flat)  # (N, k)
+        out = flat.new_zeros(flat.shape[0], self.out_features)
+        for e in range(self.experts):
+            if idx is None:
+                tokens = None
+            else:
+                tokens = (idx == e).any(-1).nonzero().squeeze(-1)  # (n_e,)
+                if tokens.numel() == 0:
+                    continue
+            xe = flat if tokens is None else flat.index_select(0, tokens)
+            ye = self._expert(xe, e, fast)
+            out = out + ye if tokens is None else out.index_add(0, tokens, ye)
+        if self.b_out is not None:
+            out = out + self.b_out
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+# ---------------------------------------------------------------- building experts
+def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Assign each row of x (n, f) to one of k clusters of exactly n/k rows; returns labels (n,)."""
+    n = x.shape[0]
+    if n % k:
+        raise CpetError(f"moefication: d_ff={n} is not divisible by experts={k}")
+    cap = n // k
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randperm(n, generator=g)[:k]].clone()
+    labels = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        dist = torch.cdist(x, centers)  # (n, k)
+        order = torch.argsort(dist.flatten())
+        labels.fill_(-1)
+        count = torch.zeros(k, dtype=torch.long)
+        for flat in order.tolist():  # greedy capacity-constrained assignment, nearest pairs first
+            i, c = divmod(flat, k)
+            if labels[i] < 0 and count[c] < cap:
+                labels[i] = c
+                count[c] += 1
+                if int((labels >= 0).sum()) == n:
+                    break
+        new = torch.stack([x[labels == c].mean(0) for c in range(k)])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return labels
+
+
+def _train_router(moe: MoEFFN, xs: torch.Tensor, mass: torch.Tensor, steps: int, seed: int = 0) -> None:
+    """Fit router logits to each token's distribution of activation mass over experts (KL)."""
+    target = mass / mass.sum(-1, keepdim=True).clamp(min=1e-9)  # (N, E)
+    params = list(moe.router.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, xs.shape[0], (min(1024, xs.shape[0]),), generator=g)
+            logp = F.log_softmax(moe.router(xs[idx]), -1)
+            loss = F.kl_div(logp, target[idx], reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _dense_ffn(blk: FFNBlock, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    hs = [model.get_submodule(n)(x) for n in blk.ins]
+    h = blk.act(hs[0]) * hs[1] if len(hs) == 2 else blk.act(hs[0])
+    return model.get_submodule(blk.out)(h)
+
+
+def build_moe(model: nn.Module, blk: FFNBlock, cfg: Config, act_override: nn.Module | None = None) -> MoEFFN:
+    """An (untrained-router) MoEFFN with the block's neurons in expert order (see ``apply``)."""
+    ins = [model.get_submodule(n) for n in blk.ins]
+    out = model.get_submodule(blk.out)
+    d, d_ff = ins[0].in_features, ins[0].out_features
+    int8 = all(hasattr(layer, "weight_int8") for layer in ins + [out])
+    return MoEFFN(d, d_ff, cfg.experts, cfg.k, len(ins), act_override or blk.act, cfg.router_hidden,
+                  _b(ins[0]) is not None, _b(out) is not None, int8)
+
+
+@torch.no_grad()
+def _fill(moe: MoEFFN, model: nn.Module, blk: FFNBlock, perm: torch.Tensor) -> None:
+    ins = [model.get_submodule(n) for n in blk.ins]
+    out = model.get_submodule(blk.out)
+    E, m = moe.experts, moe.m
+    moe.perm.copy_(perm)
+    for i, layer in enumerate(ins):
+        w = layer.weight_int8 if moe.int8 else _w(layer)
+        moe.w_in[i].copy_(w[perm].reshape(E, m, -1))
+        if moe.int8:
+            moe.s_in[i].copy_(layer.scale[perm].reshape(E, m))
+        if moe.b_in is not None:
+            moe.b_in[i].copy_(_b(layer)[perm].reshape(E, m))
+    w = out.weight_int8 if moe.int8 else _w(out)  # (d, d_ff)
+    moe.w_out.copy_(w[:, perm].reshape(w.shape[0], E, m).permute(1, 0, 2))
+    if moe.int8:
+        moe.s_out.copy_(out.scale)
+    if moe.b_out is not None:
+        moe.b_out.copy_(_b(out))
+
+
+def _time(fn, x, repeats=7) -> float:
+    fn(x)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
+    from cpet.compress.calibration import record_inputs, run
+    from cpet.layers import Adapted
+
+    if calib is None:
+        raise CpetError("moefication needs calibration text to train its routers (pass a tokenizer to compress)")
+    if any(isinstance(m, Adapted) for m in model.modules()):
+        raise CpetError("moefication must run before PET / recovery modules are added")
+    blocks = ffn_blocks(model)
+    # 1. record each FFN's input tokens (the calibration windows have no padding)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    with record_inputs(model, [b.ins[0] for b in blocks], lambda n, x: inputs.setdefault(n, []).append(x.reshape(-1, x.shape[-1]))):
+        run(model, calib)
+    for blk in blocks:
+        xs = torch.cat(inputs.pop(blk.ins[0]))  # (N, d)
+        act = nn.ReLU() if cfg.activation == "relu" else None
+        moe = build_moe(model, blk, cfg, act)
+        ins = [model.get_submodule(n) for n in blk.ins]
+        hs = [layer(xs) for layer in ins]
+        h = (moe.act(hs[0]) * hs[1] if len(hs) == 2 else moe.act(hs[0]))  # (N, d_ff) activations
+        if cfg.clustering == "kmeans":
+            feats = torch.cat([_w(layer) for layer in ins], dim=1)
+            feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-9)
+        else:
+            feats = (h > h.abs().mean()).float().T  # (d_ff, N) neuron co-activation patterns
+        labels = balanced_kmeans(feats, cfg.experts)
+        perm = torch.argsort(labels, stable=True)
+        _fill(moe, model, blk, perm)
+        mass = h[:, perm].abs().reshape(h.shape[0], cfg.experts, -1).sum(-1)  # (N, E)
+        _train_router(moe, xs, mass, cfg.router_steps)
+        dense_y = _dense_ffn(blk, model, xs) if act is None else None
+        moe_y = moe(xs)
+        ref = dense_y if dense_y is not None else _all_experts(moe)(xs)
+        err = ((moe_y - ref).norm() / ref.norm()).item()
+        moe.moe_rel_error.fill_(err)
+        keep_frac = mass.topk(moe.k, -1).values.sum(-1).div(mass.sum(-1)).mean().item()
+        speed = None
+        if cfg.min_speedup > 0:
+            sample = xs[: min(len(xs), 4096)]
+            speed = _time(lambda x: _dense_ffn(blk, model, x), sample) / _time(moe, sample)
+        msg = (f"  moe {blk.block}: {cfg.experts} experts, top {moe.k}; top-k holds {keep_frac:.0%} of activation mass; "
+               f"output rel. error {err:.3f}" + (f"; {speed:.2f}x vs dense" if speed is not None else ""))
+        if speed is not None and speed < cfg.min_speedup:
+            log(msg + f" -> kept dense (below min_speedup {cfg.min_speedup})")
+            continue
+        log(msg)
+        _set(model, blk.block, moe)
+        if blk.identity:
+            _set(model, blk.identity, nn.Identity())
+    return model
+
+
+def _all_experts(moe: MoEFFN) -> MoEFFN:
+    """A view of ``moe`` computing every expert (the dense FFN, in expert order)."""
+    import copy
+
+    full = copy.copy(moe)
+    full.k = moe.experts
+    return full
+
+
+def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
+    """Put an empty MoEFFN wherever the saved model has one (layers that fell back stay dense)."""
+    for blk in ffn_blocks(model):
+        if f"{blk.block}.perm" in state:
+            act = nn.ReLU() if cfg.activation == "relu" else None
+            moe = build_moe(model, blk, cfg, act)
+            _set(model, blk.block, moe)
+            if blk.identity:
+                _set(model, blk.identity, nn.Identity())
+    return model
