@@ -68,23 +68,46 @@ def state_bytes(model: nn.Module) -> int:
     return total
 
 
-def _rss_kb(field_name: str) -> int:
+def _status_kb(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
             return int(line.split()[1])
     return 0
 
 
-def peak_forward_mb(model: nn.Module, inputs: dict) -> float | None:
-    """Extra peak resident memory during one forward (Linux: resets VmHWM via /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+def peak_memory_mb(path: str, batch: int, seq: int, threads: int = 2) -> float | None:
+    """Peak resident memory of serving ``path`` (a cpet compressed folder or a model name/folder):
+    a fresh process loads it and runs one forward; VmHWM minus the RSS after imports (Linux)."""
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
         return None
-    before = _rss_kb("VmRSS")
+    r = subprocess.run([sys.executable, "-m", "cpet.benchmark", str(path), str(batch), str(seq), str(threads)],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _peak_main(path: str, batch: int, seq: int, threads: int) -> None:
+    import json
+
+    import transformers  # noqa: F401  (imports count as the baseline, not the model)
+
+    from cpet.compress import load_compressed
+    from cpet.models import load_backbone
+
+    torch.set_num_threads(threads)
+    base = _status_kb("VmRSS")
+    if (Path(path) / "compression.json").is_file():
+        model = load_compressed(path)[0]
+    else:
+        model = load_backbone(path)[0]
     with torch.no_grad():
-        model(**inputs)
-    return max(0, _rss_kb("VmHWM") - before) / 1024
+        model(**_inputs(model.config.vocab_size, batch, seq))
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}))
 
 
 @dataclass
@@ -96,7 +119,7 @@ class BenchRecord:
     ideal_speedup: float
     measured_speedup: dict = field(default_factory=dict)  # "BxT" -> ratio
     latency_ms: dict = field(default_factory=dict)
-    peak_forward_mb: dict = field(default_factory=dict)
+    peak_memory_mb: float | None = None  # fresh process: load + one forward at the largest shape
     hidden_cosine: float = 1.0
     hidden_mse: float = 0.0
 
@@ -110,8 +133,9 @@ def _inputs(vocab_size: int, batch: int, seq: int) -> dict:
 @torch.no_grad()
 def bench_models(dense: nn.Module, compressed: dict[str, tuple[nn.Module, list, int]],
                  shapes=SHAPES, repeats: int = 10, fidelity_ids: torch.Tensor | None = None,
-                 log=print) -> list[BenchRecord]:
-    """``compressed``: name -> (model, plan, size on disk in bytes). The dense model is the baseline row."""
+                 log=print, paths: dict[str, str] | None = None) -> list[BenchRecord]:
+    """``compressed``: name -> (model, plan, size on disk in bytes). The dense model is the baseline row.
+    ``paths`` (row name -> folder or model name) adds each row's peak memory, measured in a fresh process."""
     dense.eval()
     fp32_bytes = state_bytes(dense)
     d_flops = linear_flops(dense)
@@ -131,8 +155,11 @@ def bench_models(dense: nn.Module, compressed: dict[str, tuple[nn.Module, list, 
             r = rows[name]
             r.latency_ms[key] = round(1e3 * lat, 3)
             r.measured_speedup[key] = round(base / lat, 3)
-            r.peak_forward_mb[key] = peak_forward_mb(m, inputs)
             log(f"  {name:<28} {key:>7}: {1e3 * lat:9.1f} ms  {base / lat:5.2f}x")
+    if paths:
+        b, t = shapes[-1]
+        for name, path in paths.items():
+            rows[name].peak_memory_mb = peak_memory_mb(path, b, t, torch.get_num_threads())
     if fidelity_ids is not None:
         batch = {"input_ids": fidelity_ids, "attention_mask": torch.ones_like(fidelity_ids)}
         ref = dense(**batch).last_hidden_state
@@ -146,10 +173,10 @@ def bench_models(dense: nn.Module, compressed: dict[str, tuple[nn.Module, list, 
 def table(records: list[BenchRecord]) -> str:
     shapes = list(records[0].measured_speedup)
     head = ["model", "size MB", "% of fp32", "ideal x", *[f"measured x {s}" for s in shapes],
-            f"peak fwd MB {shapes[-1]}" if shapes else "peak", "hidden cos", "hidden MSE"]
+            f"peak MB (load + fwd {shapes[-1]})", "hidden cos", "hidden MSE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        peak = r.peak_forward_mb.get(shapes[-1]) if shapes else None
+        peak = r.peak_memory_mb
         lines.append("| " + " | ".join([
             r.name, f"{r.size_bytes / 2**20:.1f}", f"{r.size_pct_of_fp32:.1f}%", f"{r.ideal_speedup:.2f}",
             *[f"{r.measured_speedup[s]:.2f}" for s in shapes],
@@ -159,3 +186,9 @@ def table(records: list[BenchRecord]) -> str:
 
 def dir_size(path: str | os.PathLike) -> int:
     return (Path(path) / "model.safetensors").stat().st_size
+
+
+if __name__ == "__main__":
+    import sys
+
+    _peak_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

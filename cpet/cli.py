@@ -84,7 +84,9 @@ def _bench(dirs: list[str], json_path: str | None, shapes: str, repeats: int) ->
     except CpetError:
         fid = None
     parsed = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")]
-    records = bench_models(dense, {Path(d).name: v[:3] for d, v in loaded.items()}, parsed, repeats, fid)
+    paths = {"uncompressed fp32": next(iter(loaded.values()))[3], **{Path(d).name: d for d in loaded}}
+    records = bench_models(dense, {Path(d).name: v[:3] for d, v in loaded.items()}, parsed, repeats, fid,
+                           paths=paths)
     print(table(records))
     if json_path:
         Path(json_path).write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=2))

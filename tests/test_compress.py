@@ -183,3 +183,22 @@ def test_full_int8_save_load_other_families(tmp_path, tokenizer, family):
         a = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         b = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     assert torch.equal(a, b)
+
+
+def test_sparse_packing_round_trip_and_smaller_file(tmp_path, tokenizer):
+    from conftest import tiny_bert
+    from cpet.compress import pack_sparse, unpack_sparse
+
+    for t in (torch.randn(7, 13) * (torch.rand(7, 13) > 0.5), torch.randint(-127, 127, (16, 32), dtype=torch.int8)):
+        values, bits = pack_sparse(t)
+        assert torch.equal(unpack_sparse(values, bits, t.shape), t)
+    dense_q = compress(tiny_bert(), "Q")
+    sparse_q = compress(tiny_bert(), "UP+Q")
+    save_compressed(dense_q, None, tmp_path / "q", "Q", source="tiny")
+    save_compressed(sparse_q, None, tmp_path / "upq", "UP+Q", source="tiny")
+    meta = __import__("json").loads((tmp_path / "upq" / "compression.json").read_text())
+    assert len(meta["sparse"]) == 2 * 6  # every 2:4 linear weight of both layers is stored packed
+    linear_bytes = sum(l.weight_int8.numel() for l in _linears(dense_q).values())
+    saved = (tmp_path / "q" / "model.safetensors").stat().st_size - (tmp_path / "upq" / "model.safetensors").stat().st_size
+    # values 0.5 B + mask 0.125 B per weight instead of 1 B: 0.375 B saved, less the extra header entries
+    assert saved >= 0.25 * linear_bytes

@@ -106,25 +106,51 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+SPARSE_MIN = 0.4  # a 2-D weight with at least this fraction of zeros is stored as values + bitmask
+
+
+def pack_sparse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(non-zero values in row-major order, bitmask packed 8 per uint8) of a tensor."""
+    mask = (t != 0).flatten()
+    bits = torch.nn.functional.pad(mask, (0, (-mask.numel()) % 8)).view(-1, 8).to(torch.uint8)
+    packed = (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    return t.flatten()[mask].contiguous(), packed
+
+
+def unpack_sparse(values: torch.Tensor, packed: torch.Tensor, shape) -> torch.Tensor:
+    n = int(torch.tensor(shape).prod())
+    mask = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n].bool()
+    out = torch.zeros(n, dtype=values.dtype)
+    out[mask] = values
+    return out.view(*shape)
+
+
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan, source: str) -> Path:
-    """Backbone weights (int8 as int8) as safetensors + HF config + tokenizer + compression.json."""
+    """Backbone weights as safetensors (int8 as int8; weights that are >= 40% zeros as non-zero values +
+    a bitmask) + HF config + tokenizer + compression.json."""
     from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state, aliases, seen = {}, {}, {}
+    state, aliases, seen, sparse = {}, {}, {}, {}
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.shape, v.dtype)
         if v.numel() and key in seen:  # tied tensors (e.g. T5's shared embedding) are stored once
             aliases[k] = seen[key]
             continue
         seen[key] = k
+        if v.ndim == 2 and v.numel() >= 1024 and (v == 0).float().mean().item() >= SPARSE_MIN:
+            values, bits = pack_sparse(v)
+            state[f"{k}.__nz_values"], state[f"{k}.__nz_mask"] = values, bits
+            sparse[k] = list(v.shape)
+            continue
         state[k] = v.contiguous()
     _atomic_write_bytes(out / "model.safetensors", save(state))
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases}
+    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases,
+            "sparse": sparse}
     _atomic_write_bytes(out / "compression.json", json.dumps(meta, indent=2).encode())
     return out
 
@@ -142,6 +168,8 @@ def load_compressed(path: str | os.PathLike):
     with torch.device("cpu"):
         model = T5EncoderModel(config) if config.model_type in ("t5", "mt5") else AutoModel.from_config(config)
     state = load_file(str(p / "model.safetensors"))
+    for k, shape in meta.get("sparse", {}).items():
+        state[k] = unpack_sparse(state.pop(f"{k}.__nz_values"), state.pop(f"{k}.__nz_mask"), shape)
     for alias, name in meta.get("aliases", {}).items():
         state[alias] = state[name]
     for name, cfg in parse_plan(meta["plan"]):  # layer types and shapes; the values are loaded below
