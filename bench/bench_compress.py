@@ -36,7 +36,7 @@ M = {"method": "moefication", "experts": 16, "top": 0.25, "min_speedup": 0.0}  #
 M_AUTO = {**M, "min_speedup": 1.0}  # the default: keep dense FFNs where MoE is slower
 
 PLANS = {
-    "minilm": {"Q": [Q], "UP (2:4)": [UP], "SP 50%": [SP], "SP + Q": [SP, Q], "UP + Q": [UP, Q],
+    "minilm": {"Q": [Q], "Q smoothed (SmoothQuant 0.5)": [{**Q, "smooth": 0.5}], "UP (2:4)": [UP], "SP 50%": [SP], "SP + Q": [SP, Q], "UP + Q": [UP, Q],
                "M (forced)": [M], "M (auto fallback)": [M_AUTO], "Q + UP + M (forced)": [UP, Q, M],
                "Q + UP + M (auto)": [UP, Q, M_AUTO]},
     "large": {"Q": [Q], "SP 50%": [SP], "M top 25%": [M], "Q + M": [Q, M], "Q + SP + M": [SP, Q, M],

@@ -77,7 +77,8 @@ def _status_kb(field_name: str) -> int:
 
 def peak_memory_mb(path: str, batch: int, seq: int, threads: int = 2) -> float | None:
     """Peak resident memory of serving ``path`` (a cpet compressed folder or a model name/folder):
-    a fresh process loads it and runs one forward; VmHWM minus the RSS after imports (Linux)."""
+    a fresh process loads it, returns freed load-time memory to the OS, then runs one forward; the
+    peak (VmHWM, reset after loading) minus the RSS after imports (Linux)."""
     import json
     import subprocess
     import sys
@@ -105,9 +106,20 @@ def _peak_main(path: str, batch: int, seq: int, threads: int) -> None:
         model = load_compressed(path)[0]
     else:
         model = load_backbone(path)[0]
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what loading freed (e.g. the fp32 skeleton)
+    except OSError:
+        pass
+    loaded = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     with torch.no_grad():
         model(**_inputs(model.config.vocab_size, batch, seq))
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024, "loaded_mb": (loaded - base) / 1024,
+                      "weights_mb": state_bytes(model) / 2**20}))
 
 
 @dataclass
@@ -119,6 +131,7 @@ class BenchRecord:
     ideal_speedup: float
     measured_speedup: dict = field(default_factory=dict)  # "BxT" -> ratio
     latency_ms: dict = field(default_factory=dict)
+    weights_mb: float = 0.0  # parameters + buffers resident in memory
     peak_memory_mb: float | None = None  # fresh process: load + one forward at the largest shape
     hidden_cosine: float = 1.0
     hidden_mse: float = 0.0
@@ -145,6 +158,8 @@ def bench_models(dense: nn.Module, compressed: dict[str, tuple[nn.Module, list, 
         m.eval()
         rows[name] = BenchRecord(name, plan, size, 100.0 * size / fp32_bytes, ideal_speedup(plan, d_flops, linear_flops(m)))
     models = {"uncompressed fp32": dense, **{k: v[0] for k, v in compressed.items()}}
+    for name, m in models.items():
+        rows[name].weights_mb = state_bytes(m) / 2**20
     for b, t in shapes:
         key = f"{b}x{t}"
         inputs = _inputs(vocab, b, t)
@@ -173,13 +188,13 @@ def bench_models(dense: nn.Module, compressed: dict[str, tuple[nn.Module, list, 
 def table(records: list[BenchRecord]) -> str:
     shapes = list(records[0].measured_speedup)
     head = ["model", "size MB", "% of fp32", "ideal x", *[f"measured x {s}" for s in shapes],
-            f"peak MB (load + fwd {shapes[-1]})", "hidden cos", "hidden MSE"]
+            "weights MB in memory", f"peak MB (load + fwd {shapes[-1]})", "hidden cos", "hidden MSE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         peak = r.peak_memory_mb
         lines.append("| " + " | ".join([
             r.name, f"{r.size_bytes / 2**20:.1f}", f"{r.size_pct_of_fp32:.1f}%", f"{r.ideal_speedup:.2f}",
-            *[f"{r.measured_speedup[s]:.2f}" for s in shapes],
+            *[f"{r.measured_speedup[s]:.2f}" for s in shapes], f"{r.weights_mb:.1f}",
             "n/a" if peak is None else f"{peak:.0f}", f"{r.hidden_cosine:.4f}", f"{r.hidden_mse:.2e}"]) + " |")
     return "\n".join(lines)
 

@@ -202,3 +202,25 @@ def test_sparse_packing_round_trip_and_smaller_file(tmp_path, tokenizer):
     saved = (tmp_path / "q" / "model.safetensors").stat().st_size - (tmp_path / "upq" / "model.safetensors").stat().st_size
     # values 0.5 B + mask 0.125 B per weight instead of 1 B: 0.375 B saved, less the extra header entries
     assert saved >= 0.25 * linear_bytes
+
+
+def test_smoothquant_exact_in_float_and_round_trips(tmp_path, batch, tokenizer):
+    from conftest import tiny_bert
+    from cpet.compress.calibration import Calibration
+
+    calib = Calibration(torch.randint(1000, 5000, (4, 16), generator=torch.Generator().manual_seed(0)), 2)
+    dense = tiny_bert()
+    plan = [{"method": "int8", "smooth": 0.5}]
+    model = compress(copy.deepcopy(dense), plan, calibration=calib)
+    q = model.encoder.layer[0].intermediate.dense
+    assert q.smooth.shape == (32,) and not torch.allclose(q.smooth, torch.ones(32))
+    # in exact arithmetic x/s @ (W s)^T == x @ W^T: the int8 weight-only path stays close to fp32
+    x = torch.randn(5, 32)
+    ref = dense.encoder.layer[0].intermediate.dense(x)
+    assert sqnr_db(ref, q(x)) > 30.0  # grad on: dequantized path
+    save_compressed(model, tokenizer, tmp_path / "c", plan, source="tiny")
+    loaded, _, _ = load_compressed(tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, loaded(**batch).last_hidden_state)
+    with pytest.raises(CpetError, match="calibration"):
+        compress(copy.deepcopy(dense), plan)

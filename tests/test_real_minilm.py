@@ -40,6 +40,10 @@ def test_int8_kernel_keeps_real_model_close(minilm):
     q = compress(copy.deepcopy(base), [{"method": "int8"}])
     # fbgemm W8A8 (per-tensor dynamic activations) measured 0.966 here: the activations cost more than the weights
     assert _cos(ref, _hidden(q, enc), enc["attention_mask"]) > 0.95
+    smoothed = compress(copy.deepcopy(base), [{"method": "int8", "smooth": 0.5}], tokenizer=tok)
+    cos_smooth = _cos(ref, _hidden(smoothed, enc), enc["attention_mask"])
+    # smoothing q/k/v/ffn_in helps W8A8 (measured 0.960 -> 0.974 token cosine on SST-2 sentences)
+    assert cos_smooth > _cos(ref, _hidden(q, enc), enc["attention_mask"]) + 0.005
     pruned = compress(copy.deepcopy(base), [{"method": "unstructured", "sparsity": 0.5}, {"method": "int8"}])
     cos_pruned = _cos(ref, _hidden(pruned, enc), enc["attention_mask"])
     assert 0.3 < cos_pruned < 0.99  # real damage, which is what recovery is for

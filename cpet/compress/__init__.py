@@ -106,7 +106,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-SPARSE_MIN = 0.4  # a 2-D weight with at least this fraction of zeros is stored as values + bitmask
+SPARSE_MIN = 0.4  # a weight (>= 2-D) with at least this fraction of zeros is stored as values + bitmask
 
 
 def pack_sparse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
             aliases[k] = seen[key]
             continue
         seen[key] = k
-        if v.ndim == 2 and v.numel() >= 1024 and (v == 0).float().mean().item() >= SPARSE_MIN:
+        if v.ndim >= 2 and v.numel() >= 1024 and (v == 0).float().mean().item() >= SPARSE_MIN:
             values, bits = pack_sparse(v)
             state[f"{k}.__nz_values"], state[f"{k}.__nz_mask"] = values, bits
             sparse[k] = list(v.shape)

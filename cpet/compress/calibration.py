@@ -94,14 +94,17 @@ def run(model: nn.Module, calib: Calibration) -> None:
 
 @torch.no_grad()
 def input_stats(model: nn.Module, names: list[str], calib: Calibration) -> dict[str, dict[str, torch.Tensor]]:
-    """Per module: ``sq`` = sum of x_j^2 and ``abs`` = sum of |x_j| over calibration tokens, ``n`` tokens."""
+    """Per module: ``sq`` = sum of x_j^2, ``abs`` = sum of |x_j|, ``max`` = max |x_j| over calibration
+    tokens, and ``n`` tokens."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def acc(name, x):
         x = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-        s = stats.setdefault(name, {"sq": torch.zeros(x.shape[-1]), "abs": torch.zeros(x.shape[-1]), "n": torch.zeros(())})
+        f = x.shape[-1]
+        s = stats.setdefault(name, {"sq": torch.zeros(f), "abs": torch.zeros(f), "max": torch.zeros(f), "n": torch.zeros(())})
         s["sq"] += x.pow(2).sum(0)
         s["abs"] += x.abs().sum(0)
+        s["max"] = torch.maximum(s["max"], x.abs().amax(0))
         s["n"] += x.shape[0]
 
     with record_inputs(model, names, acc):

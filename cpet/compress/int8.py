@@ -2,7 +2,12 @@
 
     W ~= scale[:, None] * Wq,   Wq = clamp(round(W / scale), -127, 127) in int8,   scale = max|W_row| / 127
 
-Stored as int8 + fp32 scales (buffers ``weight_int8``, ``scale``), never as float. Two compute paths:
+Stored as int8 + fp32 scales (buffers ``weight_int8``, ``scale``), never as float. Optional
+SmoothQuant-style smoothing (``smooth: alpha`` > 0, Xiao et al. 2023) moves activation outliers into the
+weights before quantizing: per input channel s_j = max|X_j|^alpha / max|W_:j|^(1-alpha) from calibration
+text, W' = W diag(s) is quantized, and the input is divided by s at run time (buffer ``smooth``); the
+product is unchanged in exact arithmetic, but the per-tensor int8 activations lose far less. Applied to
+the LayerNorm-fed q, k, v and ffn_in only. Two compute paths:
 - training (autograd on): dequantize and run an fp32 matmul, so gradients reach the input (and every
   layer below) through the frozen weights;
 - inference (autograd off, fp32 input): fbgemm's dynamic int8 linear (activations quantized per
@@ -21,18 +26,30 @@ import torch.nn.functional as F
 from cpet.config import ALL_ROLES, EMBED_ROLE, _check_roles
 
 
+# As SmoothQuant: only linears fed by a LayerNorm (whose outlier channels are systematic). Smoothing
+# o / ffn_out measured worse on MiniLM (their inputs' calibration maxima do not transfer across text).
+SMOOTH_ROLES = ("q", "k", "v", "ffn_in")
+
+
 @dataclass(frozen=True)
 class Config:
     targets: tuple[str, ...] = ALL_ROLES + (EMBED_ROLE,)
     kernel: str = "auto"  # auto: fbgemm when grad is off, else dequantize | dequant: always dequantize
+    smooth: float = 0.0  # SmoothQuant alpha in (0, 1]; 0 = off. Needs calibration text.
+
+    @property
+    def calibrated(self) -> bool:
+        return self.smooth > 0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         _check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
-        if self.kernel not in ("auto", "dequant"):
-            from cpet.errors import CpetError
+        from cpet.errors import CpetError
 
+        if self.kernel not in ("auto", "dequant"):
             raise CpetError(f"int8.kernel={self.kernel!r}: use auto or dequant")
+        if not 0 <= self.smooth <= 1:
+            raise CpetError(f"int8.smooth={self.smooth} must lie in [0, 1] (0 = off; SmoothQuant uses 0.5)")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +75,15 @@ class Int8Linear(nn.Module):
         self._packed_key = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, kernel: str = "auto", smooth: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantize ``linear``; with ``smooth`` (in,) the stored weight is W diag(smooth) and inputs are
+        divided by ``smooth`` at run time."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
-        q, s = quantize_per_channel(linear.weight)
+        w = linear.weight.detach().float()
+        if smooth is not None:
+            m.register_buffer("smooth", smooth.float().clone())
+            w = w * m.smooth[None, :]
+        q, s = quantize_per_channel(w)
         m.weight_int8.copy_(q)
         m.scale.copy_(s)
         if linear.bias is not None:
@@ -91,6 +114,8 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "smooth", None) is not None:
+            x = x / self.smooth.to(x.dtype)
         fast = (self.kernel == "auto" and not torch.is_grad_enabled() and x.dtype == torch.float32
                 and x.device.type == "cpu" and _fbgemm_available())
         if fast:
@@ -140,22 +165,53 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     """Replace every target nn.Linear / nn.Embedding by its int8 version (in place); returns the model."""
     from cpet.models import compressible_layers
 
-    for name, layer in compressible_layers(model, cfg.targets).items():
+    layers = compressible_layers(model, cfg.targets)
+    smooth = {}
+    if cfg.smooth > 0:
+        from cpet.compress.calibration import input_stats
+        from cpet.errors import CpetError
+
+        if calib is None:
+            raise CpetError("int8 smooth > 0 needs calibration text (pass a tokenizer to compress)")
+        from cpet.models import target_modules
+
+        roles = {n + (".base" if n + ".base" in layers else ""): r for n, r in target_modules(model, cfg.targets).items()}
+        linears = [n for n, l in layers.items() if isinstance(l, nn.Linear) and roles.get(n) in SMOOTH_ROLES]
+        stats = input_stats(model, linears, calib)
+        for n in linears:
+            w_max = layers[n].weight.detach().abs().amax(0).clamp(min=1e-5)  # (in,)
+            x_max = stats[n]["max"].clamp(min=1e-5)
+            smooth[n] = (x_max.pow(cfg.smooth) / w_max.pow(1 - cfg.smooth)).clamp(min=1e-5)
+    for name, layer in layers.items():
         if isinstance(layer, nn.Linear):
-            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel))
+            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel, smooth.get(name)))
         elif hasattr(layer, "quantize_"):  # a MoE FFN: its experts go int8 in place
             layer.quantize_()
         elif isinstance(layer, nn.Embedding):
-            new = Int8Embedding.from_embedding(layer)
-            tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]
-            for m in tied:  # e.g. T5's `shared`, tied to the encoder's embed_tokens: one int8 copy for all
-                _replace(model, m, new)
+            _quantize_embedding(model, layer)
     return model
 
 
+def _quantize_embedding(model: nn.Module, layer: nn.Embedding) -> None:
+    new = Int8Embedding.from_embedding(layer)
+    tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]
+    for m in tied:  # e.g. T5's `shared`, tied to the encoder's embed_tokens: one int8 copy for all
+        _replace(model, m, new)
+
+
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
-    """Int8 layers of the right shapes; their values are then loaded from the saved tensors."""
-    return apply(model, cfg)
+    """Int8 layers of the right shapes (with a ``smooth`` slot where one was saved); values load after."""
+    from cpet.models import compressible_layers
+
+    for name, layer in compressible_layers(model, cfg.targets).items():
+        if isinstance(layer, nn.Linear):
+            smooth = torch.ones(layer.in_features) if f"{name}.smooth" in state else None
+            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel, smooth))
+        elif hasattr(layer, "quantize_"):
+            layer.quantize_()
+        elif isinstance(layer, nn.Embedding):
+            _quantize_embedding(model, layer)
+    return model
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
