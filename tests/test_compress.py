@@ -224,3 +224,24 @@ def test_smoothquant_exact_in_float_and_round_trips(tmp_path, batch, tokenizer):
         assert torch.equal(model(**batch).last_hidden_state, loaded(**batch).last_hidden_state)
     with pytest.raises(CpetError, match="calibration"):
         compress(copy.deepcopy(dense), plan)
+
+
+def test_csr_kernel_equals_dense_masked_and_round_trips(tmp_path, batch, tokenizer):
+    from conftest import tiny_bert
+    from cpet.compress.unstructured import CSRLinear
+
+    dense = compress(tiny_bert(), [{"method": "unstructured", "sparsity": 0.9, "kernel": "dense"}])
+    csr = compress(tiny_bert(), [{"method": "unstructured", "sparsity": 0.9, "kernel": "csr"}])
+    layers = [m for m in csr.modules() if isinstance(m, CSRLinear)]
+    assert len(layers) == 12 and all(len(l.values) == round(0.1 * l.in_features * l.out_features) for l in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(csr(**batch).last_hidden_state, dense(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 32, requires_grad=True)  # gradients reach the input through the sparse matmul
+    layers[0](x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    plan = [{"method": "unstructured", "sparsity": 0.9, "kernel": "csr"}]
+    save_compressed(csr, tokenizer, tmp_path / "c", plan, source="tiny")
+    loaded, _, _ = load_compressed(tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(csr(**batch).last_hidden_state, loaded(**batch).last_hidden_state)

@@ -117,3 +117,27 @@ def test_cli_run_tiny(tmp_path, data_dir, tiny_model_dir, capsys):
     assert main(["run", str(p), "-o", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "| CLM+CPET |" in out and (tmp_path / "o" / "results.md").is_file()
+
+
+def test_cli_compress_and_bench(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    out = tmp_path / "upq"
+    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(out)]) == 0
+    assert (out / "compression.json").is_file()
+    assert main(["compress", tiny_model_dir, "--plan", "[{method: structured, ffn: 0.5}]", "-o", str(tmp_path / "sp")]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(out), str(tmp_path / "sp"), "--shapes", "1x8", "--repeats", "2",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| upq |" in table and "| sp |" in table and "| uncompressed fp32 |" in table
+    records = json.loads((tmp_path / "b.json").read_text())
+    assert [r["name"] for r in records] == ["uncompressed fp32", "upq", "sp"]
+    for r in records:
+        assert set(r) >= {"plan", "size_bytes", "ideal_speedup", "measured_speedup"} and "1x8" in r["measured_speedup"]
+    assert records[1]["ideal_speedup"] == 4.0 and records[1]["size_bytes"] < records[0]["size_bytes"]
+
+
+def test_cli_compress_bad_plan(tmp_path, tiny_model_dir, capsys):
+    assert main(["compress", tiny_model_dir, "--plan", "Q+XX", "-o", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'XX'" in capsys.readouterr().err

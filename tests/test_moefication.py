@@ -69,7 +69,8 @@ def test_int8_experts_same_in_either_order(any_backbone):
 
 
 @pytest.mark.parametrize("plan", [[M()], [M(), {"method": "int8"}], [{"method": "unstructured", "pattern": "2:4"},
-                                                                     {"method": "int8"}, M()]])
+                                                                     {"method": "int8"}, M()],
+                                  [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}, M()]])
 def test_moe_save_load_bit_exact(tmp_path, tokenizer, plan):
     from conftest import tiny_bert
 

@@ -385,11 +385,14 @@ def _all_experts(moe: MoEFFN) -> MoEFFN:
 
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
-    """Put an empty MoEFFN wherever the saved model has one (layers that fell back stay dense)."""
+    """Put an empty MoEFFN wherever the saved model has one (layers that fell back stay dense), sized
+    from the saved tensors (an earlier structured-pruning step may have shrunk d_ff)."""
     for blk in ffn_blocks(model):
         if f"{blk.block}.perm" in state:
-            act = nn.ReLU() if cfg.activation == "relu" else None
-            moe = build_moe(model, blk, cfg, act)
+            n_in, E, m, d = state[f"{blk.block}.w_in"].shape
+            moe = MoEFFN(d, E * m, E, cfg.k, n_in, nn.ReLU() if cfg.activation == "relu" else blk.act,
+                         cfg.router_hidden, f"{blk.block}.b_in" in state, f"{blk.block}.b_out" in state,
+                         state[f"{blk.block}.w_in"].dtype == torch.int8)
             _set(model, blk.block, moe)
             if blk.identity:
                 _set(model, blk.identity, nn.Identity())

@@ -26,6 +26,7 @@ class Config:
     pattern: str = "unstructured"  # unstructured | "N:M" such as "2:4"
     score: str = "magnitude"  # magnitude | wanda (needs calibration text)
     scope: str = "layer"  # layer | global (magnitude only: one threshold over all target layers)
+    kernel: str = "auto"  # auto (CSR where measured faster) | dense | csr
     targets: tuple[str, ...] = ALL_ROLES
 
     def __post_init__(self):
@@ -33,6 +34,8 @@ class Config:
         _check_roles(self.targets, "unstructured.targets")
         if self.score not in ("magnitude", "wanda"):
             raise CpetError(f"unstructured.score={self.score!r}: use magnitude or wanda")
+        if self.kernel not in ("auto", "dense", "csr"):
+            raise CpetError(f"unstructured.kernel={self.kernel!r}: use auto, dense or csr")
         if self.scope not in ("layer", "global"):
             raise CpetError(f"unstructured.scope={self.scope!r}: use layer or global")
         if self.scope == "global" and (self.score == "wanda" or self.pattern != "unstructured"):
@@ -91,6 +94,65 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(out_f, in_f)
 
 
+CSR_MIN_SPARSITY = 0.75  # below this CSR lost on every shape measured here (PERF-NOTES): not even timed
+
+
+class CSRLinear(nn.Module):
+    """A pruned fp32 linear computed as a CSR sparse matmul: y = (W_csr x^T)^T + b."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        csr = weight.detach().to_sparse_csr()
+        self.register_buffer("crow", csr.crow_indices().to(torch.int32))
+        self.register_buffer("col", csr.col_indices().to(torch.int32))
+        self.register_buffer("values", csr.values().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, nnz: int, bias: bool) -> "CSRLinear":
+        m = cls(torch.zeros(out_features, in_features), torch.zeros(out_features) if bias else None)
+        m.col = torch.zeros(nnz, dtype=torch.int32)
+        m.values = torch.zeros(nnz)
+        return m
+
+    def matrix(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.matrix().to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        y = torch.sparse.mm(self.matrix(), flat.T).T  # (N, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _csr_faster(layer: nn.Module, tokens: int = 128, repeats: int = 7) -> bool:
+    if not isinstance(layer, nn.Linear):
+        return False
+    import statistics
+    import time
+
+    x = torch.randn(tokens, layer.in_features)
+    csr = CSRLinear(layer.weight, layer.bias)
+
+    def t(fn):
+        fn(x)
+        ts = []
+        for _ in range(repeats):
+            s = time.perf_counter()
+            fn(x)
+            ts.append(time.perf_counter() - s)
+        return statistics.median(ts)
+
+    with torch.no_grad():
+        return t(csr) < 0.9 * t(layer)
+
+
 def _weight_and_float(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored weight to zero in place, and its float value (whose magnitude ranks entries)."""
     if isinstance(layer, nn.Linear):
@@ -129,9 +191,23 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
         else:
             mask = magnitude_mask(s, cfg.sparsity)
         w.mul_(mask.to(w.dtype))
+        auto_csr = cfg.kernel == "auto" and cfg.sparsity >= CSR_MIN_SPARSITY and _csr_faster(layer)
+        if isinstance(layer, nn.Linear) and (cfg.kernel == "csr" or auto_csr):
+            _set(model, name, CSRLinear(layer.weight, layer.bias))
     return model
 
 
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
-    """Shapes do not change: nothing to rebuild before loading saved tensors."""
+    """Shapes do not change; layers saved as CSR become empty CSRLinear slots of the saved size."""
+    from cpet.models import compressible_layers
+
+    for name, layer in compressible_layers(model, cfg.targets).items():
+        if f"{name}.crow" in state and isinstance(layer, nn.Linear):
+            _set(model, name, CSRLinear.empty(layer.out_features, layer.in_features, len(state[f"{name}.col"]),
+                                              layer.bias is not None))
     return model
