@@ -18,6 +18,7 @@ PLANS = {
     "pruned+int8": [{"method": "unstructured", "sparsity": 0.5}, {"method": "int8"}],
     "2:4": [{"method": "unstructured", "pattern": "2:4"}],
     "sp+int8": [{"method": "structured", "ffn": 0.5}, {"method": "int8"}],
+    "csr": [{"method": "unstructured", "sparsity": 0.9, "kernel": "csr"}],
 }
 
 
