@@ -57,8 +57,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     data = load_task(cfg.task)
     spec = data.spec
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
-        f"{len(data.test)} test (official validation) from {data.source}")
-    common = {"task": spec.name, "backbone": cfg.model.name, "data_source": data.source,
+        f"{len(data.test)} test ({data.test_set}) from {data.source}")
+    common = {"task": spec.name, "backbone": cfg.model.name, "data_source": data.source, "test_set": data.test_set,
               "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
     max_len, tc = cfg.model.max_length, cfg.train
 
@@ -167,7 +167,7 @@ def write_report(out: Path, records: list[dict]) -> Path:
     plan_s = " + ".join(f"{s['method']}" + (f"({s['pattern']}, {s['sparsity']:.0%})" if s["method"] == "unstructured" else "")
                         for s in plan) or "none"
     text = (f"# {r0['task']} on {r0['backbone']}\n\n"
-            f"Compression plan: {plan_s}. Splits: {r0['split_sizes']} (test = official validation set).\n"
+            f"Compression plan: {plan_s}. Splits: {r0['split_sizes']} (test = {r0.get('test_set', 'the official validation set')}).\n"
             f"Metrics on the test set, in percent; 'best val' selects the checkpoint.\n\n"
             + results_table(records) + "\n")
     (out / "results.md").write_text(text)

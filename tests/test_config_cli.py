@@ -141,3 +141,32 @@ def test_cli_compress_and_bench(tmp_path, tiny_model_dir, capsys):
 def test_cli_compress_bad_plan(tmp_path, tiny_model_dir, capsys):
     assert main(["compress", tiny_model_dir, "--plan", "Q+XX", "-o", str(tmp_path / "x")]) == 2
     assert "unknown preset 'XX'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,n_train,n_test,n_labels,text_b", [
+    ("boolq", 2270 + 64, 1000, 2, True), ("wic", 5428, 638, 2, True), ("mrpc", 3668, 408, 2, True),
+    ("qqp", 8999, 1000, 2, True), ("mnli", 8999, 1000, 3, True), ("qnli", 8999, 1000, 2, True),
+    ("sst2", 67349, 872, 2, False), ("rte", 2490, 277, 2, True), ("cb", 250, 56, 3, True),
+])
+def test_real_task_loaders(name, n_train, n_test, n_labels, text_b):
+    from pathlib import Path
+
+    root = Path("../shared/data")
+    if not root.is_dir():
+        pytest.skip("../shared/data not present")
+    d = load_task(TaskConfig(name=name, data_dir=str(root), val_size=100))
+    assert len(d.train) + len(d.val) == n_train and len(d.test) == n_test
+    assert d.spec.num_labels == n_labels
+    labels = {e.label for e in d.test}
+    assert labels == set(range(n_labels))  # every class occurs, ids are 0..C-1
+    assert all((e.text_b is not None) == text_b for e in d.test[:20])
+    train_texts = {(e.text_a, e.text_b) for e in d.train + d.val}
+    overlap = sum((e.text_a, e.text_b) in train_texts for e in d.test)
+    assert overlap <= 0.01 * n_test, f"{overlap} test examples also in train"
+
+
+def test_mrpc_reports_f1():
+    from cpet.tasks import TASKS, evaluate_predictions, glue  # noqa: F401  (importing registers the tasks)
+
+    m = evaluate_predictions(TASKS["mrpc"], [1, 1, 0, 0], [1, 0, 0, 1])
+    assert m == {"accuracy": 0.5, "f1": 0.5}

@@ -35,8 +35,9 @@ class TaskSpec:
     metrics: tuple[str, ...]  # first one selects the best checkpoint
     load_local: object  # (data_dir: Path) -> (train, test) lists of Example
     hub: tuple[str, str]  # (dataset, config) for datasets.load_dataset
-    hub_fields: tuple[str, str | None]  # text fields on the hub
+    hub_row: object  # (hub row dict) -> Example
     hub_test_split: str = "validation"
+    note: str = ""  # where the test set comes from when it is not the official validation set
 
     @property
     def num_labels(self) -> int:
@@ -50,6 +51,7 @@ class TaskData:
     val: list[Example]
     test: list[Example]
     source: str
+    test_set: str = "the official validation set"
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -83,12 +85,19 @@ def _from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
     except Exception as e:  # noqa: BLE001
         raise CpetError(f"could not load {spec.name} from the hub ({str(e).splitlines()[0]}); offline? "
                         f"set task.data_dir or ${DATA_ENV} to a local copy") from None
-    fa, fb = spec.hub_fields
+    return [spec.hub_row(r) for r in ds["train"]], [spec.hub_row(r) for r in ds[spec.hub_test_split]]
 
-    def conv(split):
-        return [Example(r[fa], r[fb] if fb else None, int(r["label"])) for r in ds[split]]
 
-    return conv("train"), conv(spec.hub_test_split)
+def fields_row(a: str, b: str | None = None):
+    """A hub-row converter reading text fields ``a`` (and ``b``) and an integer ``label``."""
+    return lambda r: Example(r[a], r[b] if b else None, int(r["label"]))
+
+
+def seeded_split(rows: list, n_test: int) -> tuple[list, list]:
+    """(rest, test): a deterministic split for sets that have no separate test part."""
+    order = list(range(len(rows)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
@@ -106,9 +115,11 @@ def load_task(cfg: TaskConfig) -> TaskData:
             raise CpetError(f"{spec.name}: data file missing in {root} ({e.filename}); "
                             f"point task.data_dir / ${DATA_ENV} at a folder laid out like ../shared/data") from None
         source = str(root)
+        test_set = spec.note or "the official validation set"
     else:
         train_all, test = _from_hub(spec)
         source = f"hub:{'/'.join(spec.hub)}"
+        test_set = f"the official {spec.hub_test_split} split"
     order = list(range(len(train_all)))
     random.Random(SPLIT_SEED).shuffle(order)
     n_val = cfg.val_size if isinstance(cfg.val_size, int) else int(round(cfg.val_size * len(train_all)))
@@ -120,7 +131,7 @@ def load_task(cfg: TaskConfig) -> TaskData:
         train = train[: cfg.max_train]
     if cfg.max_test is not None:
         test = test[: cfg.max_test]
-    return TaskData(spec, train, val, test, source)
+    return TaskData(spec, train, val, test, source, test_set)
 
 
 def evaluate_predictions(spec: TaskSpec, pred: list[int], gold: list[int]) -> dict[str, float]:

@@ -1,16 +1,27 @@
-"""GLUE tasks (this file: SST-2). Local layout: ../shared/data/glue/<TASK>/{train,dev}.tsv."""
+"""GLUE tasks: SST-2, MRPC, QQP, MNLI, QNLI. Local layout as ../shared/data/glue (see its README).
+
+QQP, MNLI and QNLI have only a 10k sample of the official train set here, already split 90/10 into
+train.json / dev.json (disjoint): dev.json is used as the *test* set (a held-out part of the
+official train set, since the official dev sets are not available locally); the hub fallback uses
+the official validation sets.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, register
+from cpet.tasks import Example, TaskSpec, fields_row, register
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC's header starts with a BOM
+        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _read_sst2(path: Path) -> list[Example]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_tsv(path)
     header, body = rows[0], rows[1:]
     if header[:2] != ["sentence", "label"]:
         raise ValueError(f"{path}: expected a 'sentence<TAB>label' header, got {header}")
@@ -22,6 +33,51 @@ def _sst2_local(root: Path):
     return _read_sst2(d / "train.tsv"), _read_sst2(d / "dev.tsv")
 
 
+def _read_mrpc(path: Path) -> list[Example]:
+    rows = _read_tsv(path)
+    if rows[0][:1] != ["Quality"]:
+        raise ValueError(f"{path}: expected the GLUE MRPC header, got {rows[0][:3]}")
+    return [Example(r[3], r[4], int(r[0])) for r in rows[1:] if len(r) >= 5]
+
+
+def _mrpc_local(root: Path):
+    d = root / "glue" / "MRPC"
+    return _read_mrpc(d / "train.tsv"), _read_mrpc(d / "dev.tsv")
+
+
+def _pretrain_subset(folder: str, labels: tuple[str, ...]):
+    def read(path: Path) -> list[Example]:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        out = []
+        for key in sorted(rows, key=int):
+            r = rows[key]
+            lab = r["label"]
+            out.append(Example(r["text_a"], r["text_b"], labels.index(lab) if lab in labels else int(lab)))
+        return out
+
+    def load(root: Path):
+        d = root / "glue" / folder / "glue_pretrain_subset"
+        return read(d / "train.json"), read(d / "dev.json")
+    return load
+
+
+HELD_OUT = "test = a 1,000-example held-out part of the official train set (official dev not available locally)"
+
 SST2 = register(TaskSpec(
     name="sst2", labels=("negative", "positive"), metrics=("accuracy",),
-    load_local=_sst2_local, hub=("glue", "sst2"), hub_fields=("sentence", None)))
+    load_local=_sst2_local, hub=("glue", "sst2"), hub_row=fields_row("sentence")))
+MRPC = register(TaskSpec(
+    name="mrpc", labels=("not_equivalent", "equivalent"), metrics=("accuracy", "f1"),
+    load_local=_mrpc_local, hub=("glue", "mrpc"), hub_row=fields_row("sentence1", "sentence2")))
+QQP = register(TaskSpec(
+    name="qqp", labels=("not_duplicate", "duplicate"), metrics=("accuracy", "f1"),
+    load_local=_pretrain_subset("QQP", ("0", "1")), hub=("glue", "qqp"),
+    hub_row=fields_row("question1", "question2"), note=HELD_OUT))
+MNLI = register(TaskSpec(
+    name="mnli", labels=("entailment", "neutral", "contradiction"), metrics=("accuracy",),
+    load_local=_pretrain_subset("MNLI", ("entailment", "neutral", "contradiction")), hub=("glue", "mnli"),
+    hub_row=fields_row("premise", "hypothesis"), hub_test_split="validation_matched", note=HELD_OUT))
+QNLI = register(TaskSpec(
+    name="qnli", labels=("entailment", "not_entailment"), metrics=("accuracy",),
+    load_local=_pretrain_subset("QNLI", ("entailment", "not_entailment")), hub=("glue", "qnli"),
+    hub_row=fields_row("question", "sentence"), note=HELD_OUT))

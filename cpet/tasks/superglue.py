@@ -1,36 +1,69 @@
-"""SuperGLUE tasks (this file: RTE, CB). Local layout: ../shared/data/superglue/<TASK>/{train,val}.jsonl."""
+"""SuperGLUE tasks: BoolQ, CB, RTE, WiC. Local layout: ../shared/data/superglue/<TASK>/{train,val}.jsonl.
+
+BoolQ has no train split here: its official validation set is split deterministically into a
+1,000-example test set and the rest, which joins the 64 FewGLUE train examples as training data.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, register
+from cpet.tasks import Example, TaskSpec, fields_row, register, seeded_split
 
 
-def _read_pairs(path: Path, labels: tuple[str, ...]) -> list[Example]:
-    out = []
+def _jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out.append(Example(r["premise"], r["hypothesis"], labels.index(r["label"])))
-    return out
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def _local(folder: str, labels: tuple[str, ...]):
+def _pairs(folder: str, labels: tuple[str, ...], a: str = "premise", b: str = "hypothesis"):
+    def conv(r):
+        return Example(r[a], r[b], labels.index(r["label"]) if isinstance(r["label"], str) else int(r["label"]))
+
     def load(root: Path):
         d = root / "superglue" / folder
-        return _read_pairs(d / "train.jsonl", labels), _read_pairs(d / "val.jsonl", labels)
+        return [conv(r) for r in _jsonl(d / "train.jsonl")], [conv(r) for r in _jsonl(d / "val.jsonl")]
     return load
+
+
+def _wic_example(r: dict) -> Example:
+    return Example(f"{r['word']} : {r['sentence1']}", r["sentence2"], int(bool(r["label"])))
+
+
+def _wic_local(root: Path):
+    d = root / "superglue" / "WiC"
+    return [_wic_example(r) for r in _jsonl(d / "train.jsonl")], [_wic_example(r) for r in _jsonl(d / "val.jsonl")]
+
+
+def _boolq_example(r: dict) -> Example:
+    return Example(r["question"], r["passage"], int(bool(r["label"])))
+
+
+BOOLQ_TEST = 1000
+
+
+def _boolq_local(root: Path):
+    d = root / "superglue" / "BoolQ"
+    rest, test = seeded_split([_boolq_example(r) for r in _jsonl(d / "val.jsonl")], BOOLQ_TEST)
+    few = [_boolq_example(r) for f in ("train.jsonl", "dev32.jsonl") for r in _jsonl(d / "fewglue_32dev" / f)]
+    return few + rest, test
 
 
 RTE_LABELS = ("entailment", "not_entailment")
 CB_LABELS = ("entailment", "contradiction", "neutral")
 
 RTE = register(TaskSpec(
-    name="rte", labels=RTE_LABELS, metrics=("accuracy",), load_local=_local("RTE", RTE_LABELS),
-    hub=("super_glue", "rte"), hub_fields=("premise", "hypothesis")))
+    name="rte", labels=RTE_LABELS, metrics=("accuracy",), load_local=_pairs("RTE", RTE_LABELS),
+    hub=("super_glue", "rte"), hub_row=fields_row("premise", "hypothesis")))
 CB = register(TaskSpec(
-    name="cb", labels=CB_LABELS, metrics=("accuracy", "f1_macro"), load_local=_local("CB", CB_LABELS),
-    hub=("super_glue", "cb"), hub_fields=("premise", "hypothesis")))
+    name="cb", labels=CB_LABELS, metrics=("accuracy", "f1_macro"), load_local=_pairs("CB", CB_LABELS),
+    hub=("super_glue", "cb"), hub_row=fields_row("premise", "hypothesis")))
+WIC = register(TaskSpec(
+    name="wic", labels=("different", "same"), metrics=("accuracy",), load_local=_wic_local,
+    hub=("super_glue", "wic"), hub_row=_wic_example))
+BOOLQ = register(TaskSpec(
+    name="boolq", labels=("false", "true"), metrics=("accuracy",), load_local=_boolq_local,
+    hub=("super_glue", "boolq"), hub_row=_boolq_example,
+    note=f"test = {BOOLQ_TEST} examples of the official validation set (seeded); train = the other validation "
+         "examples + the 64 FewGLUE train examples (no full train split available locally)"))
