@@ -25,11 +25,11 @@ class Teacher:
             p.requires_grad_(False)
         self.cache = cache
         self._hidden: dict[int, torch.Tensor] = {}  # index -> (T_i, H)
-        self._logits: dict[int, torch.Tensor] = {}  # index -> (C,)
+        self._logits: dict[int, torch.Tensor] = {}  # row index -> the head's output for that row
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher (hidden (B, T, H), logits (B, C)) for the batch, padded like the batch."""
+        """Teacher (hidden (N, T, H), head scores (N, out)) for the batch's rows, padded like the batch."""
         index = batch["index"].tolist()
         lengths = batch["attention_mask"].sum(1).tolist()
         todo = [row for row, i in enumerate(index) if not (self.cache and i in self._hidden)]
@@ -41,7 +41,7 @@ class Teacher:
             out: TaskOutput = self.model(**inputs)
             for j, r in enumerate(todo):
                 fresh_h[index[r]] = out.hidden[j, : int(lengths[r])].clone()
-                fresh_z[index[r]] = out.logits[j].clone()
+                fresh_z[index[r]] = out.scores[j].clone()
             if self.cache:
                 self._hidden.update(fresh_h)
                 self._logits.update(fresh_z)
@@ -66,5 +66,5 @@ def distill_loss(teacher: tuple[torch.Tensor, torch.Tensor], student: TaskOutput
         m = mask.bool()
         loss = loss + F.mse_loss(student.hidden[m], t_hidden.to(student.hidden)[m])
     if "logits" in outputs:
-        loss = loss + F.mse_loss(student.logits, t_logits.to(student.logits))
+        loss = loss + F.mse_loss(student.scores, t_logits.to(student.scores))
     return loss

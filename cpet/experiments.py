@@ -104,7 +104,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         rec = done("base_pet")
         if rec is None:
             torch.manual_seed(tc.seed)
-            teacher = build_task_model(backbone, spec.num_labels, cfg.model.pooling, lora=cfg.lora)
+            teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora)
             rec = run_paradigm("base_pet", teacher)
         else:
             teacher = load_task_modules(backbone, out / "base_pet" / "task")
@@ -124,10 +124,10 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 compressed, _, _ = load_compressed(cdir)
                 torch.manual_seed(tc.seed)
                 if paradigm == "clm_pet":
-                    student = build_task_model(compressed, spec.num_labels, cfg.model.pooling, lora=cfg.lora)
+                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora)
                     rec = run_paradigm(paradigm, student)
                 else:
-                    student = build_task_model(compressed, spec.num_labels, cfg.model.pooling,
+                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling,
                                                lora=cfg.lora, recovery=cfg.recovery)
                     inherit(student, teacher)
                     rec = run_paradigm(paradigm, student, teacher=teacher)

@@ -186,8 +186,9 @@ class ClassificationHead(nn.Module):
 
 @dataclass
 class TaskOutput:
-    logits: torch.Tensor  # (B, C)
-    hidden: torch.Tensor  # (B, T, H) last hidden states
+    logits: torch.Tensor  # (B, C): class logits, or per-choice scores for multiple choice
+    hidden: torch.Tensor  # (N, T, H) last hidden states of every row (N = B, or B * choices)
+    scores: torch.Tensor  # (N, out) the head's output per row (== logits for classification)
 
 
 class TaskModel(nn.Module):
@@ -200,13 +201,13 @@ class TaskModel(nn.Module):
         hidden = backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else backbone.config.d_model
         self.head = ClassificationHead(hidden, num_labels, pooling, dropout)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> TaskOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None) -> TaskOutput:
+        """Rows are examples, or (multiple choice, head of size 1) ``num_choices`` consecutive rows per example."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and get_arch(self.backbone).kind == "encoder":
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
-        return TaskOutput(self.head(hidden, attention_mask), hidden)
+        hidden = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
+        scores = self.head(hidden, attention_mask)  # (N, out)
+        logits = scores.view(-1, num_choices) if num_choices else scores  # (B, C)
+        return TaskOutput(logits, hidden, scores)
 
-
-def cross_entropy(out: TaskOutput, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.logits, labels)

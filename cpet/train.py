@@ -29,37 +29,53 @@ from cpet.tasks import Example, TaskSpec, evaluate_predictions
 
 
 # ---------------------------------------------------------------- data
-def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict]:
-    """Tokenize once: a list of {input_ids, token_type_ids?} (unpadded) per example."""
-    a = [e.text_a for e in examples]
-    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+def encode(tokenizer, examples: list[Example], max_length: int) -> list[list[dict]]:
+    """Tokenize once: per example, its rows ({input_ids, token_type_ids?}, unpadded): one row for a
+    classification example, one per choice (``text_a`` paired with each choice) for multiple choice."""
+    if examples and examples[0].choices is not None:
+        a = [e.text_a for e in examples for _ in e.choices]
+        b = [c for e in examples for c in e.choices]
+    else:
+        a = [e.text_a for e in examples]
+        b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
     enc = tokenizer(a, b, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    return [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+    rows = [{k: enc[k][i] for k in keys} for i in range(len(a))]
+    per = len(rows) // max(1, len(examples))
+    return [rows[i * per: (i + 1) * per] for i in range(len(examples))]
 
 
-def collate(encoded: list[dict], examples: list[Example], indices: list[int], pad_id: int) -> dict:
-    """Right-padded batch tensors; ``index`` is each example's position in its split."""
-    t = max(len(encoded[i]["input_ids"]) for i in indices)
-    B = len(indices)
-    ids = torch.full((B, t), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, t, dtype=torch.long)
-    tt = torch.zeros(B, t, dtype=torch.long) if "token_type_ids" in encoded[indices[0]] else None
-    for row, i in enumerate(indices):
-        x = encoded[i]["input_ids"]
+def collate(encoded: list[list[dict]], examples: list[Example], indices: list[int], pad_id: int) -> dict:
+    """Right-padded batch tensors over all rows of the chosen examples. ``index`` names each row
+    (example position in its split x rows per example + row), so per-row caches work for both formats;
+    ``num_choices`` is present for multiple-choice batches."""
+    per = len(encoded[indices[0]])
+    rows = [(i * per + r, enc) for i in indices for r, enc in enumerate(encoded[i])]
+    t = max(len(enc["input_ids"]) for _, enc in rows)
+    n = len(rows)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, t, dtype=torch.long)
+    tt = torch.zeros(n, t, dtype=torch.long) if "token_type_ids" in rows[0][1] else None
+    for row, (_, enc) in enumerate(rows):
+        x = enc["input_ids"]
         ids[row, : len(x)] = torch.tensor(x)
         mask[row, : len(x)] = 1
         if tt is not None:
-            tt[row, : len(x)] = torch.tensor(encoded[i]["token_type_ids"])
-    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(indices),
+            tt[row, : len(x)] = torch.tensor(enc["token_type_ids"])
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor([k for k, _ in rows]),
              "labels": torch.tensor([examples[i].label for i in indices])}
     if tt is not None:
         batch["token_type_ids"] = tt
+    if per > 1:
+        batch["num_choices"] = per
     return batch
 
 
 def _model_inputs(batch: dict, device) -> dict:
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    if "num_choices" in batch:
+        inputs["num_choices"] = batch["num_choices"]
+    return inputs
 
 
 @torch.no_grad()
@@ -68,7 +84,7 @@ def predict(model: nn.Module, tokenizer, examples: list[Example], max_length: in
     """Argmax predictions; batches sorted by length so padding is minimal (order restored)."""
     model.eval()
     encoded = encoded or encode(tokenizer, examples, max_length)
-    order = sorted(range(len(examples)), key=lambda i: len(encoded[i]["input_ids"]))
+    order = sorted(range(len(examples)), key=lambda i: max(len(r["input_ids"]) for r in encoded[i]))
     device = next(model.parameters()).device
     preds = [0] * len(examples)
     for s in range(0, len(order), batch_size):

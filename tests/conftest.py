@@ -84,6 +84,15 @@ def data_dir(tmp_path):
             for i in range(n):
                 f.write(json.dumps({"premise": f"the cat sat on mat {i}", "hypothesis": "a cat sat",
                                     "label": "entailment" if i % 2 else "not_entailment", "idx": i}) + "\n")
+    copa = d / "superglue" / "COPA"
+    copa.mkdir(parents=True)
+    for split, n in (("train", 24), ("val", 8)):
+        with open(copa / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                good, bad = rng.choice(POS), rng.choice(NEG)
+                f.write(json.dumps({"premise": f"the audience cheered {i}", "question": "cause",
+                                    "choice1": good if i % 2 == 0 else bad, "choice2": bad if i % 2 == 0 else good,
+                                    "label": i % 2, "idx": i}) + "\n")
     return d
 
 

@@ -147,6 +147,7 @@ def test_cli_compress_bad_plan(tmp_path, tiny_model_dir, capsys):
     ("boolq", 2270 + 64, 1000, 2, True), ("wic", 5428, 638, 2, True), ("mrpc", 3668, 408, 2, True),
     ("qqp", 8999, 1000, 2, True), ("mnli", 8999, 1000, 3, True), ("qnli", 8999, 1000, 2, True),
     ("sst2", 67349, 872, 2, False), ("rte", 2490, 277, 2, True), ("cb", 250, 56, 3, True),
+    ("copa", 400, 100, 2, False),
 ])
 def test_real_task_loaders(name, n_train, n_test, n_labels, text_b):
     from pathlib import Path

@@ -128,3 +128,33 @@ def test_two_process_launch(tmp_path, data_dir, tiny_model_dir):
     assert "batch 3/3" in r.stdout  # 48 train examples / (2 processes x batch 8)
     for paradigm in ("base_pet", "clm_pet", "clm_cpet"):
         assert json.loads((tmp_path / "o" / paradigm / "result.json").read_text())["steps"] == 3
+
+
+def test_multiple_choice_rows_and_logits(data_dir, tokenizer):
+    from conftest import tiny_bert
+
+    data = load_task(TaskConfig(name="copa", data_dir=str(data_dir), val_size=4))
+    assert data.spec.format == "choice" and data.spec.head_size == 1 and data.test[0].choices
+    enc = encode(tokenizer, data.train, 32)
+    assert all(len(rows) == 2 for rows in enc)
+    batch = collate(enc, data.train, [0, 5, 2], 0)
+    assert batch["input_ids"].shape[0] == 6 and batch["num_choices"] == 2
+    assert batch["index"].tolist() == [0, 1, 10, 11, 4, 5]  # example * choices + choice
+    model = build_task_model(tiny_bert(), data.spec.head_size, lora=LoraConfig()).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "num_choices")}
+    out = model(**inputs)
+    assert out.logits.shape == (3, 2) and out.scores.shape == (6, 1) and out.hidden.shape[0] == 6
+    # the teacher caches per row and reassembles scores for the distillation loss
+    teacher = Teacher(copy.deepcopy(model))
+    h, z = teacher(batch)
+    assert z.shape == (6, 1) and distill_loss((h, z), out, batch["attention_mask"], ("hidden", "logits")) < 1e-10
+
+
+def test_multiple_choice_pipeline_tiny(tmp_path, data_dir, tiny_model_dir):
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=copa",
+                             f"task.data_dir={data_dir}", "task.val_size=4", "train.epochs=1",
+                             "train.batch_size=8", "recovery.r=4", "distill.outputs=[hidden, logits]",
+                             f"output_dir={tmp_path / 'out'}"])
+    records = run_experiment(cfg, log=lambda s: None)
+    assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
+    assert all(0 <= r["test"]["accuracy"] <= 1 for r in records)

@@ -25,7 +25,8 @@ SPLIT_SEED = 1234
 class Example:
     text_a: str
     text_b: str | None
-    label: int
+    label: int  # class id, or the index of the right choice
+    choices: tuple[str, ...] | None = None  # multiple choice: text_a is paired with each
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,16 @@ class TaskSpec:
     hub_test_split: str = "validation"
     note: str = ""  # where the test set comes from when it is not the official validation set
 
+    format: str = "classify"  # classify | choice (multiple choice: one score per (text_a, choice) row)
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def head_size(self) -> int:
+        """Outputs of the task head: one per class, or one score per choice row."""
+        return 1 if self.format == "choice" else len(self.labels)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SuperGLUE tasks: BoolQ, CB, RTE, WiC. Local layout: ../shared/data/superglue/<TASK>/{train,val}.jsonl.
+"""SuperGLUE tasks: BoolQ, CB, COPA, RTE, WiC. Local layout: ../shared/data/superglue/<TASK>/{train,val}.jsonl.
 
 BoolQ has no train split here: its official validation set is split deterministically into a
 1,000-example test set and the rest, which joins the 64 FewGLUE train examples as training data.
@@ -50,6 +50,16 @@ def _boolq_local(root: Path):
     return few + rest, test
 
 
+def _copa_example(r: dict) -> Example:
+    ask = "What was the cause?" if r["question"] == "cause" else "What happened as a result?"
+    return Example(f"{r['premise']} {ask}", None, int(r["label"]), choices=(r["choice1"], r["choice2"]))
+
+
+def _copa_local(root: Path):
+    d = root / "superglue" / "COPA"
+    return [_copa_example(r) for r in _jsonl(d / "train.jsonl")], [_copa_example(r) for r in _jsonl(d / "val.jsonl")]
+
+
 RTE_LABELS = ("entailment", "not_entailment")
 CB_LABELS = ("entailment", "contradiction", "neutral")
 
@@ -67,3 +77,6 @@ BOOLQ = register(TaskSpec(
     hub=("super_glue", "boolq"), hub_row=_boolq_example,
     note=f"test = {BOOLQ_TEST} examples of the official validation set (seeded); train = the other validation "
          "examples + the 64 FewGLUE train examples (no full train split available locally)"))
+COPA = register(TaskSpec(
+    name="copa", labels=("choice1", "choice2"), metrics=("accuracy",), load_local=_copa_local,
+    hub=("super_glue", "copa"), hub_row=_copa_example, format="choice"))
