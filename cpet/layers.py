@@ -58,6 +58,18 @@ def wrap(model: nn.Module, name: str) -> Adapted:
     return wrapped
 
 
+def attach(model: nn.Module, names, kind: str, make) -> list[str]:
+    """Wrap each named layer (once) and hang a fresh ``make(in_features, out_features)`` branch on it
+    under ``kind`` (one of BRANCH_KINDS); returns the sorted names."""
+    if kind not in BRANCH_KINDS:
+        raise ValueError(f"unknown branch kind {kind!r}; known: {BRANCH_KINDS}")
+    names = sorted(names)
+    for name in names:
+        layer = wrap(model, name)
+        setattr(layer, kind, make(layer.in_features, layer.out_features))
+    return names
+
+
 def kind_of(param_name: str) -> str | None:
     parts = param_name.split(".")
     for kind in TRAINABLE_KINDS:

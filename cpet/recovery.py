@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from cpet.config import RecoveryConfig
-from cpet.layers import wrap
+from cpet.layers import attach
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -34,11 +34,7 @@ class Recovery(nn.Module):
 
 def add_recovery_to(model: nn.Module, names, cfg: RecoveryConfig) -> list[str]:
     """Attach a fresh recovery bypass to each named linear (wrapping it); returns the names."""
-    names = sorted(names)
-    for name in names:
-        layer = wrap(model, name)
-        layer.recovery = Recovery(layer.in_features, layer.out_features, cfg.r, cfg.activation, cfg.dropout)
-    return names
+    return attach(model, names, "recovery", lambda i, o: Recovery(i, o, cfg.r, cfg.activation, cfg.dropout))
 
 
 def apply(model: nn.Module, cfg: RecoveryConfig) -> nn.Module:

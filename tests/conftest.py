@@ -103,3 +103,16 @@ def tiny_model_dir(tmp_path, tokenizer):
     tiny_bert().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def train_steps(model, batch, labels, steps: int = 2, lr: float = 1e-2) -> set[str]:
+    """A few AdamW steps on the trainable parameters; returns the names of the state entries that changed.
+    Two steps by default: after the first, B and U are non-zero, so A and D get gradients too."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}

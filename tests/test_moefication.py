@@ -104,15 +104,10 @@ def test_pet_and_recovery_wrap_moe(batch):
     with torch.no_grad():
         torch.testing.assert_close(model.eval().backbone(**batch).last_hidden_state,
                                    plain(**batch).last_hidden_state, rtol=0, atol=0)
+    from conftest import train_steps
+
     freeze_backbone(model)
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([1, 0, 1])).backward()
-        opt.step()
-        opt.zero_grad()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    changed = train_steps(model, batch, torch.tensor([1, 0, 1]))
     assert changed and all(kind_of(k) for k in changed)
     assert any(".intermediate.recovery." in k for k in changed)
 

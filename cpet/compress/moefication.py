@@ -21,8 +21,6 @@ plan never ships a slower model); 0 forces MoE everywhere.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -312,14 +310,10 @@ def _fill(moe: MoEFFN, model: nn.Module, blk: FFNBlock, perm: torch.Tensor) -> N
         moe.b_out.copy_(_b(out))
 
 
-def _time(fn, x, repeats=7) -> float:
-    fn(x)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def _time(fn, x) -> float:
+    from cpet.benchmark import median_latency
+
+    return median_latency(lambda: fn(x), repeats=7, warmup=1)
 
 
 @torch.no_grad()

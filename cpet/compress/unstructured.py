@@ -131,26 +131,15 @@ class CSRLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _csr_faster(layer: nn.Module, tokens: int = 128, repeats: int = 7) -> bool:
+def _csr_faster(layer: nn.Module, tokens: int = 128) -> bool:
     if not isinstance(layer, nn.Linear):
         return False
-    import statistics
-    import time
+    from cpet.benchmark import median_latency
 
     x = torch.randn(tokens, layer.in_features)
     csr = CSRLinear(layer.weight, layer.bias)
-
-    def t(fn):
-        fn(x)
-        ts = []
-        for _ in range(repeats):
-            s = time.perf_counter()
-            fn(x)
-            ts.append(time.perf_counter() - s)
-        return statistics.median(ts)
-
     with torch.no_grad():
-        return t(csr) < 0.9 * t(layer)
+        return median_latency(lambda: csr(x), 7, 1) < 0.9 * median_latency(lambda: layer(x), 7, 1)
 
 
 def _weight_and_float(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from cpet.config import LoraConfig
-from cpet.layers import wrap
+from cpet.layers import attach
 
 
 class LoRA(nn.Module):
@@ -33,11 +33,7 @@ class LoRA(nn.Module):
 
 def add_lora_to(model: nn.Module, names, cfg: LoraConfig) -> list[str]:
     """Attach a fresh LoRA branch to each named linear (wrapping it); returns the names."""
-    names = sorted(names)
-    for name in names:
-        layer = wrap(model, name)
-        layer.lora = LoRA(layer.in_features, layer.out_features, cfg.r, cfg.alpha, cfg.dropout)
-    return names
+    return attach(model, names, "lora", lambda i, o: LoRA(i, o, cfg.r, cfg.alpha, cfg.dropout))
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:

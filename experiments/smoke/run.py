@@ -43,7 +43,7 @@ def main():
     out_json = HERE / "results.json"
     rows = {r["task"]: r for r in (json.loads(out_json.read_text()) if out_json.is_file() else [])}
     for task in args.tasks.split(","):
-        small = ["task.val_size=50"] if task == "cb" else []  # CB has 250 training examples in all
+        small = ["task.val_size=50"] if task in ("cb", "copa") else []  # 250 and 400 training examples in all
         cfg = load_config(HERE / "config.yaml", [f"task.name={task}", f"output_dir=runs/smoke/{task}", *small])
         data = load_task(cfg.task)
         majority = Counter(e.label for e in data.train).most_common(1)[0][0]
