@@ -96,7 +96,7 @@ def _bench(dirs: list[str], json_path: str | None, shapes: str, repeats: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning for compressed LMs (CPET).")
     sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("demo", help="run the embedded default experiment (MiniLM, SST-2, prune 50%% + int8)")
+    p = sub.add_parser("demo", help="run the embedded default experiment (MiniLM, SST-2, prune 70%% + int8)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
     p.add_argument("-o", "--output-dir", default=None)
     p = sub.add_parser("run", help="run an experiment YAML: every paradigm, one result JSON each")
