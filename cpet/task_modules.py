@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -110,7 +109,3 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str = "wei
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
-
-
-def config_dict(lora: LoraConfig | None, recovery: RecoveryConfig | None) -> dict:
-    return {"lora_config": asdict(lora) if lora else None, "recovery_config": asdict(recovery) if recovery else None}

@@ -131,7 +131,6 @@ def test_wanda_uses_activations_and_keeps_row_sparsity(batch):
     assert ((w == 0).sum(1) == w.shape[1] // 2).all()  # exactly half of every row
     W = dense.encoder.layer[0].intermediate.dense.weight
     score = W.abs() * stats["sq"].sqrt()
-    kept = score[w != 0].min(), score[w == 0].max()
     # within each row the kept entries out-score the pruned ones
     for r in range(W.shape[0]):
         assert score[r][w[r] != 0].min() >= score[r][w[r] == 0].max()

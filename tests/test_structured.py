@@ -11,7 +11,7 @@ from cpet.compress.calibration import Calibration
 from cpet.config import LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
 from cpet.inherit import inherit
-from cpet.models import TaskModel, target_modules
+from cpet.models import target_modules
 from cpet.task_modules import build_task_model
 
 SP = {"bert": {"ffn": 0.5, "heads": 0.5}, "llama": {"ffn": 0.5, "heads": 0.5}, "t5": {"ffn": 0.5, "heads": 0.0}}

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cpet.config import DistillConfig, LoraConfig, RecoveryConfig, TaskConfig, TrainConfig, load_config
+from cpet.config import LoraConfig, TaskConfig, TrainConfig, load_config
 from cpet.distill import Teacher, distill_loss
 from cpet.experiments import run_experiment
 from cpet.layers import task_state_dict
