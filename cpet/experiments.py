@@ -24,18 +24,13 @@ import torch
 from cpet.compress import compress, load_compressed, plan_to_json, save_compressed
 from cpet.config import ExperimentConfig
 from cpet.inherit import inherit
+from cpet.io import atomic_write_json
 from cpet.models import load_backbone
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
 from cpet.train import evaluate, train
 
 LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict]:
@@ -53,7 +48,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if main:
-        _write_json(out / "config.json", cfg.to_dict())
+        atomic_write_json(out / "config.json", cfg.to_dict())
     data = load_task(cfg.task)
     spec = data.spec
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
@@ -83,7 +78,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                              **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
                                 if paradigm == "clm_cpet" else {})}}
         if main:
-            _write_json(pdir / "result.json", record)
+            atomic_write_json(pdir / "result.json", record)
             shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
         state.wait_for_everyone()
         log(f"[{LABELS[paradigm]}] test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())

@@ -40,6 +40,12 @@ class Adapted(nn.Module):
         return y
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """``model.<name> = module`` for a dotted name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def wrap(model: nn.Module, name: str) -> Adapted:
     """Replace ``model.<name>`` by ``Adapted(it)`` (once) and return the wrapper."""
     try:
@@ -49,12 +55,10 @@ def wrap(model: nn.Module, name: str) -> Adapted:
 
         raise CpetError(f"module {name!r} not found in {type(model).__name__}; "
                         "were these task modules made for another backbone?") from None
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(module, Adapted):
         return module
     wrapped = Adapted(module)
-    setattr(parent, child, wrapped)
+    set_module(model, name, wrapped)
     return wrapped
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 
 from cpet.config import LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
+from cpet.io import atomic_write, atomic_write_json
 from cpet.layers import Adapted, task_state_dict
 from cpet.models import TaskModel
 from cpet.pet import lora as lora_mod
@@ -56,21 +56,14 @@ def describe(model: TaskModel) -> dict:
     return desc
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_task_modules(model: TaskModel, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
     from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in task_state_dict(model).items()}
-    _atomic_write(out / "task_modules.safetensors", save(state))
-    _atomic_write(out / "task_config.json", json.dumps({**describe(model), **(extra or {})}, indent=2).encode())
+    atomic_write(out / "task_modules.safetensors", save(state))
+    atomic_write_json(out / "task_config.json", {**describe(model), **(extra or {})})
     return out
 
 

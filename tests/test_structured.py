@@ -2,6 +2,7 @@
 PET inheritance sliced by the kept indices; LoRA + recovery on shrunk layers."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,34 +18,37 @@ from cpet.task_modules import build_task_model
 SP = {"bert": {"ffn": 0.5, "heads": 0.5}, "llama": {"ffn": 0.5, "heads": 0.5}, "t5": {"ffn": 0.5, "heads": 0.0}}
 
 
-def _family(model):
-    return {"bert": "bert", "llama": "llama", "t5": "t5"}[model.config.model_type]
-
-
 def _calib(seed=0):
     g = torch.Generator().manual_seed(seed)
     return Calibration(torch.randint(1000, 5000, (4, 16), generator=g), batch_size=2)
 
 
-def _masked(dense: torch.nn.Module, pruned: torch.nn.Module, prefix: str = ""):
-    """Hooks on the dense model that zero the input features of o / ffn_out which the pruned model dropped."""
+@contextmanager
+def _masked(dense: torch.nn.Module, pruned: torch.nn.Module):
+    """Within the block, the dense model's o / ffn_out see zeros on the input features the pruned model
+    dropped (pre-hooks; removed on exit)."""
     handles = []
     for name in target_modules(dense, ("o", "ffn_out")):
-        kept = pruned.get_submodule(name)
-        kept = getattr(kept, "base", kept).kept_in if hasattr(getattr(kept, "base", kept), "kept_in") else None
-        if kept is None:
-            continue
-        layer = dense.get_submodule(name)
-        mask = torch.zeros(getattr(layer, "in_features"))
-        mask[kept] = 1
+        layer = pruned.get_submodule(name)
+        kept = getattr(getattr(layer, "base", layer), "kept_in", None)
+        if kept is not None:
+            mask = torch.zeros(dense.get_submodule(name).in_features)
+            mask[kept] = 1
+            handles.append(dense.get_submodule(name).register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
-        handles.append(layer.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,)))
-    return handles
+
+def _inputs(batch, family):
+    return batch if family == "bert" else {k: v for k, v in batch.items() if k != "token_type_ids"}
 
 
 @pytest.mark.parametrize("score", ["magnitude", "activation"])
 def test_structured_equals_masked_dense(any_backbone, batch, score):
-    fam = _family(any_backbone)
+    fam = any_backbone.config.model_type
     pruned = compress(copy.deepcopy(any_backbone), [{"method": "structured", "score": score, **SP[fam]}],
                       calibration=_calib())
     for name, role in target_modules(pruned, ("q", "ffn_in")).items():
@@ -52,13 +56,9 @@ def test_structured_equals_masked_dense(any_backbone, batch, score):
         after = pruned.get_submodule(name).out_features
         if role == "ffn_in" or SP[fam]["heads"]:
             assert after == before // 2, (name, before, after)
-    handles = _masked(any_backbone, pruned)
-    inputs = batch if fam == "bert" else {k: v for k, v in batch.items() if k != "token_type_ids"}
-    with torch.no_grad():
-        ref = any_backbone(**inputs).last_hidden_state
-        got = pruned(**inputs).last_hidden_state
-    for h in handles:
-        h.remove()
+    with torch.no_grad(), _masked(any_backbone, pruned):
+        ref = any_backbone(**_inputs(batch, fam)).last_hidden_state
+        got = pruned(**_inputs(batch, fam)).last_hidden_state
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -80,21 +80,17 @@ def test_sliced_inheritance_equals_masked_teacher(any_backbone, batch):
     """The teacher's LoRA, sliced to the kept neurons/heads, gives the input-masked teacher's outputs."""
     from test_inherit_save import _randomize
 
-    fam = _family(any_backbone)
+    fam = any_backbone.config.model_type
     lora = LoraConfig(r=4, targets=("q", "k", "v", "o", "ffn_in", "ffn_out"))
     teacher = build_task_model(copy.deepcopy(any_backbone), 2, lora=lora)
     _randomize(teacher)
     pruned = compress(copy.deepcopy(any_backbone), [{"method": "structured", **SP[fam]}])
     student = build_task_model(pruned, 2, lora=lora, recovery=RecoveryConfig(r=4))
     inherit(student, teacher)
-    handles = _masked(teacher, student)
-    inputs = batch if fam == "bert" else {k: v for k, v in batch.items() if k != "token_type_ids"}
     teacher.eval(), student.eval()
-    with torch.no_grad():
-        ref = teacher(**inputs).logits
-        got = student(**inputs).logits
-    for h in handles:
-        h.remove()
+    with torch.no_grad(), _masked(teacher, student):
+        ref = teacher(**_inputs(batch, fam)).logits
+        got = student(**_inputs(batch, fam)).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 
 from cpet.compress import int8, moefication, structured, unstructured
 from cpet.errors import CpetError
+from cpet.io import atomic_write, atomic_write_json
 
 # name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
 METHODS = {
@@ -98,14 +98,6 @@ def compress(model: nn.Module, plan, calibration=None, tokenizer=None, data_dir:
     return model
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 SPARSE_MIN = 0.4  # a weight (>= 2-D) with at least this fraction of zeros is stored as values + bitmask
 
 
@@ -145,13 +137,13 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
             sparse[k] = list(v.shape)
             continue
         state[k] = v.contiguous()
-    _atomic_write_bytes(out / "model.safetensors", save(state))
+    atomic_write(out / "model.safetensors", save(state))
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases,
             "sparse": sparse}
-    _atomic_write_bytes(out / "compression.json", json.dumps(meta, indent=2).encode())
+    atomic_write_json(out / "compression.json", meta)
     return out
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpet.errors import CpetError
+from cpet.layers import set_module
 
 
 @dataclass(frozen=True)
@@ -268,10 +269,6 @@ def _train_router(moe: MoEFFN, xs: torch.Tensor, mass: torch.Tensor, steps: int,
         p.requires_grad_(False)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
 
 def _dense_ffn(blk: FFNBlock, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hs = [model.get_submodule(n)(x) for n in blk.ins]
@@ -363,9 +360,9 @@ def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
             log(msg + f" -> kept dense (below min_speedup {cfg.min_speedup})")
             continue
         log(msg)
-        _set(model, blk.block, moe)
+        set_module(model, blk.block, moe)
         if blk.identity:
-            _set(model, blk.identity, nn.Identity())
+            set_module(model, blk.identity, nn.Identity())
     return model
 
 
@@ -387,7 +384,7 @@ def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
             moe = MoEFFN(d, E * m, E, cfg.k, n_in, nn.ReLU() if cfg.activation == "relu" else blk.act,
                          cfg.router_hidden, f"{blk.block}.b_in" in state, f"{blk.block}.b_out" in state,
                          state[f"{blk.block}.w_in"].dtype == torch.int8)
-            _set(model, blk.block, moe)
+            set_module(model, blk.block, moe)
             if blk.identity:
-                _set(model, blk.identity, nn.Identity())
+                set_module(model, blk.identity, nn.Identity())
     return model

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from cpet.config import ALL_ROLES
 from cpet.errors import CpetError
+from cpet.layers import set_module
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,6 @@ def slice_linear(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch
             new.register_buffer(attr, (old[idx] if old is not None else idx).clone().long())
     return new
 
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ---------------------------------------------------------------- grouping by transformer layer
@@ -152,8 +149,8 @@ def _prune_ffn(model, ins: list[str], out: str, ratio: float, act: torch.Tensor 
         score = sum(_weight(model.get_submodule(n)).norm(dim=1) for n in ins) * col
     keep = torch.topk(score, n_keep).indices.sort().values
     for n in ins:
-        _set(model, n, slice_linear(model.get_submodule(n), rows=keep))
-    _set(model, out, slice_linear(model.get_submodule(out), cols=keep))
+        set_module(model, n, slice_linear(model.get_submodule(n), rows=keep))
+    set_module(model, out, slice_linear(model.get_submodule(out), cols=keep))
 
 
 def _prune_heads(model, g: dict[str, list[str]], ratio: float, act: torch.Tensor | None) -> None:
@@ -172,10 +169,10 @@ def _prune_heads(model, g: dict[str, list[str]], ratio: float, act: torch.Tensor
     kv_rows = (units[:, None] * hd + torch.arange(hd)).flatten()
     q_heads = (units[:, None] * per + torch.arange(per)).flatten()
     q_rows = (q_heads[:, None] * hd + torch.arange(hd)).flatten()
-    _set(model, g["q"][0], slice_linear(q, rows=q_rows))
-    _set(model, g["k"][0], slice_linear(k, rows=kv_rows))
-    _set(model, g["v"][0], slice_linear(v, rows=kv_rows))
-    _set(model, g["o"][0], slice_linear(o, cols=q_rows))
+    set_module(model, g["q"][0], slice_linear(q, rows=q_rows))
+    set_module(model, g["k"][0], slice_linear(k, rows=kv_rows))
+    set_module(model, g["v"][0], slice_linear(v, rows=kv_rows))
+    set_module(model, g["o"][0], slice_linear(o, cols=q_rows))
 
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
@@ -185,5 +182,5 @@ def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
     for name in target_modules(model, ALL_ROLES):
         rows, cols = state.get(f"{name}.kept_out"), state.get(f"{name}.kept_in")
         if rows is not None or cols is not None:
-            _set(model, name, slice_linear(model.get_submodule(name), rows=rows, cols=cols))
+            set_module(model, name, slice_linear(model.get_submodule(name), rows=rows, cols=cols))
     return model

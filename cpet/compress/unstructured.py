@@ -7,6 +7,10 @@
 X_j is input feature j over task-agnostic calibration tokens (forward hooks, one pass over the model
 as compressed so far). The zeros are written into the frozen weight (fp32 or int8), so the mask is
 ``weight != 0`` and composes with int8 in either order (symmetric quantization keeps zeros at zero).
+Saved folders store such weights as non-zero values + a bitmask. Compute: ``kernel: auto`` times,
+per fp32 layer, the dense matmul against a CSR sparse matmul at 128 tokens and keeps CSR only where
+it measured faster; below 75% sparsity it is not even timed (PERF-NOTES saw CSR win only near 90%
+on this CPU). int8 layers stay on the dense int8 kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn as nn
 
 from cpet.config import ALL_ROLES, _check_roles
 from cpet.errors import CpetError
+from cpet.layers import set_module
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,8 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     from cpet.models import compressible_layers
 
     layers = compressible_layers(model, cfg.targets)
-    scores = {name: _weight_and_float(layer)[1].abs() for name, layer in layers.items()}
+    stored = {name: _weight_and_float(layer) for name, layer in layers.items()}  # (stored weight, float value)
+    scores = {name: f.abs() for name, (_, f) in stored.items()}
     if cfg.score == "wanda":
         if calib is None:
             raise CpetError("unstructured score=wanda needs calibration text (pass a tokenizer / calibration to compress)")
@@ -169,8 +175,7 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
         n_prune = int(round(cfg.sparsity * flat.numel()))
         threshold = torch.kthvalue(flat.float(), n_prune).values if n_prune else flat.min() - 1
     for name, layer in layers.items():
-        w, _ = _weight_and_float(layer)
-        s = scores[name]
+        w, s = stored[name][0], scores[name]
         if cfg.pattern != "unstructured":
             mask = nm_mask(s, *_parse_nm(cfg.pattern))
         elif cfg.scope == "global":
@@ -182,13 +187,9 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
         w.mul_(mask.to(w.dtype))
         auto_csr = cfg.kernel == "auto" and cfg.sparsity >= CSR_MIN_SPARSITY and _csr_faster(layer)
         if isinstance(layer, nn.Linear) and (cfg.kernel == "csr" or auto_csr):
-            _set(model, name, CSRLinear(layer.weight, layer.bias))
+            set_module(model, name, CSRLinear(layer.weight, layer.bias))
     return model
 
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
@@ -197,6 +198,6 @@ def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
 
     for name, layer in compressible_layers(model, cfg.targets).items():
         if f"{name}.crow" in state and isinstance(layer, nn.Linear):
-            _set(model, name, CSRLinear.empty(layer.out_features, layer.in_features, len(state[f"{name}.col"]),
+            set_module(model, name, CSRLinear.empty(layer.out_features, layer.in_features, len(state[f"{name}.col"]),
                                               layer.bias is not None))
     return model

@@ -21,7 +21,8 @@ from cpet.config import LoraConfig
 from cpet.errors import CpetError
 from cpet.layers import Adapted
 from cpet.pet.lora import add_lora_to
-from cpet.task_modules import _atomic_write, load_into
+from cpet.io import atomic_write, atomic_write_json
+from cpet.task_modules import load_into
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -113,6 +114,6 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", save(tensors))
-    _atomic_write(out / "adapter_config.json", json.dumps(config, indent=2).encode())
+    atomic_write(out / "adapter_model.safetensors", save(tensors))
+    atomic_write_json(out / "adapter_config.json", config)
     return out
