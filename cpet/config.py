@@ -37,10 +37,15 @@ class ModelConfig:
     name: str = "minilm"
     max_length: int = 128
     pooling: str | None = None  # mean | last | cls; None = by architecture (encoders mean, decoders last)
+    # how tasks are cast: head (a task head on the backbone) | text (text-to-text through the LM head,
+    # verbalizers / generation) | auto (encoders head, T5 and decoder LMs text, as in the paper)
+    formulation: str = "auto"
 
     def __post_init__(self):
         if self.pooling not in (None, "mean", "last", "cls"):
             raise CpetError(f"model.pooling={self.pooling!r}: use mean, last or cls")
+        if self.formulation not in ("auto", "head", "text"):
+            raise CpetError(f"model.formulation={self.formulation!r}: use auto, head or text")
         if self.max_length < 8:
             raise CpetError(f"model.max_length={self.max_length} is too small (>= 8)")
 
@@ -54,6 +59,7 @@ class TaskConfig:
     max_train: int | None = None  # subsample the training part (after the validation part is held out)
     val_size: int | float = 0.1  # held out of train for model selection: a count or a fraction
     max_test: int | None = None
+    doc_stride: int = 64  # extractive QA: tokens of overlap between the windows of a long context
 
     def __post_init__(self):
         if isinstance(self.val_size, float) and not 0 < self.val_size < 1:

@@ -23,6 +23,7 @@ import torch
 
 from cpet.compress import compress, load_compressed, plan_to_json, save_compressed
 from cpet.config import ExperimentConfig
+from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.io import atomic_write_json
 from cpet.models import load_backbone
@@ -56,15 +57,20 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     common = {"task": spec.name, "backbone": cfg.model.name, "data_source": data.source, "test_set": data.test_set,
               "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
     max_len, tc = cfg.model.max_length, cfg.train
+    text = use_text_formulation(cfg)
+    head = "span" if spec.format == "span" else "classify"
+    fmt_of = lambda model: get_format(spec, model, cfg.task.doc_stride)  # noqa: E731
+    common["formulation"] = "text" if text else "head"
 
     def run_paradigm(paradigm: str, model, teacher=None) -> dict:
         pdir = out / paradigm
         n_params = sum(v.numel() for v in _task_tensors(model))
         log(f"[{LABELS[paradigm]}] training {n_params:,} task parameters" + (" with distillation" if teacher else ""))
         res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
-                    teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log)
+                    teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
+                    fmt=fmt_of(model))
         t0 = time.perf_counter()
-        test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size)
+        test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size, fmt=fmt_of(model))
         eval_s = time.perf_counter() - t0
         if main:
             save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
@@ -93,13 +99,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         return None
 
     records = []
-    backbone, tokenizer = load_backbone(cfg.model.name)
+    backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
     teacher = None
     if "base_pet" in cfg.paradigms:
         rec = done("base_pet")
         if rec is None:
             torch.manual_seed(tc.seed)
-            teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora)
+            teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
             rec = run_paradigm("base_pet", teacher)
         else:
             teacher = load_task_modules(backbone, out / "base_pet" / "task")
@@ -110,7 +116,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         cdir = out / "backbone_compressed"
         if main and not (cdir / "compression.json").is_file():
             log(f"compressing with plan {plan_to_json(cfg.compress)}")
-            fresh, _ = load_backbone(cfg.model.name)
+            fresh, _ = load_backbone(cfg.model.name, lm=text)
             save_compressed(compress(fresh, cfg.compress), tokenizer, cdir, cfg.compress, cfg.model.name)
         state.wait_for_everyone()
         for paradigm in clm:
@@ -119,17 +125,32 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 compressed, _, _ = load_compressed(cdir)
                 torch.manual_seed(tc.seed)
                 if paradigm == "clm_pet":
-                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora)
+                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
                     rec = run_paradigm(paradigm, student)
                 else:
                     student = build_task_model(compressed, spec.head_size, cfg.model.pooling,
-                                               lora=cfg.lora, recovery=cfg.recovery)
+                                               lora=cfg.lora, recovery=cfg.recovery, head=head)
                     inherit(student, teacher)
                     rec = run_paradigm(paradigm, student, teacher=teacher)
             records.append(rec)
     if main:
         write_report(out, records)
     return records
+
+
+def use_text_formulation(cfg: ExperimentConfig) -> bool:
+    """Text-to-text through the LM head (T5, decoder LMs under ``auto``), or a task head."""
+    if cfg.model.formulation != "auto":
+        return cfg.model.formulation == "text"
+    from transformers import AutoConfig
+
+    from cpet.models import ARCHITECTURES, is_lm_kind, resolve_model_path
+
+    try:
+        model_type = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)).model_type
+    except Exception:  # noqa: BLE001 - load_backbone reports an unreachable model with the full story
+        return False
+    return model_type in ARCHITECTURES and is_lm_kind(ARCHITECTURES[model_type].kind)
 
 
 def _task_tensors(model):

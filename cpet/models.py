@@ -139,9 +139,18 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_backbone(name: str):
-    """Load (backbone, tokenizer) in fp32. Encoders and decoders without their LM head; T5 as its encoder."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+def is_lm_kind(kind: str) -> bool:
+    return kind in ("decoder", "encoder-decoder")
+
+
+def load_backbone(name: str, lm: bool = False):
+    """Load (backbone, tokenizer) in fp32.
+
+    ``lm=False``: the bare network for a task head (encoders, decoders without their LM head, T5 as
+    its encoder). ``lm=True``: the language model with its (frozen) LM head, for text-to-text tasks:
+    a causal LM for decoders, T5ForConditionalGeneration for T5. Encoders have no LM head.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, T5EncoderModel
 
     path = resolve_model_path(name)
     try:
@@ -151,7 +160,17 @@ def load_backbone(name: str):
         raise CpetError(f"cannot load model {name!r}{hint}: {str(e).splitlines()[0]}") from None
     if config.model_type not in ARCHITECTURES:
         get_arch(type("M", (), {"config": config})())  # raises the helpful error
-    cls = T5EncoderModel if config.model_type in ("t5", "mt5") else AutoModel
+    kind = ARCHITECTURES[config.model_type].kind
+    t5 = config.model_type in ("t5", "mt5")
+    if lm and not is_lm_kind(kind):
+        raise CpetError(f"{name!r} is an encoder ({config.model_type}) and has no LM head for text-to-text tasks; "
+                        "use model.formulation=head (a task head on the encoder)")
+    if lm:
+        from transformers import T5ForConditionalGeneration
+
+        cls = T5ForConditionalGeneration if t5 else AutoModelForCausalLM
+    else:
+        cls = T5EncoderModel if t5 else AutoModel
     model = cls.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -183,22 +202,50 @@ class ClassificationHead(nn.Module):
         return self.out(self.dropout(self.pool(hidden, mask)))  # (B, C)
 
 
+class SpanHead(nn.Module):
+    """Extractive QA: a start and an end logit per token (dropout, linear to 2)."""
+
+    pooling = None
+
+    def __init__(self, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(hidden))  # (B, T, 2)
+
+
+HEADS = ("classify", "span")
+
+
 @dataclass
 class TaskOutput:
-    logits: torch.Tensor  # (B, C): class logits, or per-choice scores for multiple choice
+    logits: torch.Tensor  # classify (B, C) / choice: per-choice scores / span (N, T, 2) / LM token logits (N, T, V)
     hidden: torch.Tensor  # (N, T, H) last hidden states of every row (N = B, or B * choices)
-    scores: torch.Tensor  # (N, out) the head's output per row (== logits for classification)
+    scores: torch.Tensor  # (N, out) the head's output per row (== logits except for multiple choice)
+    mask: torch.Tensor | None = None  # (N, T) which hidden positions are real tokens
 
 
 class TaskModel(nn.Module):
-    """A (frozen, maybe compressed) backbone plus a task head. PET/recovery modules live inside the backbone."""
+    """A (frozen, maybe compressed) backbone plus a task head. PET/recovery modules live inside the backbone.
 
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str | None = None, dropout: float = 0.1):
+    ``head``: ``classify`` (pooled, one output per class, or a size-1 scorer for multiple choice) or
+    ``span`` (start/end logits per token, extractive QA).
+    """
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str | None = None, dropout: float = 0.1,
+                 head: str = "classify"):
         super().__init__()
+        if head not in HEADS:
+            raise CpetError(f"unknown head {head!r}; choose from {list(HEADS)}")
         self.backbone = backbone
-        pooling = pooling or get_arch(backbone).pooling
         hidden = backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else backbone.config.d_model
-        self.head = ClassificationHead(hidden, num_labels, pooling, dropout)
+        if head == "span":
+            self.head = SpanHead(hidden, dropout)
+        else:
+            self.head = ClassificationHead(hidden, num_labels, pooling or get_arch(backbone).pooling, dropout)
+        self.head_type = head
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None) -> TaskOutput:
         """Rows are examples, or (multiple choice, head of size 1) ``num_choices`` consecutive rows per example."""
@@ -206,7 +253,34 @@ class TaskModel(nn.Module):
         if token_type_ids is not None and get_arch(self.backbone).kind == "encoder":
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
-        scores = self.head(hidden, attention_mask)  # (N, out)
+        scores = self.head(hidden, attention_mask)  # (N, out) or (N, T, 2)
         logits = scores.view(-1, num_choices) if num_choices else scores  # (B, C)
-        return TaskOutput(logits, hidden, scores)
+        return TaskOutput(logits, hidden, scores, attention_mask)
 
+
+class LMTaskModel(TaskModel):
+    """A language model (decoder or T5, frozen LM head included) used text-to-text: no task head; the
+    task's modules are its PET / recovery branches. ``logits`` are token logits (N, T, V); ``hidden``
+    is the last hidden state of the decoder, over the positions in ``mask``."""
+
+    head_type = "lm"
+
+    def __init__(self, backbone: nn.Module):
+        nn.Module.__init__(self)
+        self.backbone = backbone
+        self.head = None
+        self.seq2seq = get_arch(backbone).kind == "encoder-decoder"
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None,
+                decoder_input_ids=None, decoder_attention_mask=None) -> TaskOutput:
+        if self.seq2seq:
+            if decoder_input_ids is None:
+                raise CpetError("a T5 text-to-text row needs decoder_input_ids (the shifted target)")
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                                decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, use_cache=False)
+            hidden, mask = out.decoder_hidden_states[-1], decoder_attention_mask
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                use_cache=False)
+            hidden, mask = out.hidden_states[-1], attention_mask
+        return TaskOutput(out.logits, hidden, out.logits, mask)

@@ -18,17 +18,26 @@ from cpet.config import LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json
 from cpet.layers import Adapted, task_state_dict
-from cpet.models import TaskModel
+from cpet.models import LMTaskModel, TaskModel
 from cpet.pet import lora as lora_mod
 from cpet import recovery as recovery_mod
 
 FORMAT = "cpet-task-v1"
 
 
+def is_language_model(backbone: nn.Module) -> bool:
+    """A backbone with its LM head (causal LM, T5ForConditionalGeneration): tasks go text-to-text."""
+    get = getattr(backbone, "get_output_embeddings", None)
+    return get is not None and get() is not None
+
+
 def build_task_model(backbone: nn.Module, num_labels: int, pooling: str | None = None,
-                     lora: LoraConfig | None = None, recovery: RecoveryConfig | None = None) -> TaskModel:
-    """Backbone + head, plus fresh LoRA and/or recovery modules on their target roles."""
-    model = TaskModel(backbone, num_labels, pooling)
+                     lora: LoraConfig | None = None, recovery: RecoveryConfig | None = None,
+                     head: str = "classify") -> TaskModel:
+    """Backbone + task head (``classify`` or ``span``), plus fresh LoRA and/or recovery modules on their
+    target roles. A language model (with its LM head) gets no task head: it answers text-to-text."""
+    model = LMTaskModel(backbone) if is_language_model(backbone) else TaskModel(backbone, num_labels, pooling,
+                                                                                 head=head)
     if lora is not None:
         lora_mod.apply(model, lora)
     if recovery is not None:
@@ -42,7 +51,9 @@ def _branch_names(model: nn.Module, kind: str) -> list[str]:
 
 def describe(model: TaskModel) -> dict:
     """What the task's modules are and where they sit (enough to rebuild them on a backbone)."""
-    desc: dict = {"format": FORMAT, "num_labels": model.head.out.out_features, "pooling": model.head.pooling}
+    desc: dict = {"format": FORMAT, "head": model.head_type}
+    if model.head is not None:
+        desc.update(num_labels=model.head.out.out_features, pooling=model.head.pooling)
     lora_names = _branch_names(model, "lora")
     if lora_names:
         b = model.get_submodule(lora_names[0]).lora
@@ -76,7 +87,12 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
     if not cfg_path.is_file() or not st_path.is_file():
         raise CpetError(f"{p} is not a cpet task folder (needs task_config.json and task_modules.safetensors)")
     desc = json.loads(cfg_path.read_text())
-    model = TaskModel(backbone, desc["num_labels"], desc["pooling"])
+    head = desc.get("head", "classify")
+    if (head == "lm") != is_language_model(backbone):
+        raise CpetError(f"{p} was trained {'text-to-text on a language model' if head == 'lm' else 'with a task head'}"
+                        f"; load it on a backbone {'with' if head == 'lm' else 'without'} its LM head "
+                        f"(model.formulation={'text' if head == 'lm' else 'head'})")
+    model = LMTaskModel(backbone) if head == "lm" else TaskModel(backbone, desc["num_labels"], desc["pooling"], head=head)
     if "lora" in desc:
         d = desc["lora"]
         lora_mod.add_lora_to(model, d["modules"], LoraConfig(r=d["r"], alpha=d["alpha"], dropout=d["dropout"]))

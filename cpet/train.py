@@ -20,86 +20,20 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cpet.config import DistillConfig, TrainConfig
 from cpet.distill import Teacher, distill_loss
+from cpet.formats import Format, get_format, model_inputs
 from cpet.layers import freeze_backbone, task_state_dict
-from cpet.tasks import Example, TaskSpec, evaluate_predictions
+from cpet.tasks import Example, TaskSpec
 
 
-# ---------------------------------------------------------------- data
-def encode(tokenizer, examples: list[Example], max_length: int) -> list[list[dict]]:
-    """Tokenize once: per example, its rows ({input_ids, token_type_ids?}, unpadded): one row for a
-    classification example, one per choice (``text_a`` paired with each choice) for multiple choice."""
-    if examples and examples[0].choices is not None:
-        a = [e.text_a for e in examples for _ in e.choices]
-        b = [c for e in examples for c in e.choices]
-    else:
-        a = [e.text_a for e in examples]
-        b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
-    enc = tokenizer(a, b, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    rows = [{k: enc[k][i] for k in keys} for i in range(len(a))]
-    per = len(rows) // max(1, len(examples))
-    return [rows[i * per: (i + 1) * per] for i in range(len(examples))]
-
-
-def collate(encoded: list[list[dict]], examples: list[Example], indices: list[int], pad_id: int) -> dict:
-    """Right-padded batch tensors over all rows of the chosen examples. ``index`` names each row
-    (example position in its split x rows per example + row), so per-row caches work for both formats;
-    ``num_choices`` is present for multiple-choice batches."""
-    per = len(encoded[indices[0]])
-    rows = [(i * per + r, enc) for i in indices for r, enc in enumerate(encoded[i])]
-    t = max(len(enc["input_ids"]) for _, enc in rows)
-    n = len(rows)
-    ids = torch.full((n, t), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, t, dtype=torch.long)
-    tt = torch.zeros(n, t, dtype=torch.long) if "token_type_ids" in rows[0][1] else None
-    for row, (_, enc) in enumerate(rows):
-        x = enc["input_ids"]
-        ids[row, : len(x)] = torch.tensor(x)
-        mask[row, : len(x)] = 1
-        if tt is not None:
-            tt[row, : len(x)] = torch.tensor(enc["token_type_ids"])
-    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor([k for k, _ in rows]),
-             "labels": torch.tensor([examples[i].label for i in indices])}
-    if tt is not None:
-        batch["token_type_ids"] = tt
-    if per > 1:
-        batch["num_choices"] = per
-    return batch
-
-
-def _model_inputs(batch: dict, device) -> dict:
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    if "num_choices" in batch:
-        inputs["num_choices"] = batch["num_choices"]
-    return inputs
-
-
-@torch.no_grad()
-def predict(model: nn.Module, tokenizer, examples: list[Example], max_length: int, batch_size: int = 64,
-            encoded: list[dict] | None = None) -> list[int]:
-    """Argmax predictions; batches sorted by length so padding is minimal (order restored)."""
-    model.eval()
-    encoded = encoded or encode(tokenizer, examples, max_length)
-    order = sorted(range(len(examples)), key=lambda i: max(len(r["input_ids"]) for r in encoded[i]))
-    device = next(model.parameters()).device
-    preds = [0] * len(examples)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        batch = collate(encoded, examples, idx, tokenizer.pad_token_id)
-        logits = model(**_model_inputs(batch, device)).logits
-        for i, p in zip(idx, logits.argmax(-1).tolist()):
-            preds[i] = p
-    return preds
-
-
+# ---------------------------------------------------------------- evaluation
 def evaluate(model, tokenizer, spec: TaskSpec, examples: list[Example], max_length: int, batch_size: int = 64,
-             encoded=None) -> dict[str, float]:
-    preds = predict(model, tokenizer, examples, max_length, batch_size, encoded)
-    return evaluate_predictions(spec, preds, [e.label for e in examples])
+             features=None, fmt: Format | None = None) -> dict[str, float]:
+    """The task's metrics on ``examples`` (the format decides how: heads, spans or text-to-text)."""
+    fmt = fmt or get_format(spec, model)
+    return fmt.evaluate(model, tokenizer, examples, max_length, batch_size, features)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -149,7 +83,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
           cfg: TrainConfig, max_length: int, out_dir: str | Path | None = None,
           teacher: nn.Module | None = None, distill: DistillConfig | None = None,
           log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
-          resume: bool = True) -> TrainResult:
+          resume: bool = True, fmt: Format | None = None) -> TrainResult:
     """Train the task modules of ``model`` (backbone frozen) and leave the best-on-val state loaded.
 
     ``out_dir/checkpoint`` is written every ``cfg.checkpoint_every`` steps and at epoch ends; with
@@ -170,11 +104,13 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    teach = Teacher(teacher.to(device), cache=distill.cache_teacher) if teacher is not None else None
+    teach = Teacher(teacher.to(device), cache=distill.cache_teacher, outputs=distill.outputs) \
+        if teacher is not None else None
 
-    encoded = encode(tokenizer, train_set, max_length)
-    val_encoded = encode(tokenizer, val_set, max_length)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
+    fmt = fmt or get_format(spec, model)
+    features = fmt.encode(tokenizer, train_set, max_length, train=True)
+    val_features = fmt.encode(tokenizer, val_set, max_length, train=False)
+    steps_per_epoch = math.ceil(len(features) / (cfg.batch_size * accelerator.num_processes))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_ratio * total))
 
@@ -219,7 +155,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     t_start = time.perf_counter() - elapsed
     while epoch < cfg.epochs:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(len(train_set), generator=g).tolist()
+        perm = torch.randperm(len(features), generator=g).tolist()
         perm = perm[accelerator.process_index:: accelerator.num_processes]
         batches = [perm[s: s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
         prepared.train()
@@ -227,12 +163,11 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             teach.model.eval()
         running, seen = 0.0, 0
         for b in range(pos, len(batches)):
-            batch = collate(encoded, train_set, batches[b], tokenizer.pad_token_id)
-            inputs = _model_inputs(batch, device)
-            out = prepared(**inputs)
-            loss = F.cross_entropy(out.logits, batch["labels"].to(device))
+            batch = fmt.collate(features, batches[b], tokenizer.pad_token_id)
+            out = prepared(**model_inputs(batch, device))
+            loss = fmt.loss(out, batch)
             if teach is not None and distill.alpha > 0:
-                loss = loss + distill.alpha * distill_loss(teach(batch), out, inputs["attention_mask"], distill.outputs)
+                loss = loss + distill.alpha * distill_loss(teach(batch), out, distill.outputs)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total, warmup)
             accelerator.backward(loss)
@@ -250,7 +185,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
                 save_checkpoint()
             if on_step is not None:
                 on_step(step)
-        metrics = evaluate(prepared, tokenizer, spec, val_set, max_length, cfg.eval_batch_size, val_encoded)
+        metrics = fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length, cfg.eval_batch_size, val_features)
         history.append({"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         log(f"  epoch {epoch + 1}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if best_val is None or metrics[key_metric] > best_val[key_metric]:

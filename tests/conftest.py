@@ -48,6 +48,35 @@ def tiny_t5(seed: int = 0):
 BACKBONES = {"bert": tiny_bert, "llama": tiny_llama, "t5": tiny_t5}
 
 
+def tiny_llama_lm(seed: int = 0):
+    """A tiny causal LM with tied input/output embeddings (as SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_t5_lm(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=102)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+LMS = {"llama": tiny_llama_lm, "t5": tiny_t5_lm}
+
+
+def save_tiny(model, tokenizer, path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(params=sorted(BACKBONES))
 def any_backbone(request):
     return BACKBONES[request.param]()
@@ -93,7 +122,30 @@ def data_dir(tmp_path):
                 f.write(json.dumps({"premise": f"the audience cheered {i}", "question": "cause",
                                     "choice1": good if i % 2 == 0 else bad, "choice2": bad if i % 2 == 0 else good,
                                     "label": i % 2, "idx": i}) + "\n")
+    squad = d / "squad"
+    squad.mkdir(parents=True)
+    (squad / "dev-v1.1.json").write_text(json.dumps({"version": "1.1", "data": _squad_articles(14)}))
     return d
+
+
+ANIMALS = ["cat", "dog", "horse", "owl", "fox", "bear", "wolf", "hare", "seal", "crow", "frog", "mole", "swan",
+           "lynx"]
+PLACES = ["the old barn", "a quiet forest", "the river bank", "a tall oak tree", "the mountain cave"]
+FOODS = ["fresh fish", "small seeds", "green grass", "wild berries", "tiny insects"]
+
+
+def _squad_articles(n: int) -> list[dict]:
+    """SQuAD-v1.1-format articles: one paragraph each, three questions with character-offset answers."""
+    articles = []
+    for i in range(n):
+        animal, place, food = ANIMALS[i % len(ANIMALS)], PLACES[i % len(PLACES)], FOODS[(i * 2) % len(FOODS)]
+        ctx = f"The {animal} lives in {place}. Every morning it eats {food}. It was first seen in {1900 + i}."
+        qas = [(f"Where does the {animal} live?", place), (f"What does the {animal} eat?", food),
+               (f"When was the {animal} first seen?", str(1900 + i))]
+        articles.append({"title": f"A{i}", "paragraphs": [{"context": ctx, "qas": [
+            {"id": f"{i}-{j}", "question": q, "answers": [{"answer_start": ctx.index(a), "text": a}] * 2}
+            for j, (q, a) in enumerate(qas)]}]})
+    return articles
 
 
 @pytest.fixture

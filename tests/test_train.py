@@ -12,7 +12,8 @@ from cpet.experiments import run_experiment
 from cpet.layers import task_state_dict
 from cpet.task_modules import build_task_model
 from cpet.tasks import load_task
-from cpet.train import collate, encode, train
+from cpet.formats import HeadFormat
+from cpet.train import train
 
 
 class Interrupt(Exception):
@@ -57,11 +58,13 @@ def test_teacher_cache_equals_fresh_teacher(data_dir, tokenizer):
     from conftest import tiny_bert
 
     data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
-    enc = encode(tokenizer, data.train, 32)
+    fmt = HeadFormat(data.spec)
+    enc = fmt.encode(tokenizer, data.train, 32)
     teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig())
-    cached, fresh = Teacher(teacher, cache=True), Teacher(teacher, cache=False)
-    b1 = collate(enc, data.train, [0, 1, 2, 3], 0)
-    b2 = collate(enc, data.train, [3, 9, 1, 20], 0)  # overlaps b1, different padding
+    both = ("hidden", "logits")
+    cached, fresh = Teacher(teacher, cache=True, outputs=both), Teacher(teacher, cache=False, outputs=both)
+    b1 = fmt.collate(enc, [0, 1, 2, 3], 0)
+    b2 = fmt.collate(enc, [3, 9, 1, 20], 0)  # overlaps b1, different padding
     cached(b1)
     for b in (b1, b2):
         (h1, z1), (h2, z2) = cached(b), fresh(b)
@@ -74,14 +77,15 @@ def test_distill_loss_zero_for_identical_models(data_dir, tokenizer):
     from conftest import tiny_bert
 
     data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
-    batch = collate(encode(tokenizer, data.train, 32), data.train, [0, 1, 2], 0)
+    fmt = HeadFormat(data.spec)
+    batch = fmt.collate(fmt.encode(tokenizer, data.train, 32), [0, 1, 2], 0)
     model = build_task_model(tiny_bert(), 2, lora=LoraConfig()).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     out = model(**inputs)
-    t = Teacher(copy.deepcopy(model))(batch)
-    assert distill_loss(t, out, batch["attention_mask"], ("hidden", "logits")).item() < 1e-10
+    t = Teacher(copy.deepcopy(model), outputs=("hidden", "logits"))(batch)
+    assert distill_loss(t, out, ("hidden", "logits")).item() < 1e-10
     other = build_task_model(tiny_bert(seed=1), 2, lora=LoraConfig()).eval()
-    assert distill_loss(t, other(**inputs), batch["attention_mask"], ("hidden",)).item() > 1e-3
+    assert distill_loss(t, other(**inputs), ("hidden",)).item() > 1e-3
 
 
 def test_pipeline_end_to_end_tiny(tmp_path, data_dir, tiny_model_dir):
@@ -135,9 +139,10 @@ def test_multiple_choice_rows_and_logits(data_dir, tokenizer):
 
     data = load_task(TaskConfig(name="copa", data_dir=str(data_dir), val_size=4))
     assert data.spec.format == "choice" and data.spec.head_size == 1 and data.test[0].choices
-    enc = encode(tokenizer, data.train, 32)
-    assert all(len(rows) == 2 for rows in enc)
-    batch = collate(enc, data.train, [0, 5, 2], 0)
+    fmt = HeadFormat(data.spec)
+    enc = fmt.encode(tokenizer, data.train, 32)
+    assert all(len(f["rows"]) == 2 for f in enc)
+    batch = fmt.collate(enc, [0, 5, 2], 0)
     assert batch["input_ids"].shape[0] == 6 and batch["num_choices"] == 2
     assert batch["index"].tolist() == [0, 1, 10, 11, 4, 5]  # example * choices + choice
     model = build_task_model(tiny_bert(), data.spec.head_size, lora=LoraConfig()).eval()
@@ -145,9 +150,9 @@ def test_multiple_choice_rows_and_logits(data_dir, tokenizer):
     out = model(**inputs)
     assert out.logits.shape == (3, 2) and out.scores.shape == (6, 1) and out.hidden.shape[0] == 6
     # the teacher caches per row and reassembles scores for the distillation loss
-    teacher = Teacher(copy.deepcopy(model))
+    teacher = Teacher(copy.deepcopy(model), outputs=("hidden", "logits"))
     h, z = teacher(batch)
-    assert z.shape == (6, 1) and distill_loss((h, z), out, batch["attention_mask"], ("hidden", "logits")) < 1e-10
+    assert z.shape == (6, 1) and distill_loss((h, z), out, ("hidden", "logits")) < 1e-10
 
 
 def test_multiple_choice_pipeline_tiny(tmp_path, data_dir, tiny_model_dir):

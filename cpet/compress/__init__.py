@@ -142,7 +142,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases,
-            "sparse": sparse}
+            "sparse": sparse, "model_class": type(model).__name__}
     atomic_write_json(out / "compression.json", meta)
     return out
 
@@ -158,7 +158,13 @@ def load_compressed(path: str | os.PathLike):
     meta = json.loads((p / "compression.json").read_text())
     config = AutoConfig.from_pretrained(p)
     with torch.device("cpu"):
-        model = T5EncoderModel(config) if config.model_type in ("t5", "mt5") else AutoModel.from_config(config)
+        cls_name = meta.get("model_class")
+        if cls_name and cls_name.endswith(("ForCausalLM", "ForConditionalGeneration")):  # text-to-text LMs
+            import transformers
+
+            model = getattr(transformers, cls_name)(config)
+        else:
+            model = T5EncoderModel(config) if config.model_type in ("t5", "mt5") else AutoModel.from_config(config)
     state = load_file(str(p / "model.safetensors"))
     for k, shape in meta.get("sparse", {}).items():
         state[k] = unpack_sparse(state.pop(f"{k}.__nz_values"), state.pop(f"{k}.__nz_mask"), shape)

@@ -27,6 +27,8 @@ class Example:
     text_b: str | None
     label: int  # class id, or the index of the right choice
     choices: tuple[str, ...] | None = None  # multiple choice: text_a is paired with each
+    answers: tuple[str, ...] = ()  # extractive QA (text_a = question, text_b = context): the gold answers
+    answer_start: int = -1  # character offset of answers[0] in the context (the span trained on)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,11 @@ class TaskSpec:
     hub_test_split: str = "validation"
     note: str = ""  # where the test set comes from when it is not the official validation set
 
-    format: str = "classify"  # classify | choice (multiple choice: one score per (text_a, choice) row)
+    format: str = "classify"  # classify | choice (one score per (text_a, choice) row) | span (extractive QA)
+    # text-to-text (T5, decoder LMs): the prompt, formatted with {a} = text_a and {b} = text_b (or a
+    # function of the Example), answered by the verbalizer of the label / the right choice / the answer
+    template: str | object = "{a}\nAnswer:"
+    verbalizers: tuple[str, ...] = ()  # one word per label; default: the label names
 
     @property
     def num_labels(self) -> int:
@@ -48,8 +54,26 @@ class TaskSpec:
 
     @property
     def head_size(self) -> int:
-        """Outputs of the task head: one per class, or one score per choice row."""
-        return 1 if self.format == "choice" else len(self.labels)
+        """Outputs of the task head: one per class, one score per choice row, or start/end per token."""
+        return {"choice": 1, "span": 2}.get(self.format, len(self.labels))
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.verbalizers or tuple(lab.replace("_", " ") for lab in self.labels)
+
+    def prompt(self, e: Example) -> str:
+        """The text-to-text input for an example (without its answer)."""
+        if callable(self.template):
+            return self.template(e)
+        return self.template.format(a=e.text_a, b=e.text_b)
+
+    def target(self, e: Example) -> str:
+        """The text-to-text answer an example is trained on."""
+        if self.format == "span":
+            return e.answers[0]
+        if self.format == "choice":
+            return e.choices[e.label]
+        return self.words[e.label]
 
 
 @dataclass
@@ -110,7 +134,7 @@ def seeded_split(rows: list, n_test: int) -> tuple[list, list]:
 
 def load_task(cfg: TaskConfig) -> TaskData:
     """The task's train / val (held out of train) / test (official validation) splits."""
-    from cpet.tasks import glue, superglue  # noqa: F401  (register the tasks)
+    from cpet.tasks import glue, squad, superglue  # noqa: F401  (register the tasks)
 
     if cfg.name not in TASKS:
         raise CpetError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
@@ -142,5 +166,16 @@ def load_task(cfg: TaskConfig) -> TaskData:
     return TaskData(spec, train, val, test, source, test_set)
 
 
-def evaluate_predictions(spec: TaskSpec, pred: list[int], gold: list[int]) -> dict[str, float]:
+def evaluate_predictions(spec: TaskSpec, pred: list, gold: list) -> dict[str, float]:
+    """The task's metrics. Classification: class ids; span tasks: answer strings vs lists of gold answers."""
+    if spec.format == "span":
+        from cpet.tasks.metrics import squad_scores
+
+        scores = squad_scores(pred, gold)
+        return {m: scores[m] for m in spec.metrics}
     return {m: METRICS[m](pred, gold, spec.num_labels) for m in spec.metrics}
+
+
+def gold_of(spec: TaskSpec, examples: list[Example]) -> list:
+    """What predictions are scored against: labels, or (span tasks) each example's gold answers."""
+    return [list(e.answers) for e in examples] if spec.format == "span" else [e.label for e in examples]

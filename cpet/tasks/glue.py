@@ -65,19 +65,26 @@ HELD_OUT = "test = a 1,000-example held-out part of the official train set (offi
 
 SST2 = register(TaskSpec(
     name="sst2", labels=("negative", "positive"), metrics=("accuracy",),
-    load_local=_sst2_local, hub=("glue", "sst2"), hub_row=fields_row("sentence")))
+    load_local=_sst2_local, hub=("glue", "sst2"), hub_row=fields_row("sentence"),
+    template="{a}\nQuestion: Is this sentence positive or negative?\nAnswer:"))
 MRPC = register(TaskSpec(
     name="mrpc", labels=("not_equivalent", "equivalent"), metrics=("accuracy", "f1"),
-    load_local=_mrpc_local, hub=("glue", "mrpc"), hub_row=fields_row("sentence1", "sentence2")))
+    load_local=_mrpc_local, hub=("glue", "mrpc"), hub_row=fields_row("sentence1", "sentence2"),
+    template="Sentence 1: {a}\nSentence 2: {b}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+    verbalizers=("no", "yes")))
 QQP = register(TaskSpec(
     name="qqp", labels=("not_duplicate", "duplicate"), metrics=("accuracy", "f1"),
     load_local=_pretrain_subset("QQP", ("0", "1")), hub=("glue", "qqp"),
-    hub_row=fields_row("question1", "question2"), note=HELD_OUT))
+    hub_row=fields_row("question1", "question2"), note=HELD_OUT,
+    template="Question 1: {a}\nQuestion 2: {b}\nQuestion: Do both questions ask the same thing?\nAnswer:",
+    verbalizers=("no", "yes")))
 MNLI = register(TaskSpec(
     name="mnli", labels=("entailment", "neutral", "contradiction"), metrics=("accuracy",),
     load_local=_pretrain_subset("MNLI", ("entailment", "neutral", "contradiction")), hub=("glue", "mnli"),
-    hub_row=fields_row("premise", "hypothesis"), hub_test_split="validation_matched", note=HELD_OUT))
+    hub_row=fields_row("premise", "hypothesis"), hub_test_split="validation_matched", note=HELD_OUT,
+    template="{a}\nQuestion: {b} True, False or Neither?\nAnswer:", verbalizers=("true", "neither", "false")))
 QNLI = register(TaskSpec(
     name="qnli", labels=("entailment", "not_entailment"), metrics=("accuracy",),
     load_local=_pretrain_subset("QNLI", ("entailment", "not_entailment")), hub=("glue", "qnli"),
-    hub_row=fields_row("question", "sentence"), note=HELD_OUT))
+    hub_row=fields_row("question", "sentence"), note=HELD_OUT,
+    template="{a}\n{b}\nQuestion: Does this sentence answer the question?\nAnswer:", verbalizers=("yes", "no")))

@@ -31,6 +31,12 @@ def _wic_example(r: dict) -> Example:
     return Example(f"{r['word']} : {r['sentence1']}", r["sentence2"], int(bool(r["label"])))
 
 
+def _wic_prompt(e: Example) -> str:
+    word, _, first = e.text_a.partition(" : ")
+    return (f"Sentence 1: {first}\nSentence 2: {e.text_b}\n"
+            f"Question: Is the word '{word}' used in the same way in the two sentences above?\nAnswer:")
+
+
 def _wic_local(root: Path):
     d = root / "superglue" / "WiC"
     return [_wic_example(r) for r in _jsonl(d / "train.jsonl")], [_wic_example(r) for r in _jsonl(d / "val.jsonl")]
@@ -65,16 +71,19 @@ CB_LABELS = ("entailment", "contradiction", "neutral")
 
 RTE = register(TaskSpec(
     name="rte", labels=RTE_LABELS, metrics=("accuracy",), load_local=_pairs("RTE", RTE_LABELS),
-    hub=("super_glue", "rte"), hub_row=fields_row("premise", "hypothesis")))
+    hub=("super_glue", "rte"), hub_row=fields_row("premise", "hypothesis"),
+    template="{a}\nQuestion: {b} True or False?\nAnswer:", verbalizers=("true", "false")))
 CB = register(TaskSpec(
     name="cb", labels=CB_LABELS, metrics=("accuracy", "f1_macro"), load_local=_pairs("CB", CB_LABELS),
-    hub=("super_glue", "cb"), hub_row=fields_row("premise", "hypothesis")))
+    hub=("super_glue", "cb"), hub_row=fields_row("premise", "hypothesis"),
+    template="{a}\nQuestion: {b} True, False or Neither?\nAnswer:", verbalizers=("true", "false", "neither")))
 WIC = register(TaskSpec(
     name="wic", labels=("different", "same"), metrics=("accuracy",), load_local=_wic_local,
-    hub=("super_glue", "wic"), hub_row=_wic_example))
+    hub=("super_glue", "wic"), hub_row=_wic_example, template=_wic_prompt, verbalizers=("no", "yes")))
 BOOLQ = register(TaskSpec(
     name="boolq", labels=("false", "true"), metrics=("accuracy",), load_local=_boolq_local,
     hub=("super_glue", "boolq"), hub_row=_boolq_example,
+    template="{b}\nQuestion: {a}?\nAnswer:", verbalizers=("no", "yes"),
     note=f"test = {BOOLQ_TEST} examples of the official validation set (seeded); train = the other validation "
          "examples + the 64 FewGLUE train examples (no full train split available locally)"))
 COPA = register(TaskSpec(

@@ -1,0 +1,203 @@
+"""Task formats: SQuAD span extraction (encoders) and text-to-text (decoder LMs, T5) on tiny models,
+with the real MiniLM tokenizer; the real SQuAD file's by-article split when it is present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpet.config import LoraConfig, TaskConfig, load_config
+from cpet.experiments import run_experiment
+from cpet.formats import SpanFormat, TextFormat, get_format
+from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
+from cpet.tasks import load_task
+from cpet.tasks.metrics import normalize_answer
+
+REAL_SQUAD = Path("../shared/data/squad/dev-v1.1.json")
+
+
+# ---------------------------------------------------------------- SQuAD data
+@pytest.mark.skipif(not REAL_SQUAD.is_file(), reason="needs ../shared/data")
+def test_real_squad_split_by_article():
+    data = load_task(TaskConfig(name="squad", data_dir="../shared/data", val_size=500))
+    assert len(data.train) + len(data.val) + len(data.test) == 10570
+    train_ctx = {e.text_b for e in data.train + data.val}
+    assert not train_ctx & {e.text_b for e in data.test}  # no test paragraph was seen in training
+    for e in data.train[:200] + data.test[:200]:
+        assert e.text_b[e.answer_start: e.answer_start + len(e.answers[0])] == e.answers[0]
+    assert max(len(e.answers) for e in data.test) >= 3  # all gold answers kept for evaluation
+    assert "by article" in data.test_set
+
+
+def test_span_features_cover_the_answer_and_decode_back(data_dir, tokenizer):
+    data = load_task(TaskConfig(name="squad", data_dir=str(data_dir), val_size=3))
+    assert len(data.test) == 30 and data.spec.head_size == 2
+    fmt = SpanFormat(data.spec, doc_stride=8)
+    examples = data.train
+    feats = fmt.encode(tokenizer, examples, max_length=24)  # short windows: contexts overflow into several
+    assert len(feats) > len(examples)
+    for f in feats:
+        e = examples[f["example"]]
+        if f["start"] == 0:  # this window does not hold the whole answer
+            continue
+        n = len(f["offsets"])
+        start, end = [-10.0] * n, [-10.0] * n
+        start[f["start"]], end[f["end"]] = 10.0, 10.0
+        _, s, t = fmt.best_span(start, end, f["offsets"])
+        assert e.text_b[f["offsets"][s][0]: f["offsets"][t][1]] == e.answers[0]
+    assert all(any(f["start"] > 0 for f in feats if f["example"] == i) for i in range(len(examples)))
+
+
+def test_span_pipeline_tiny(tmp_path, data_dir, tiny_model_dir):
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=48", "task.name=squad",
+                             f"task.data_dir={data_dir}", "task.val_size=3", "task.doc_stride=8", "train.epochs=1",
+                             "train.batch_size=8", "recovery.r=4", f"output_dir={tmp_path / 'out'}",
+                             "compress=[{method: int8}]"])
+    records = run_experiment(cfg, log=lambda s: None)
+    assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
+    for r in records:
+        assert set(r["test"]) == {"f1", "exact_match"} and 0 <= r["test"]["exact_match"] <= r["test"]["f1"] <= 1
+    # the saved span task reloads onto the backbone and predicts the same answers
+    from cpet.models import load_backbone
+
+    backbone, tok = load_backbone(tiny_model_dir)
+    model = load_task_modules(backbone, tmp_path / "out" / "base_pet" / "task")
+    assert model.head_type == "span"
+    data = load_task(cfg.task)
+    preds = get_format(data.spec, model).predict(model, tok, data.test, 48)
+    assert all(p == "" or normalize_answer(p) is not None and p in e.text_b for p, e in zip(preds, data.test))
+
+
+# ---------------------------------------------------------------- text-to-text
+@pytest.fixture(params=["llama", "t5"])
+def lm_kind(request):
+    return request.param
+
+
+def _lm(kind):
+    from conftest import LMS
+
+    return LMS[kind]()
+
+
+def test_text_rows_label_exactly_the_answer(lm_kind, data_dir, tokenizer):
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=4))
+    model = build_task_model(_lm(lm_kind), 0, lora=LoraConfig())
+    fmt = get_format(data.spec, model)
+    assert isinstance(fmt, TextFormat) and fmt.seq2seq == (lm_kind == "t5")
+    e = data.train[0]
+    row = fmt.encode(tokenizer, [e], 64, train=True)[0]["rows"][0]
+    answer = [t for t in row["labels"] if t != -100]
+    assert tokenizer.decode(answer[:-1]).strip() == data.spec.words[e.label]
+    assert answer[-1] == tokenizer.sep_token_id  # the end of the answer (this tokenizer has no eos)
+    if lm_kind == "llama":  # prompt + answer in one sequence, loss only on the answer
+        assert row["input_ids"][-len(answer):] == answer and len(row["labels"]) == len(row["input_ids"])
+        assert "question : is this sentence positive or negative? answer : " in tokenizer.decode(row["input_ids"])  # uncased
+    else:  # decoder teacher-forced: starts from pad, shifted by one
+        assert row["decoder_input_ids"] == [0] + answer[:-1]
+    eval_rows = fmt.encode(tokenizer, [e], 64, train=False)[0]["rows"]
+    assert len(eval_rows) == 2  # one per verbalizer
+
+
+def test_rank_classification_is_padding_invariant(lm_kind, data_dir, tokenizer):
+    """Batched candidate scores (padded with other examples) equal each row scored alone."""
+    data = load_task(TaskConfig(name="rte", data_dir=str(data_dir), val_size=4))
+    model = build_task_model(_lm(lm_kind), 0, lora=LoraConfig()).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora.B"):
+                p.normal_(0, 0.1)  # a trained-looking LoRA, so the scores depend on it
+    fmt = get_format(data.spec, model)
+    feats = fmt.encode(tokenizer, data.train[:5], 64, train=False)
+    batch = fmt.collate(feats, list(range(5)), tokenizer.pad_token_id)
+    together = fmt.sequence_logprobs(model, batch, "cpu")
+    alone = torch.cat([fmt.sequence_logprobs(model, fmt.collate(feats, [i], 0), "cpu") for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    preds = fmt.predict(model, tokenizer, data.train[:5], 64)
+    assert preds == together.view(5, 2).argmax(-1).tolist()
+
+
+def test_text_training_learns_the_verbalizer(lm_kind, data_dir, tokenizer):
+    """A few steps of LoRA on the text-to-text loss raise the right answer's likelihood."""
+    from cpet.config import TrainConfig
+    from cpet.train import train
+
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=8))
+    model = build_task_model(_lm(lm_kind), 0, lora=LoraConfig(r=4, targets=("q", "v", "ffn_in", "ffn_out")))
+    fmt = get_format(data.spec, model)
+    feats = fmt.encode(tokenizer, data.train, 64, train=True)
+    batch = fmt.collate(feats, list(range(16)), 0)
+    before = fmt.sequence_logprobs(model, batch, "cpu").mean()
+    res = train(model, tokenizer, data.spec, data.train, data.val, TrainConfig(epochs=3, batch_size=8, lr=1e-2),
+                64, log=lambda s: None)
+    assert set(res.best_val) == {"accuracy"}
+    after = fmt.sequence_logprobs(model, batch, "cpu").mean()
+    assert after > before + 0.5
+
+
+def test_text_pipeline_all_paradigms(lm_kind, tmp_path, data_dir, tokenizer):
+    """sst2 (verbalizers), copa (choices) and squad (generation) through base+PET, CLM+PET, CLM+CPET on a
+    tiny LM, compressed (2:4 + int8, tied embeddings) and reloaded from disk."""
+    from conftest import save_tiny
+
+    path = save_tiny(_lm(lm_kind), tokenizer, tmp_path / "lm")
+    for task in ("sst2", "copa", "squad"):
+        out = tmp_path / task
+        cfg = load_config(None, [f"model.name={path}", "model.max_length=96", f"task.name={task}",
+                                 f"task.data_dir={data_dir}", "task.val_size=4", "task.max_test=6", "train.epochs=1",
+                                 "train.batch_size=8", "recovery.r=4", f"output_dir={out}",
+                                 "compress=[{method: unstructured, pattern: '2:4'}, {method: int8}]"])
+        records = run_experiment(cfg, log=lambda s: None)
+        assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
+        assert all(r["formulation"] == "text" for r in records)
+        key = "f1" if task == "squad" else "accuracy"
+        assert all(0 <= r["test"][key] <= 1 for r in records)
+        desc = json.loads((out / "clm_cpet" / "task" / "task_config.json").read_text())
+        assert desc["head"] == "lm" and "recovery" in desc and "num_labels" not in desc
+
+
+def test_generation_returns_first_line_strings(lm_kind, data_dir, tokenizer):
+    data = load_task(TaskConfig(name="squad", data_dir=str(data_dir), val_size=3))
+    model = build_task_model(_lm(lm_kind), 0, lora=LoraConfig())
+    answers = get_format(data.spec, model).predict(model, tokenizer, data.test[:4], 96)
+    assert len(answers) == 4 and all(isinstance(a, str) and "\n" not in a for a in answers)
+
+
+def test_text_task_modules_refuse_a_headless_backbone(tmp_path, tokenizer):
+    from conftest import tiny_llama, tiny_llama_lm
+
+    from cpet.errors import CpetError
+
+    save_task_modules(build_task_model(tiny_llama_lm(), 0, lora=LoraConfig()), tmp_path / "t")
+    with pytest.raises(CpetError, match="formulation=text"):
+        load_task_modules(tiny_llama(), tmp_path / "t")
+    again = load_task_modules(tiny_llama_lm(), tmp_path / "t")
+    assert again.head_type == "lm"
+
+
+def test_encoder_has_no_text_formulation(tiny_model_dir):
+    from cpet.errors import CpetError
+    from cpet.models import load_backbone
+
+    with pytest.raises(CpetError, match="formulation=head"):
+        load_backbone(tiny_model_dir, lm=True)
+
+
+def test_compressed_lm_round_trips_with_its_tied_head(lm_kind, tmp_path, tokenizer):
+    """A causal LM / T5 with tied embeddings: compressed (2:4 + int8, embedding included), saved, and
+    reloaded as the same class with bit-identical token logits."""
+    from cpet.compress import compress, load_compressed, save_compressed
+
+    lm = _lm(lm_kind)
+    plan = [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}]
+    c = compress(lm, plan)
+    save_compressed(c, tokenizer, tmp_path / "c", plan, "tiny")
+    again, _, meta = load_compressed(tmp_path / "c")
+    assert type(again) is type(lm) and meta["model_class"] == type(lm).__name__
+    ids = tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
+    kw = {"decoder_input_ids": ids[:, :3]} if lm_kind == "t5" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, **kw).logits, c(input_ids=ids, **kw).logits, rtol=0, atol=0)
