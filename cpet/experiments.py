@@ -23,6 +23,7 @@ import torch
 
 from cpet.compress import compress, load_compressed, plan_to_json, save_compressed
 from cpet.config import ExperimentConfig
+from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.io import atomic_write_json
@@ -72,6 +73,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         t0 = time.perf_counter()
         test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size, fmt=fmt_of(model))
         eval_s = time.perf_counter() - t0
+        mmlu = run_mmlu(model, tokenizer, paradigm) if cfg.mmlu.enabled else None
         if main:
             save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
         record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
@@ -80,6 +82,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                   "history": res.history, "steps": res.steps, "train_seconds": round(res.train_seconds, 2),
                   "eval_seconds": round(eval_s, 2),
                   "trainable_params": n_params,
+                  **({"mmlu": mmlu} if mmlu else {}),
                   "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
                              **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
                                 if paradigm == "clm_cpet" else {})}}
@@ -90,6 +93,18 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         log(f"[{LABELS[paradigm]}] test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
             + f" | train {res.train_seconds:.0f}s, eval {eval_s:.1f}s")
         return record
+
+    def run_mmlu(model, tokenizer, paradigm: str) -> dict:
+        from cpet.evals.mmlu import evaluate_mmlu
+
+        if not text:
+            raise CpetError("mmlu.enabled needs a language model (model.formulation=text on a decoder LM)")
+        m = cfg.mmlu
+        log(f"[{LABELS[paradigm]}] {m.shots}-shot MMLU ({m.split})")
+        res = evaluate_mmlu(model, tokenizer, data_dir=cfg.task.data_dir, split=m.split, shots=m.shots,
+                            subjects=list(m.subjects) if m.subjects else None, batch_size=m.batch_size,
+                            limit=m.limit, log=log)
+        return {k: res[k] for k in res if k != "questions"}
 
     def done(paradigm: str) -> dict | None:
         f = out / paradigm / "result.json"

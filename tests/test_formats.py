@@ -201,3 +201,68 @@ def test_compressed_lm_round_trips_with_its_tied_head(lm_kind, tmp_path, tokeniz
     kw = {"decoder_input_ids": ids[:, :3]} if lm_kind == "t5" else {}
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, **kw).logits, c(input_ids=ids, **kw).logits, rtol=0, atol=0)
+
+
+def test_alpaca_prompt_and_instruction_tuning_with_mmlu(tmp_path, data_dir, tokenizer):
+    """Alpaca rows use the Stanford template (with and without input); the experiment tunes a tiny causal
+    LM through all paradigms, scores held-out answers by log-likelihood and runs k-shot MMLU per paradigm."""
+    from conftest import save_tiny, tiny_llama_lm
+
+    from cpet.tasks.alpaca import alpaca_prompt
+
+    data = load_task(TaskConfig(name="alpaca", data_dir=str(data_dir), val_size=8))
+    assert len(data.test) == 100 and len(data.train) == 12
+    with_input = next(e for e in data.train if e.text_b)
+    p = alpaca_prompt(with_input)
+    assert p.startswith("Below is an instruction that describes a task, paired with an input")
+    assert p.endswith(f"### Input:\n{with_input.text_b}\n\n### Response:\n")
+    assert "### Input" not in alpaca_prompt(next(e for e in data.train if not e.text_b))
+
+    path = save_tiny(tiny_llama_lm(), tokenizer, tmp_path / "lm")
+    cfg = load_config(None, [f"model.name={path}", "model.max_length=128", "task.name=alpaca",
+                             f"task.data_dir={data_dir}", "task.val_size=8", "task.max_test=10", "train.epochs=1",
+                             "train.batch_size=4", "recovery.r=4", f"output_dir={tmp_path / 'out'}",
+                             "mmlu.enabled=true", "mmlu.shots=2", "compress=[{method: int8}]"])
+    records = run_experiment(cfg, log=lambda s: None)
+    for r in records:
+        assert r["test"]["answer_logprob"] < 0
+        assert r["mmlu"]["n_questions"] == 8 and 0 <= r["mmlu"]["micro_avg"] <= 1
+
+
+def test_generate_task_needs_a_language_model(data_dir, tokenizer):
+    from conftest import tiny_bert
+
+    from cpet.errors import CpetError
+
+    data = load_task(TaskConfig(name="alpaca", data_dir=str(data_dir), val_size=8))
+    with pytest.raises(CpetError, match="language model"):
+        get_format(data.spec, build_task_model(tiny_bert(), 1, lora=LoraConfig()))
+
+
+ALL_TASKS = ["sst2", "mrpc", "qqp", "mnli", "qnli", "boolq", "cb", "copa", "rte", "wic", "squad", "alpaca"]
+
+
+@pytest.mark.skipif(not Path("../shared/data").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_every_real_task_formats_for_heads_and_text(task, tokenizer):
+    """Each task's real data becomes rows in both formulations: a head format on an encoder (except
+    free-text Alpaca) and text-to-text on a decoder LM whose answer tokens are the gold target."""
+    from conftest import tiny_bert, tiny_llama_lm
+
+    data = load_task(TaskConfig(name=task, data_dir="../shared/data", val_size=20, max_test=20))
+    spec, examples = data.spec, data.train[:6]
+    lm = build_task_model(tiny_llama_lm(), 0)
+    text = get_format(spec, lm)
+    for e, f in zip(examples, text.encode(tokenizer, examples, 256, train=True)):
+        (row,) = f["rows"]
+        answer = [t for t in row["labels"] if t != -100][:-1]
+        assert tokenizer.decode(answer) == tokenizer.decode(tokenizer(spec.target(e), add_special_tokens=False)["input_ids"])
+        assert len(row["input_ids"]) <= 256
+    if spec.format == "generate":
+        return
+    head = get_format(spec, build_task_model(tiny_bert(), spec.head_size, head="span" if spec.format == "span" else "classify"))
+    feats = head.encode(tokenizer, examples, 128)
+    assert len(feats) >= len(examples) and all(len(f["rows"]) == (2 if spec.format == "choice" else 1) for f in feats)
+    if spec.format in ("classify", "choice"):
+        assert [f["label"] for f in feats] == [e.label for e in examples]
+        assert all(0 <= e.label < (len(e.choices) if e.choices else spec.num_labels) for e in data.test)

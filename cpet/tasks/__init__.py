@@ -39,14 +39,18 @@ class TaskSpec:
     load_local: object  # (data_dir: Path) -> (train, test) lists of Example
     hub: tuple[str, str]  # (dataset, config) for datasets.load_dataset
     hub_row: object  # (hub row dict) -> Example
-    hub_test_split: str = "validation"
+    hub_test_split: str = "validation"  # "" = the hub set has only train: hold out hub_test_size of it (seeded)
+    hub_test_size: int = 0
     note: str = ""  # where the test set comes from when it is not the official validation set
 
-    format: str = "classify"  # classify | choice (one score per (text_a, choice) row) | span (extractive QA)
+    # classify | choice (one score per (text_a, choice) row) | span (extractive QA) | generate (free text,
+    # text-to-text only: instruction tuning)
+    format: str = "classify"
     # text-to-text (T5, decoder LMs): the prompt, formatted with {a} = text_a and {b} = text_b (or a
     # function of the Example), answered by the verbalizer of the label / the right choice / the answer
     template: str | object = "{a}\nAnswer:"
     verbalizers: tuple[str, ...] = ()  # one word per label; default: the label names
+    answer_prefix: str = " "  # between the prompt and the answer (decoder LMs)
 
     @property
     def num_labels(self) -> int:
@@ -69,7 +73,7 @@ class TaskSpec:
 
     def target(self, e: Example) -> str:
         """The text-to-text answer an example is trained on."""
-        if self.format == "span":
+        if self.format in ("span", "generate"):
             return e.answers[0]
         if self.format == "choice":
             return e.choices[e.label]
@@ -117,7 +121,10 @@ def _from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
     except Exception as e:  # noqa: BLE001
         raise CpetError(f"could not load {spec.name} from the hub ({str(e).splitlines()[0]}); offline? "
                         f"set task.data_dir or ${DATA_ENV} to a local copy") from None
-    return [spec.hub_row(r) for r in ds["train"]], [spec.hub_row(r) for r in ds[spec.hub_test_split]]
+    train = [spec.hub_row(r) for r in ds["train"]]
+    if not spec.hub_test_split:
+        return seeded_split(train, spec.hub_test_size)
+    return train, [spec.hub_row(r) for r in ds[spec.hub_test_split]]
 
 
 def fields_row(a: str, b: str | None = None):
@@ -134,7 +141,7 @@ def seeded_split(rows: list, n_test: int) -> tuple[list, list]:
 
 def load_task(cfg: TaskConfig) -> TaskData:
     """The task's train / val (held out of train) / test (official validation) splits."""
-    from cpet.tasks import glue, squad, superglue  # noqa: F401  (register the tasks)
+    from cpet.tasks import alpaca, glue, squad, superglue  # noqa: F401  (register the tasks)
 
     if cfg.name not in TASKS:
         raise CpetError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
@@ -151,7 +158,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
     else:
         train_all, test = _from_hub(spec)
         source = f"hub:{'/'.join(spec.hub)}"
-        test_set = f"the official {spec.hub_test_split} split"
+        test_set = f"the official {spec.hub_test_split} split" if spec.hub_test_split else \
+            f"{spec.hub_test_size} seeded examples of the hub's train split"
     order = list(range(len(train_all)))
     random.Random(SPLIT_SEED).shuffle(order)
     n_val = cfg.val_size if isinstance(cfg.val_size, int) else int(round(cfg.val_size * len(train_all)))
@@ -168,6 +176,9 @@ def load_task(cfg: TaskConfig) -> TaskData:
 
 def evaluate_predictions(spec: TaskSpec, pred: list, gold: list) -> dict[str, float]:
     """The task's metrics. Classification: class ids; span tasks: answer strings vs lists of gold answers."""
+    if spec.format == "generate":  # pred: (summed log-likelihood, answer tokens) per example
+        total, n = sum(p[0] for p in pred), sum(p[1] for p in pred)
+        return {"answer_logprob": total / max(1, n)}
     if spec.format == "span":
         from cpet.tasks.metrics import squad_scores
 
