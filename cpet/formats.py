@@ -230,7 +230,7 @@ class TextFormat(Format):
             src = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
             if answer is None:
                 return {"input_ids": src}
-            tgt = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+            tgt = (tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos])[:max_length]
             start = _decoder_start(tokenizer)
             return {"input_ids": src, "decoder_input_ids": [start] + tgt[:-1], "labels": tgt}
         p = tokenizer(prompt)["input_ids"]
@@ -238,10 +238,9 @@ class TextFormat(Format):
             p = p[:-1]
         t = [] if answer is None else \
             tokenizer(self.spec.answer_prefix + answer, add_special_tokens=False)["input_ids"] + [eos]
-        keep = max_length - len(t)
-        if keep < 8:
-            raise CpetError(f"model.max_length={max_length} leaves no room for the prompt of a {len(t)}-token answer")
-        p = p[-keep:]  # long prompts lose their beginning; the question and "Answer:" stay
+        room = max_length - min(len(p), max_length // 2)
+        t = t[:room]  # a long answer (instruction tuning) is cut, leaving at least half the window to the prompt
+        p = p[-(max_length - len(t)):]  # long prompts lose their beginning; the question and "Answer:" stay
         return {"input_ids": p + t, "labels": [-100] * len(p) + t}
 
     def candidates(self, e: Example) -> list[str]:

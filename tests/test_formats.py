@@ -266,3 +266,19 @@ def test_every_real_task_formats_for_heads_and_text(task, tokenizer):
     if spec.format in ("classify", "choice"):
         assert [f["label"] for f in feats] == [e.label for e in examples]
         assert all(0 <= e.label < (len(e.choices) if e.choices else spec.num_labels) for e in data.test)
+
+
+def test_long_answers_and_prompts_fit_the_window(lm_kind, tokenizer):
+    """A prompt and an answer each longer than the window: the row fits, keeps the prompt's end and the
+    answer's beginning."""
+    from cpet.tasks import Example, TASKS
+    from cpet.tasks import alpaca  # noqa: F401  (registers the task)
+
+    model = build_task_model(_lm(lm_kind), 0)
+    fmt = get_format(TASKS["alpaca"], model)
+    e = Example("describe " * 100, None, 0, answers=("word " * 100,))
+    (row,) = fmt.encode(tokenizer, [e], 64, train=True)[0]["rows"]
+    answer = [t for t in row["labels"] if t != -100]
+    assert len(row["input_ids"]) <= 64 and answer and tokenizer.decode(answer).startswith("word word")
+    if lm_kind == "llama":
+        assert len(row["input_ids"]) == 64 and tokenizer.decode(row["input_ids"][:len(row["input_ids"]) - len(answer)]).endswith("response :")
