@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
     p.add_argument("-o", "--output-dir", default=None)
     p = sub.add_parser("run", help="run an experiment YAML: every paradigm, one result JSON each")
-    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("config", help="experiment YAML file, or - for the defaults (then set keys as overrides)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task.name=rte train.lr=5e-4")
     p.add_argument("-o", "--output-dir", default=None)
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             return _run(DEMO_CONFIG, args.overrides, args.output_dir)
         if args.verb == "run":
-            return _run(args.config, args.overrides, args.output_dir)
+            return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":

@@ -282,3 +282,29 @@ def test_long_answers_and_prompts_fit_the_window(lm_kind, tokenizer):
     assert len(row["input_ids"]) <= 64 and answer and tokenizer.decode(answer).startswith("word word")
     if lm_kind == "llama":
         assert len(row["input_ids"]) == 64 and tokenizer.decode(row["input_ids"][:len(row["input_ids"]) - len(answer)]).endswith("response :")
+
+
+HEAD_TASKS = [t for t in ALL_TASKS if t != "alpaca"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("../shared/data").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("kind,task", [("bert", t) for t in HEAD_TASKS] + [("llama", t) for t in ALL_TASKS])
+def test_cpet_run_every_real_task_all_paradigms(kind, task, tmp_path, tokenizer):
+    """``cpet run`` on the real data of every task, every paradigm, on a tiny encoder (heads) and a tiny
+    decoder LM (text-to-text), with a plan that prunes and quantizes."""
+    from conftest import save_tiny, tiny_bert, tiny_llama_lm
+
+    from cpet.cli import main
+
+    path = save_tiny(tiny_bert() if kind == "bert" else tiny_llama_lm(), tokenizer, tmp_path / kind)
+    out = tmp_path / "run"
+    rc = main(["run", "-", f"model.name={path}", "model.max_length=96", f"task.name={task}",
+               "task.data_dir=../shared/data", "task.max_train=16", "task.val_size=8", "task.max_test=8",
+               "train.epochs=1", "train.batch_size=8", "recovery.r=4", "compress=UP+Q", "-o", str(out)])
+    assert rc == 0
+    for paradigm in ("base_pet", "clm_pet", "clm_cpet"):
+        rec = json.loads((out / paradigm / "result.json").read_text())
+        assert rec["formulation"] == ("head" if kind == "bert" else "text")
+        key = rec["test"][next(iter(rec["test"]))]
+        assert key <= 0 if task == "alpaca" else 0 <= key <= 1
