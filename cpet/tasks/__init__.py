@@ -190,3 +190,18 @@ def evaluate_predictions(spec: TaskSpec, pred: list, gold: list) -> dict[str, fl
 def gold_of(spec: TaskSpec, examples: list[Example]) -> list:
     """What predictions are scored against: labels, or (span tasks) each example's gold answers."""
     return [list(e.answers) for e in examples] if spec.format == "span" else [e.label for e in examples]
+
+
+def trivial_baseline(data: TaskData) -> dict[str, float]:
+    """Test scores of a predictor that ignores the input: the training part's majority class (extractive
+    QA: the paragraph's first three words; free-text generation: none). A tuned model that does not beat
+    it has learnt nothing."""
+    from collections import Counter
+
+    if data.spec.format == "generate":
+        return {}
+    if data.spec.format == "span":
+        trivial = [" ".join(e.text_b.split()[:3]) for e in data.test]
+    else:
+        trivial = [Counter(e.label for e in data.train).most_common(1)[0][0]] * len(data.test)
+    return evaluate_predictions(data.spec, trivial, gold_of(data.spec, data.test))
