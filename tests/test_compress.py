@@ -244,3 +244,23 @@ def test_csr_kernel_equals_dense_masked_and_round_trips(tmp_path, batch, tokeniz
     loaded, _, _ = load_compressed(tmp_path / "c")
     with torch.no_grad():
         assert torch.equal(csr(**batch).last_hidden_state, loaded(**batch).last_hidden_state)
+
+
+def test_int8_weight_only_roles_stay_on_the_dequant_path(tmp_path, tokenizer):
+    """weight_only roles compute int8-weight x fp32-activation also at inference (exactly the dequantized
+    weight's output), the others take the W8A8 kernel; the choice survives save / load."""
+    from conftest import tiny_llama_lm
+
+    from cpet.compress import compress, load_compressed, save_compressed
+    from cpet.compress.int8 import Int8Linear
+
+    plan = [{"method": "int8", "weight_only": ["ffn_out"]}]
+    lm = compress(tiny_llama_lm(), plan)
+    down, up = lm.model.layers[0].mlp.down_proj, lm.model.layers[0].mlp.up_proj
+    assert isinstance(down, Int8Linear) and down.kernel == "dequant" and up.kernel == "auto"
+    x = torch.randn(3, down.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), x @ down.dequantize().T, rtol=0, atol=1e-6)
+    save_compressed(lm, tokenizer, tmp_path / "c", plan, "tiny")
+    again, _, _ = load_compressed(tmp_path / "c")
+    assert again.model.layers[1].mlp.down_proj.kernel == "dequant" and again.model.layers[1].mlp.up_proj.kernel == "auto"

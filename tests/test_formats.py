@@ -197,6 +197,13 @@ def test_compressed_lm_round_trips_with_its_tied_head(lm_kind, tmp_path, tokeniz
     save_compressed(c, tokenizer, tmp_path / "c", plan, "tiny")
     again, _, meta = load_compressed(tmp_path / "c")
     assert type(again) is type(lm) and meta["model_class"] == type(lm).__name__
+    for m in (c, again):  # the tied LM head is int8 on the embedding's own rows: one copy, none in fp32
+        head, emb = m.get_output_embeddings(), m.get_input_embeddings()
+        assert head.weight_int8 is emb.weight_int8 and head.scale is emb.scale
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lm_head" in k or k == "shared.weight"]
     ids = tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
     kw = {"decoder_input_ids": ids[:, :3]} if lm_kind == "t5" else {}
     with torch.no_grad():

@@ -36,6 +36,10 @@ class Config:
     targets: tuple[str, ...] = ALL_ROLES + (EMBED_ROLE,)
     kernel: str = "auto"  # auto: fbgemm when grad is off, else dequantize | dequant: always dequantize
     smooth: float = 0.0  # SmoothQuant alpha in (0, 1]; 0 = off. Needs calibration text.
+    # roles computed weight-only (int8 storage, dequantized fp32 matmul) also at inference: the W8A8
+    # kernel quantizes activations per tensor, which SwiGLU's down-projection inputs (outliers) do not
+    # survive (SmolLM2: logit cosine 0.90 with W8A8 on ffn_out alone, vs 0.98-1.0 on any other role)
+    weight_only: tuple[str, ...] = ()
 
     @property
     def calibrated(self) -> bool:
@@ -43,7 +47,10 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "weight_only", tuple(self.weight_only))
         _check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
+        if self.weight_only:
+            _check_roles(self.weight_only, "int8.weight_only", ALL_ROLES)
         from cpet.errors import CpetError
 
         if self.kernel not in ("auto", "dequant"):
@@ -182,35 +189,57 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
             w_max = layers[n].weight.detach().abs().amax(0).clamp(min=1e-5)  # (in,)
             x_max = stats[n]["max"].clamp(min=1e-5)
             smooth[n] = (x_max.pow(cfg.smooth) / w_max.pow(1 - cfg.smooth)).clamp(min=1e-5)
+    kernels = _kernels(model, cfg)
     for name, layer in layers.items():
         if isinstance(layer, nn.Linear):
-            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel, smooth.get(name)))
+            _replace(model, layer, Int8Linear.from_linear(layer, kernels.get(name, cfg.kernel), smooth.get(name)))
         elif hasattr(layer, "quantize_"):  # a MoE FFN: its experts go int8 in place
             layer.quantize_()
         elif isinstance(layer, nn.Embedding):
-            _quantize_embedding(model, layer)
+            _quantize_embedding(model, layer, cfg.kernel)
     return model
 
 
-def _quantize_embedding(model: nn.Module, layer: nn.Embedding) -> None:
+def _kernels(model: nn.Module, cfg: Config) -> dict[str, str]:
+    """Layer name (as compressible_layers names it) -> "dequant" for the weight-only roles."""
+    if not cfg.weight_only:
+        return {}
+    from cpet.models import target_modules
+
+    names = target_modules(model, cfg.weight_only)
+    return {n + suffix: "dequant" for n in names for suffix in ("", ".base")}
+
+
+def _quantize_embedding(model: nn.Module, layer: nn.Embedding, kernel: str = "auto") -> None:
+    """The embedding and everything tied to it go int8 on one copy: other embeddings (T5's ``shared``)
+    and a tied output head (an LM's ``lm_head``, which becomes an Int8Linear on the same int8 rows and
+    per-row scales, the embedding's rows being the head's output channels)."""
     new = Int8Embedding.from_embedding(layer)
     tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is layer.weight]
     for m in tied:  # e.g. T5's `shared`, tied to the encoder's embed_tokens: one int8 copy for all
         _replace(model, m, new)
+    for m in heads:
+        head = Int8Linear(layer.embedding_dim, layer.num_embeddings, bias=m.bias is not None, kernel=kernel)
+        head.weight_int8, head.scale = new.weight_int8, new.scale  # shared buffers, stored once
+        if m.bias is not None:
+            head.bias.copy_(m.bias.detach().float())
+        _replace(model, m, head)
 
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
     """Int8 layers of the right shapes (with a ``smooth`` slot where one was saved); values load after."""
     from cpet.models import compressible_layers
 
+    kernels = _kernels(model, cfg)
     for name, layer in compressible_layers(model, cfg.targets).items():
         if isinstance(layer, nn.Linear):
             smooth = torch.ones(layer.in_features) if f"{name}.smooth" in state else None
-            _replace(model, layer, Int8Linear.from_linear(layer, cfg.kernel, smooth))
+            _replace(model, layer, Int8Linear.from_linear(layer, kernels.get(name, cfg.kernel), smooth))
         elif hasattr(layer, "quantize_"):
             layer.quantize_()
         elif isinstance(layer, nn.Embedding):
-            _quantize_embedding(model, layer)
+            _quantize_embedding(model, layer, cfg.kernel)
     return model
 
 
