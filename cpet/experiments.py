@@ -179,12 +179,18 @@ def results_table(records: list[dict]) -> str:
     metrics = []
     for r in records:
         metrics += [m for m in r["test"] if m not in metrics]
-    head = ["paradigm", *metrics, "best val", "train s", "eval s", "task params"]
+    mmlu = any("mmlu" in r for r in records)
+    head = ["paradigm", *metrics, *(["MMLU"] if mmlu else []), "best val", "train s", "eval s", "task params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pct(metric: str, value: float) -> str:  # log-likelihoods are not fractions
+        return f"{value:.3f}" if metric == "answer_logprob" else f"{100 * value:.2f}"
+
     for r in records:
         key = next(iter(r["best_val"]))
-        row = [r["label"], *(f"{100 * r['test'][m]:.2f}" if m in r["test"] else "" for m in metrics),
-               f"{100 * r['best_val'][key]:.2f}", f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.1f}",
+        row = [r["label"], *(pct(m, r["test"][m]) if m in r["test"] else "" for m in metrics),
+               *([f"{100 * r['mmlu']['micro_avg']:.2f}" if "mmlu" in r else ""] if mmlu else []),
+               pct(key, r["best_val"][key]), f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.1f}",
                f"{r['trainable_params']:,}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
