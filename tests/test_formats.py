@@ -315,3 +315,22 @@ def test_cpet_run_every_real_task_all_paradigms(kind, task, tmp_path, tokenizer)
         assert rec["formulation"] == ("head" if kind == "bert" else "text")
         key = rec["test"][next(iter(rec["test"]))]
         assert key <= 0 if task == "alpaca" else 0 <= key <= 1
+
+
+def test_folders_with_an_fp32_tied_head_still_load(tmp_path, tokenizer):
+    """Compressed folders written before tied heads went int8 (int8 embedding, fp32 lm_head) reload as saved."""
+    from conftest import tiny_llama_lm
+
+    from cpet.compress import compress, load_compressed, save_compressed
+
+    lm = compress(tiny_llama_lm(), [{"method": "int8"}])
+    old_head = torch.nn.Linear(32, 30522, bias=False)
+    with torch.no_grad():
+        old_head.weight.copy_(lm.lm_head.dequantize())
+    lm.lm_head = old_head
+    save_compressed(lm, tokenizer, tmp_path / "c", [{"method": "int8"}], "tiny")
+    again, _, _ = load_compressed(tmp_path / "c")
+    assert type(again.lm_head) is torch.nn.Linear
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=0, atol=0)

@@ -210,13 +210,14 @@ def _kernels(model: nn.Module, cfg: Config) -> dict[str, str]:
     return {n + suffix: "dequant" for n in names for suffix in ("", ".base")}
 
 
-def _quantize_embedding(model: nn.Module, layer: nn.Embedding, kernel: str = "auto") -> None:
+def _quantize_embedding(model: nn.Module, layer: nn.Embedding, kernel: str = "auto", fp32_heads=()) -> None:
     """The embedding and everything tied to it go int8 on one copy: other embeddings (T5's ``shared``)
     and a tied output head (an LM's ``lm_head``, which becomes an Int8Linear on the same int8 rows and
     per-row scales, the embedding's rows being the head's output channels)."""
     new = Int8Embedding.from_embedding(layer)
     tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is layer.weight]
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is layer.weight]
+    heads = [m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.weight is layer.weight and n not in fp32_heads]
     for m in tied:  # e.g. T5's `shared`, tied to the encoder's embed_tokens: one int8 copy for all
         _replace(model, m, new)
     for m in heads:
@@ -239,7 +240,9 @@ def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
         elif hasattr(layer, "quantize_"):
             layer.quantize_()
         elif isinstance(layer, nn.Embedding):
-            _quantize_embedding(model, layer, cfg.kernel)
+            # folders saved before tied heads went int8 hold the head in fp32: keep it so
+            fp32_heads = {k[: -len(".weight")] for k in state if k.endswith(".weight")}
+            _quantize_embedding(model, layer, cfg.kernel, fp32_heads)
     return model
 
 
