@@ -154,6 +154,14 @@ def _takes_logits_to_keep(model) -> bool:
         return False
 
 
+def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows, right-padded."""
+    from cpet.formats import pad_rows
+
+    batch = pad_rows([{"input_ids": r} for r in rows], pad_id)
+    return batch["input_ids"], batch["attention_mask"]
+
+
 @torch.no_grad()
 def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
     """(B, V) logits after each row's last token. Rows are right-padded: causal attention never lets a
@@ -163,12 +171,7 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = _right_padded(rows, pad_id)
     last = mask.sum(1) - 1  # (B,)
     ids, mask = ids.to(device), mask.to(device)
     if _takes_logits_to_keep(model):
@@ -228,12 +231,7 @@ def next_token_logits_after(lm, cache, prefix_len: int, rows: list[list[int]], p
     import copy
 
     device = next(lm.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = _right_padded(rows, pad_id)
     last = mask.sum(1) - 1
     past = copy.deepcopy(cache)
     past.batch_repeat_interleave(len(rows))
