@@ -38,7 +38,8 @@ class Config:
     smooth: float = 0.0  # SmoothQuant alpha in (0, 1]; 0 = off. Needs calibration text.
     # roles computed weight-only (int8 storage, dequantized fp32 matmul) also at inference: the W8A8
     # kernel quantizes activations per tensor, which SwiGLU's down-projection inputs (outliers) do not
-    # survive (SmolLM2: logit cosine 0.90 with W8A8 on ffn_out alone, vs 0.98-1.0 on any other role)
+    # survive (SmolLM2 logit cosine: 0.835 with W8A8 on ffn_out alone, >= 0.971 on any other role;
+    # bench/results/int8_fidelity_smollm2.md)
     weight_only: tuple[str, ...] = ()
 
     @property

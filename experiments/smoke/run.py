@@ -66,7 +66,7 @@ def table(suite: str, rows: list[dict]) -> str:
              "What this shows: every task runs end to end on a decoder LM in every paradigm. What it does not: "
              "a comparison of the paradigms. 64 test examples give about ±6 points at one standard error, the "
              "models saw 8 optimizer steps, and the CLM rows are evaluated through fbgemm's W8A8 kernel, which "
-             "SmolLM2's down-projection inputs do not survive (logit cosine 0.89 to fp32; see "
+             "SmolLM2's down-projection inputs do not survive (logit cosine 0.79 to fp32, bench/results/int8_fidelity_smollm2.md; see "
              "experiments/alpaca_smollm2, where the same int8 weights evaluated weight-only lose nothing). "
              "SmolLM2's weights were 4-bit quantized by their publisher; 'uncompressed' is that model in fp32.", "",
              "| task | train / val / test | metric | base+PET | CLM+PET | CLM+CPET | majority (SQuAD: first 3 words) | wall s |",
