@@ -225,7 +225,7 @@ class TextFormat(Format):
 
     # -- rows
     def _row(self, tokenizer, prompt: str, answer: str | None, max_length: int) -> dict:
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos = _end_token(tokenizer)
         if self.seq2seq:
             src = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
             if answer is None:
@@ -262,19 +262,20 @@ class TextFormat(Format):
             feats.append({"rows": rows, "label": e.label})
         return feats
 
+    def _aligned(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the labels they predict: a decoder's position t predicts token t+1; T5's decoder
+        is already teacher-forced one step behind its labels."""
+        return (logits, labels) if self.seq2seq else (logits[:, :-1], labels[:, 1:])
+
     def _token_logprobs(self, out: TaskOutput, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p of each label token, mask of label tokens), aligned for decoder (shifted) or T5."""
-        logits = out.logits
-        if not self.seq2seq:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+        """(log p of each label token, mask of label tokens)."""
+        logits, labels = self._aligned(out.logits, labels)
         mask = labels != -100
         logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return logp * mask, mask
 
     def loss(self, out, batch):
-        labels = batch["labels"].to(out.logits.device)
-        logits = out.logits if self.seq2seq else out.logits[:, :-1]
-        labels = labels if self.seq2seq else labels[:, 1:]
+        logits, labels = self._aligned(out.logits, batch["labels"].to(out.logits.device))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
@@ -316,7 +317,7 @@ class TextFormat(Format):
         """Greedy answers (the first line of the continuation), batched; decoders pad on the left."""
         lm = model.backbone
         device = next(model.parameters()).device
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos = _end_token(tokenizer)
         rows = [self._row(tokenizer, self.spec.prompt(e), None, max_length - self.max_new_tokens) for e in examples]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         answers = [""] * len(rows)
@@ -331,6 +332,11 @@ class TextFormat(Format):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 answers[i] = text.strip().split("\n")[0].strip()
         return answers
+
+
+def _end_token(tokenizer) -> int:
+    """What ends an answer: eos, else (tokenizers without one, e.g. BERT's) sep."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
 def _decoder_start(tokenizer) -> int:
