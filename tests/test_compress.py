@@ -34,17 +34,54 @@ def test_int8_outlier_row_keeps_other_rows_precise():
     assert sqnr_db(w[others], deq[others]) > SQNR_DB_MIN
 
 
-def test_int8_fast_kernel_matches_training_path():
+def test_int8_training_path_computes_the_served_function():
+    """grad on (fake-quant + dequantized matmul) == grad off (fbgemm int8 GEMM) up to fp32 rounding,
+    and both quantize activations (neither is the float-activation product)."""
     torch.manual_seed(0)
     lin = nn.Linear(256, 512)
     q = Int8Linear.from_linear(lin)
     x = torch.randn(4, 16, 256)
-    slow = q(x)  # grad mode on -> dequantized fp32 matmul
+    x[0, 3] *= 50  # an outlier token
+    train_path = q(x)  # grad mode on
     with torch.no_grad():
-        fast = q(x)  # fbgemm dynamic int8 (activations quantized per tensor)
-    assert not torch.equal(slow, fast), "the fast path should be a different (int8) kernel"
-    assert sqnr_db(slow, fast) > 25.0
-    assert sqnr_db(lin(x), slow) > SQNR_DB_MIN
+        served = q(x)
+    torch.testing.assert_close(train_path, served, rtol=1e-5, atol=1e-5)
+    assert sqnr_db(lin(x), served) > 30.0
+    assert not torch.allclose(served, x @ q.dequantize().T + q.bias, atol=1e-4), "activations are not quantized"
+
+
+def test_int8_rounding_matches_fbgemm_at_ties():
+    """Near-tie activations (k + 1/2 steps, +- 1e-6) quantize to the same level in both paths."""
+    from cpet.compress.int8 import STEP, fake_quant_tokens, prepack, w8a8_linear
+
+    eye = torch.eye(128)
+    q, s = quantize_per_channel(eye)
+    torch.manual_seed(1)
+    k = torch.randint(-63, 63, (512, 128)).float()
+    x = ((k + 0.5) * STEP + (torch.rand(512, 128) - 0.5) * 2e-6).clamp(-1, 1)
+    x[:, 0] = 1.0  # each row's max |x| is 1: the per-token scale is STEP itself
+    with torch.no_grad():
+        served = w8a8_linear(x, prepack(q, s), None)
+    torch.testing.assert_close(served, fake_quant_tokens(x), rtol=0, atol=1e-6)
+
+
+def test_int8_token_output_independent_of_batch_mates_and_chunking():
+    """A token's output depends on that token only: an outlier elsewhere, the batch size and the
+    kernel's chunking (CHUNK_ROWS) leave it bit-identical."""
+    from cpet.compress import int8
+
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(int8.CHUNK_ROWS + 37, 64)
+    with torch.no_grad():
+        full = q(x)
+        wild = x.clone()
+        wild[5] *= 1000
+        assert torch.equal(q(wild)[6:], full[6:])
+        for i in (0, 1, int8.CHUNK_ROWS - 1, int8.CHUNK_ROWS, len(x) - 1):
+            assert torch.equal(q(x[i: i + 1]), full[i: i + 1])
+        zero = torch.zeros(2, 64)
+        torch.testing.assert_close(q(zero), q.bias.expand(2, -1), rtol=0, atol=0)
 
 
 def test_int8_gradient_flows_to_input():

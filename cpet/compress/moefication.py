@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpet.compress.int8 import fake_quant_tokens, prepack, use_int8_kernel, w8a8_linear
 from cpet.errors import CpetError
 from cpet.layers import set_module
 
@@ -148,30 +149,25 @@ class MoEFFN(nn.Module):
         w = self.w_out[e]
         return w.float() * self.s_out[:, None] if self.int8 else w
 
-    def _pack(self, key, w_int8, scale, bias):
-        import warnings
-
+    def _pack(self, key, w_int8, scale):
         if key not in self._packed:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), scale.double(),
-                                                             torch.zeros(len(scale), dtype=torch.long), 0)
-                self._packed[key] = torch.ops.quantized.linear_prepack(q, bias)
+            self._packed[key] = prepack(w_int8, scale)
         return self._packed[key]
 
     def _expert(self, x: torch.Tensor, e: int, fast: bool) -> torch.Tensor:
-        """One expert on its tokens x (n, d) -> (n, d), without b_out."""
+        """One expert on its tokens x (n, d) -> (n, d), without b_out. int8 experts quantize activations
+        per token, as Int8Linear (fbgemm when ``fast``, else the same function simulated in float)."""
         hs = []
         for i in range(self.w_in.shape[0]):
             b = None if self.b_in is None else self.b_in[i, e]
             if fast:
-                hs.append(torch.ops.quantized.linear_dynamic(x, self._pack(("in", i, e), self.w_in[i, e], self.s_in[i, e], b), True))
+                hs.append(w8a8_linear(x, self._pack(("in", i, e), self.w_in[i, e], self.s_in[i, e]), b))
             else:
-                hs.append(F.linear(x, self._deq_in(i, e), b))
+                hs.append(F.linear(fake_quant_tokens(x) if self.int8 else x, self._deq_in(i, e), b))
         h = self.act(hs[0]) * hs[1] if len(hs) == 2 else self.act(hs[0])  # (n, m)
         if fast:
-            return torch.ops.quantized.linear_dynamic(h, self._pack(("out", e), self.w_out[e], self.s_out, None), True)
-        return F.linear(h, self._deq_out(e))
+            return w8a8_linear(h, self._pack(("out", e), self.w_out[e], self.s_out), None)
+        return F.linear(fake_quant_tokens(h) if self.int8 else h, self._deq_out(e))
 
     @torch.no_grad()
     def quantize_(self) -> None:
@@ -195,7 +191,7 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
-        fast = self.int8 and not torch.is_grad_enabled() and flat.dtype == torch.float32 and flat.device.type == "cpu"
+        fast = self.int8 and use_int8_kernel(flat)
         if self.k == self.experts:
             idx = None
         else:
