@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from cpet.errors import CpetError
+from cpet.typed import coerce_fields, require
 
 ATTN_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("ffn_in", "ffn_out")
@@ -42,6 +43,8 @@ class ModelConfig:
     formulation: str = "auto"
 
     def __post_init__(self):
+        coerce_fields(self, "model")
+        require(bool(self.name.strip()), "model.name", self.name, "an HF hub id, a local folder or an alias (minilm, smollm2)")
         if self.pooling not in (None, "mean", "last", "cls"):
             raise CpetError(f"model.pooling={self.pooling!r}: use mean, last or cls")
         if self.formulation not in ("auto", "head", "text"):
@@ -62,8 +65,15 @@ class TaskConfig:
     doc_stride: int = 64  # extractive QA: tokens of overlap between the windows of a long context
 
     def __post_init__(self):
-        if isinstance(self.val_size, float) and not 0 < self.val_size < 1:
-            raise CpetError(f"task.val_size={self.val_size}: a fraction must lie in (0, 1)")
+        coerce_fields(self, "task")
+        if isinstance(self.val_size, float):
+            require(0 < self.val_size < 1, "task.val_size", self.val_size, "a fraction in (0, 1) or a count >= 1")
+        else:
+            require(self.val_size >= 1, "task.val_size", self.val_size, "a fraction in (0, 1) or a count >= 1")
+        for key in ("max_train", "max_test"):
+            v = getattr(self, key)
+            require(v is None or v >= 1, f"task.{key}", v, ">= 1, or null for all")
+        require(self.doc_stride >= 1, "task.doc_stride", self.doc_stride, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,11 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
+        coerce_fields(self, "lora")
         _check_roles(self.targets, "lora.targets")
-        if self.r < 1:
-            raise CpetError(f"lora.r={self.r}: rank must be >= 1")
+        require(self.r >= 1, "lora.r", self.r, ">= 1")
+        require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -90,12 +101,12 @@ class RecoveryConfig:
     targets: tuple[str, ...] = ALL_ROLES
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
+        coerce_fields(self, "recovery")
         _check_roles(self.targets, "recovery.targets")
         if self.activation not in ("gelu", "relu", "silu", "identity"):
             raise CpetError(f"recovery.activation={self.activation!r}: use gelu, relu, silu or identity")
-        if self.r < 1:
-            raise CpetError(f"recovery.r={self.r}: rank must be >= 1")
+        require(self.r >= 1, "recovery.r", self.r, ">= 1")
+        require(0 <= self.dropout < 1, "recovery.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -107,12 +118,11 @@ class DistillConfig:
     cache_teacher: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "outputs", tuple(self.outputs))
+        coerce_fields(self, "distill")
         bad = [o for o in self.outputs if o not in ("hidden", "logits")]
         if bad or not self.outputs:
             raise CpetError(f"distill.outputs={list(self.outputs)}: choose from ['hidden', 'logits']")
-        if self.alpha < 0:
-            raise CpetError(f"distill.alpha={self.alpha} must be >= 0")
+        require(self.alpha >= 0, "distill.alpha", self.alpha, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,16 @@ class TrainConfig:
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at epoch ends)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise CpetError("train.epochs and train.batch_size must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise CpetError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        coerce_fields(self, "train")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
+        require(self.lr > 0, "train.lr", self.lr, "> 0")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0 (0 = no clipping)")
+        require(self.seed >= 0, "train.seed", self.seed, ">= 0")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
+                ">= 0 (0 = only at epoch ends)")
 
 
 PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")
@@ -150,10 +166,12 @@ class MMLUConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        if self.subjects is not None:
-            object.__setattr__(self, "subjects", tuple(self.subjects))
+        coerce_fields(self, "mmlu")
         if not 0 <= self.shots <= 5:
             raise CpetError(f"mmlu.shots={self.shots}: MMLU has 5 dev exemplars per subject (0..5)")
+        require(self.split in ("val", "test"), "mmlu.split", self.split, "val or test")
+        require(self.limit is None or self.limit >= 1, "mmlu.limit", self.limit, ">= 1, or null for all")
+        require(self.batch_size >= 1, "mmlu.batch_size", self.batch_size, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -161,7 +179,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     # ordered compression plan, e.g. [{method: unstructured, sparsity: 0.5}, {method: int8}]
-    compress: tuple = ({"method": "int8"},)
+    compress: Any = ({"method": "int8"},)
     lora: LoraConfig = field(default_factory=LoraConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -171,16 +189,17 @@ class ExperimentConfig:
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
 
     def __post_init__(self):
-        object.__setattr__(self, "paradigms", tuple(self.paradigms))
+        coerce_fields(self, "")
+        require(bool(self.output_dir.strip()), "output_dir", self.output_dir, "a folder path")
         bad = [p for p in self.paradigms if p not in PARADIGMS]
         if bad:
             raise CpetError(f"paradigms: unknown {bad}; choose from {list(PARADIGMS)}")
         if "clm_cpet" in self.paradigms and "base_pet" not in self.paradigms:
             raise CpetError("paradigms: clm_cpet inherits from and distils base_pet, so base_pet must run too")
-        from cpet.compress import parse_plan, resolve_plan  # validates methods and their fields
+        from cpet.compress import plan_to_json  # validates methods and their fields
 
-        object.__setattr__(self, "compress", tuple(dict(step) for step in resolve_plan(self.compress)))
-        parse_plan(self.compress)
+        # every step spelled out with its typed fields (defaults included): what ran is what is recorded
+        object.__setattr__(self, "compress", tuple(plan_to_json(self.compress)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

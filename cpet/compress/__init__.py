@@ -67,7 +67,10 @@ def parse_plan(plan) -> list[tuple[str, object]]:
         bad = sorted(set(args) - valid)
         if bad:
             raise CpetError(f"compress[{i}] ({name}): unknown field {bad[0]!r}; valid: {sorted(valid)}")
-        steps.append((name, cfg_cls(**args)))
+        try:
+            steps.append((name, cfg_cls(**args)))
+        except CpetError as e:
+            raise CpetError(f"compress[{i}] ({name}): {e}") from None
     return steps
 
 

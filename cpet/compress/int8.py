@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpet.config import ALL_ROLES, EMBED_ROLE, _check_roles
+from cpet.typed import coerce_fields
 
 
 # As SmoothQuant: only linears fed by a LayerNorm (whose outlier channels are systematic). Smoothing
@@ -58,8 +59,7 @@ class Config:
         return self.smooth > 0
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "weight_only", tuple(self.weight_only))
+        coerce_fields(self, "int8")
         _check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
         if self.weight_only:
             _check_roles(self.weight_only, "int8.weight_only", ALL_ROLES)

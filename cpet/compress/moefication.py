@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cpet.compress.int8 import fake_quant_tokens, prepack, use_int8_kernel, w8a8_linear
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.typed import coerce_fields, require
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Config:
     min_speedup: float = 1.0  # keep the dense FFN where MoE measured slower than this
 
     def __post_init__(self):
+        coerce_fields(self, "moefication")
         if self.experts < 2:
             raise CpetError(f"moefication.experts={self.experts} must be >= 2")
         if not 0 < self.top <= 1:
@@ -51,6 +53,9 @@ class Config:
             raise CpetError(f"moefication.clustering={self.clustering!r}: use kmeans or coactivation")
         if self.activation not in ("keep", "relu"):
             raise CpetError(f"moefication.activation={self.activation!r}: use keep or relu")
+        require(self.router_hidden >= 1, "moefication.router_hidden", self.router_hidden, ">= 1")
+        require(self.router_steps >= 1, "moefication.router_steps", self.router_steps, ">= 1")
+        require(self.min_speedup >= 0, "moefication.min_speedup", self.min_speedup, ">= 0 (0 = always MoE)")
 
     @property
     def calibrated(self) -> bool:

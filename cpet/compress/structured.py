@@ -24,6 +24,7 @@ import torch.nn as nn
 from cpet.config import ALL_ROLES
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.typed import coerce_fields
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Config:
     score: str = "magnitude"  # magnitude | activation (needs calibration text)
 
     def __post_init__(self):
+        coerce_fields(self, "structured")
         for field, v in (("ffn", self.ffn), ("heads", self.heads)):
             if not 0 <= v < 1:
                 raise CpetError(f"structured.{field}={v} must lie in [0, 1)")

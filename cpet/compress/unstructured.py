@@ -23,6 +23,7 @@ import torch.nn as nn
 from cpet.config import ALL_ROLES, _check_roles
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.typed import coerce_fields
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Config:
     targets: tuple[str, ...] = ALL_ROLES
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
+        coerce_fields(self, "unstructured")
         _check_roles(self.targets, "unstructured.targets")
         if self.score not in ("magnitude", "wanda"):
             raise CpetError(f"unstructured.score={self.score!r}: use magnitude or wanda")
