@@ -12,7 +12,7 @@ from cpet.errors import CpetError
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def _run(config_path, overrides: list[str], output_dir: str | None) -> int:
+def _run(config_path, overrides: list[str], output_dir: str | None, fresh: bool = False) -> int:
     import torch
 
     from cpet.config import load_config
@@ -22,7 +22,7 @@ def _run(config_path, overrides: list[str], output_dir: str | None) -> int:
         overrides = [*overrides, f"output_dir={output_dir}"]
     cfg = load_config(config_path, overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    records = run_experiment(cfg, log=lambda s: print(s, flush=True))
+    records = run_experiment(cfg, log=lambda s: print(s, flush=True), fresh=fresh)
     if int(os.environ.get("RANK", "0")) != 0:  # other processes of a distributed launch stay quiet
         return 0
     print()
@@ -47,16 +47,22 @@ def _plan_arg(text: str):
 
 
 def _compress(model: str, plan_text: str, out: str, data_dir: str | None) -> int:
-    from cpet.compress import compress, needs_calibration, plan_to_json, save_compressed
-    from cpet.models import load_backbone
+    from cpet.compress import check_output_dir, compress, needs_calibration, plan_to_json, save_compressed
+    from cpet.compress.calibration import make_calibration
+    from cpet.fingerprint import model_digest, tensor_digest
+    from cpet.models import load_backbone, resolve_model_path
 
-    plan = _plan_arg(plan_text)
-    plan_to_json(plan)  # validate before loading anything
+    plan = plan_to_json(_plan_arg(plan_text))  # validate before loading anything
+    check_output_dir(out, resolve_model_path(model))
     backbone, tok = load_backbone(model)
+    calib = None
     if needs_calibration(plan):
         print("calibrating on task-agnostic text (alpaca)", flush=True)
-    compress(backbone, plan, tokenizer=tok, data_dir=data_dir)
-    path = save_compressed(backbone, tok, out, plan, source=model)
+        calib = make_calibration(tok, data_dir=data_dir)
+    compress(backbone, plan, calibration=calib)
+    record = {"source": model_digest(model), "plan": plan, "lm": False,
+              "calibration": None if calib is None else tensor_digest(calib.input_ids)}
+    path = save_compressed(backbone, tok, out, plan, source=model, fingerprint=record)
     size = (path / "model.safetensors").stat().st_size
     print(f"saved {path} ({size / 2**20:.1f} MB): {plan_to_json(plan)}")
     return 0
@@ -122,9 +128,22 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
         if out:
             atomic_write(Path(out) / "lm_eval_results.json", json.dumps(results, indent=2).encode())
         return 0
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cpet.models import is_causal_lm_config
 
     subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
+    if (Path(path) / "compression.json").is_file():
+        raise CpetError(f"{model} is a cpet compressed backbone; cpet mmlu loads plain HF causal LMs (score a "
+                        "compressed one with mmlu.enabled=true in cpet run)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
+        hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
+        raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
+    if not is_causal_lm_config(config):
+        raise CpetError(f"{model!r} is a {config.model_type} model without a causal LM head; MMLU's letter "
+                        "scoring needs a decoder-only LM (e.g. smollm2)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -151,13 +170,17 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning for compressed LMs (CPET).")
     sub = parser.add_subparsers(dest="verb", required=True)
+    fresh_help = ("discard results in the output folder that were made with another config, and run them again "
+                  "(without it such a folder stops the run with the differences named)")
     p = sub.add_parser("demo", help="run the embedded default experiment (MiniLM, SST-2, prune 70%% + int8)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
     p.add_argument("-o", "--output-dir", default=None)
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
     p = sub.add_parser("run", help="run an experiment YAML: every paradigm, one result JSON each")
     p.add_argument("config", help="experiment YAML file, or - for the defaults (then set keys as overrides)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task.name=rte train.lr=5e-4")
     p.add_argument("-o", "--output-dir", default=None)
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -185,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.verb == "demo":
-            return _run(DEMO_CONFIG, args.overrides, args.output_dir)
+            return _run(DEMO_CONFIG, args.overrides, args.output_dir, args.fresh)
         if args.verb == "run":
-            return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir)
+            return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":

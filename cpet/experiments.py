@@ -21,12 +21,14 @@ from typing import Callable
 
 import torch
 
-from cpet.compress import compress, load_compressed, plan_to_json, save_compressed
+from cpet.compress import compress, load_compressed, needs_calibration, plan_to_json, save_compressed
 from cpet.config import ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
-from cpet.io import atomic_write_json
+from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
+from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
+from cpet.io import atomic_write_json, read_json
 from cpet.models import load_backbone
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
@@ -35,8 +37,18 @@ from cpet.train import evaluate, train
 LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
 
 
-def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict]:
+FINGERPRINT = "fingerprint.json"
+# what a paradigm folder may hold (all written by cpet): --fresh removes exactly these
+PARADIGM_FILES = ("result.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "task", FINGERPRINT)
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fresh: bool = False) -> list[dict]:
     """Run (or continue) every paradigm in ``cfg.paradigms``; returns their result records.
+
+    Each paradigm folder (and the compressed backbone) records the fingerprint of what produced it;
+    a rerun continues only where the fingerprint matches. A folder made with another config stops
+    the run with a message naming the differences, before anything is trained or written; with
+    ``fresh`` those folders are removed and their paradigms run again.
 
     Under ``accelerate launch`` / ``torchrun`` every process runs this; only the main one logs and
     writes files, the others train their data shard and wait where they need its files.
@@ -48,28 +60,42 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     if not main:
         log = lambda s: None  # noqa: E731
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        atomic_write_json(out / "config.json", cfg.to_dict())
-    data = load_task(cfg.task)
+    if out.exists() and not out.is_dir():
+        raise CpetError(f"output_dir {out} is a file; pass a folder (-o DIR)")
+    data = load_task(cfg.task)  # data errors before any folder is made
     spec = data.spec
+    max_len, tc = cfg.model.max_length, cfg.train
+    text = use_text_formulation(cfg)
+    backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
+    records_in = _fingerprint_inputs(cfg, data, text, tokenizer)
+    cdir = out / "backbone_compressed"
+    clm = [p for p in cfg.paradigms if p != "base_pet"]
+    if main:  # every stale folder is found before anything runs
+        for paradigm in cfg.paradigms:
+            _check_folder(out / paradigm, records_in[paradigm], LABELS[paradigm], fresh, log)
+        if clm:
+            _check_compressed(cdir, records_in["compressed"], fresh, log)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    state.wait_for_everyone()
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
         f"{len(data.test)} test ({data.test_set}) from {data.source}")
     common = {"task": spec.name, "backbone": cfg.model.name, "data_source": data.source, "test_set": data.test_set,
               "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
-    max_len, tc = cfg.model.max_length, cfg.train
-    text = use_text_formulation(cfg)
     head = "span" if spec.format == "span" else "classify"
     fmt_of = lambda model: get_format(spec, model, cfg.task.doc_stride)  # noqa: E731
     common["formulation"] = "text" if text else "head"
 
     def run_paradigm(paradigm: str, model, teacher=None) -> dict:
         pdir = out / paradigm
+        fp = digest(records_in[paradigm])
+        if main:
+            atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
         n_params = sum(v.numel() for v in _task_tensors(model))
         log(f"[{LABELS[paradigm]}] training {n_params:,} task parameters" + (" with distillation" if teacher else ""))
         res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
                     teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
-                    fmt=fmt_of(model))
+                    fmt=fmt_of(model), fingerprint=fp)
         t0 = time.perf_counter()
         test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size, fmt=fmt_of(model))
         eval_s = time.perf_counter() - t0
@@ -85,7 +111,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                   **({"mmlu": mmlu} if mmlu else {}),
                   "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
                              **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
-                                if paradigm == "clm_cpet" else {})}}
+                                if paradigm == "clm_cpet" else {})},
+                  "fingerprint": fp, "provenance": provenance()}
         if main:
             atomic_write_json(pdir / "result.json", record)
             shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
@@ -109,12 +136,11 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     def done(paradigm: str) -> dict | None:
         f = out / paradigm / "result.json"
         if f.is_file():
-            log(f"[{LABELS[paradigm]}] already done ({f}); skipping")
-            return json.loads(f.read_text())
+            log(f"[{LABELS[paradigm]}] already done with this config ({f}); skipping")
+            return read_json(f, f"{LABELS[paradigm]} result", f"delete {f.parent} (or rerun with --fresh) to run it again")
         return None
 
     records = []
-    backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
     teacher = None
     if "base_pet" in cfg.paradigms:
         rec = done("base_pet")
@@ -126,13 +152,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             teacher = load_task_modules(backbone, out / "base_pet" / "task")
         records.append(rec)
 
-    clm = [p for p in cfg.paradigms if p != "base_pet"]
     if clm:
-        cdir = out / "backbone_compressed"
         if main and not (cdir / "compression.json").is_file():
             log(f"compressing with plan {plan_to_json(cfg.compress)}")
-            fresh, _ = load_backbone(cfg.model.name, lm=text)
-            save_compressed(compress(fresh, cfg.compress), tokenizer, cdir, cfg.compress, cfg.model.name)
+            fresh_backbone, _ = load_backbone(cfg.model.name, lm=text)
+            compress(fresh_backbone, cfg.compress, calibration=_calibration(cfg, tokenizer))
+            save_compressed(fresh_backbone, tokenizer, cdir, cfg.compress, cfg.model.name,
+                            fingerprint=records_in["compressed"])
         state.wait_for_everyone()
         for paradigm in clm:
             rec = done(paradigm)
@@ -151,6 +177,76 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     if main:
         write_report(out, records)
     return records
+
+
+def _calibration(cfg: ExperimentConfig, tokenizer):
+    """The task-agnostic calibration windows the plan reads (None if it reads none)."""
+    from cpet.compress.calibration import make_calibration
+
+    return make_calibration(tokenizer, data_dir=cfg.task.data_dir) if needs_calibration(cfg.compress) else None
+
+
+def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> dict[str, dict]:
+    """What each paradigm's result depends on (and the compressed backbone's): config values that change
+    results (not output paths, eval batch size or checkpoint spacing), the backbone's weight digest and
+    the digest of the exact train / val / test examples."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every")}
+    model = {"name": cfg.model.name, "weights": model_digest(cfg.model.name), "max_length": cfg.model.max_length,
+             "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}
+    task = {**{k: v for k, v in asdict(cfg.task).items() if k != "data_dir"},
+            "examples": examples_digest(data.train, data.val, data.test)}
+    base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, "lora": asdict(cfg.lora), "train": train,
+            "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
+    calib = _calibration(cfg, tokenizer)
+    compressed = {"format": FINGERPRINT_FORMAT, "source": model["weights"], "plan": list(cfg.compress),
+                  "lm": text, "calibration": None if calib is None else tensor_digest(calib.input_ids)}
+    clm = {**base, "compressed": digest(compressed)}
+    distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
+    return {"base_pet": base, "clm_pet": clm, "compressed": compressed,
+            "clm_cpet": {**clm, "recovery": asdict(cfg.recovery), "distill": distill, "teacher": digest(base)}}
+
+
+def _check_folder(folder: Path, record: dict, what: str, fresh: bool, log) -> None:
+    """Continue a folder made with the same inputs; otherwise stop (or, with ``fresh``, clear it)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    old = _read_fingerprint(folder / FINGERPRINT)
+    if old is not None and old.get("hash") == digest(record):
+        return
+    why = diff(old["inputs"], record) if old else "it has no fingerprint: made by an older cpet, or by hand"
+    if not fresh:
+        raise CpetError(f"{folder} holds {what} results made with another config ({why}). Keep them and run "
+                        f"into another folder (-o DIR), or add --fresh to discard them and run {what} again.")
+    log(f"--fresh: discarding {folder} ({why})")
+    for name in PARADIGM_FILES:
+        p = folder / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _check_compressed(cdir: Path, record: dict, fresh: bool, log) -> None:
+    if not cdir.is_dir() or not any(cdir.iterdir()):
+        return
+    meta_file = cdir / "compression.json"
+    if not meta_file.is_file():
+        raise CpetError(f"{cdir} exists but is not a cpet compressed backbone (no compression.json); "
+                        "move it away or run into another folder (-o DIR)")
+    meta = read_json(meta_file, "compressed backbone record", f"delete {cdir} (or add --fresh) to compress again")
+    old = meta.get("fingerprint")
+    if old is not None and old.get("hash") == digest(record):
+        return
+    why = diff(old["inputs"], record) if old else "it has no fingerprint: made by an older cpet"
+    if not fresh:
+        raise CpetError(f"{cdir} was compressed from other inputs ({why}). Run into another folder (-o DIR), "
+                        "or add --fresh to compress again (the CLM paradigms then rerun too).")
+    log(f"--fresh: discarding {cdir} ({why})")
+    shutil.rmtree(cdir)
+
+
+def _read_fingerprint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    rec = read_json(path, "fingerprint", f"delete {path.parent} (or add --fresh) to run it again")
+    return rec if isinstance(rec, dict) and "hash" in rec and "inputs" in rec else None
 
 
 def use_text_formulation(cfg: ExperimentConfig) -> bool:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from cpet.errors import CpetError
+
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
@@ -20,3 +22,25 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2).encode())
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str):
+    """Parse a JSON file cpet wrote; a truncated or corrupt one is a CpetError naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CpetError(f"{path} ({what}) is corrupt or truncated ({e}); {fix}") from None
+    except OSError as e:
+        raise CpetError(f"cannot read {path} ({what}): {e.strerror}; {fix}") from None
+
+
+def load_safetensors(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """Load a safetensors file (never a pickle); a corrupt or truncated one is a CpetError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CpetError(f"{path} ({what}) is corrupt or truncated ({str(e).splitlines()[0]}); {fix}") from None

@@ -148,6 +148,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def is_causal_lm_config(config) -> bool:
+    """A decoder-only language model (what MMLU's next-token letter scoring needs)."""
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if arch is not None:
+        return arch.kind == "decoder"
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
 def is_lm_kind(kind: str) -> bool:
     return kind in ("decoder", "encoder-decoder")
 
@@ -162,6 +170,10 @@ def load_backbone(name: str, lm: bool = False):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, T5EncoderModel
 
     path = resolve_model_path(name)
+    if (Path(path) / "compression.json").is_file():
+        raise CpetError(f"{name} is a cpet compressed backbone: its layers are int8 / pruned / MoE and would load "
+                        "as random weights here. Load it with cpet.compress.load_compressed; as model.name give "
+                        "the model it was compressed from (its compression.json names it under 'source')")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user

@@ -23,7 +23,9 @@ import torch.nn as nn
 
 from cpet.config import DistillConfig, TrainConfig
 from cpet.distill import Teacher, distill_loss
+from cpet.errors import CpetError
 from cpet.formats import Format, get_format, model_inputs
+from cpet.io import load_safetensors, read_json
 from cpet.layers import freeze_backbone, task_state_dict
 from cpet.tasks import Example, TaskSpec
 
@@ -55,11 +57,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, directory: Path) 
 
 
 def _load_checkpoint(directory: Path) -> tuple[dict, dict] | None:
-    from safetensors.torch import load_file
-
     for d in (directory, directory.with_name(directory.name + ".old")):  # .old survives a crash mid-swap
         if (d / "trainer.json").is_file() and (d / "state.safetensors").is_file():
-            return load_file(str(d / "state.safetensors")), json.loads((d / "trainer.json").read_text())
+            fix = f"delete {d} to restart this training from its beginning"
+            return load_safetensors(d / "state.safetensors", "training checkpoint", fix), \
+                read_json(d / "trainer.json", "training checkpoint", fix)
     return None
 
 
@@ -83,12 +85,13 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
           cfg: TrainConfig, max_length: int, out_dir: str | Path | None = None,
           teacher: nn.Module | None = None, distill: DistillConfig | None = None,
           log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
-          resume: bool = True, fmt: Format | None = None) -> TrainResult:
+          resume: bool = True, fmt: Format | None = None, fingerprint: str | None = None) -> TrainResult:
     """Train the task modules of ``model`` (backbone frozen) and leave the best-on-val state loaded.
 
     ``out_dir/checkpoint`` is written every ``cfg.checkpoint_every`` steps and at epoch ends; with
     ``resume`` an existing checkpoint there is continued exactly. ``on_step(step)`` runs after each
-    optimizer step (used by tests to interrupt a run).
+    optimizer step (used by tests to interrupt a run). ``fingerprint`` (of everything the run depends on)
+    is stored in each checkpoint; resuming a checkpoint made with another one is refused.
     """
     from accelerate import Accelerator
 
@@ -121,6 +124,13 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     loaded = _load_checkpoint(ckpt_dir) if (ckpt_dir and resume) else None
     if loaded:
         tensors, meta = loaded
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise CpetError(f"{ckpt_dir} was made by a run with another config (fingerprint "
+                            f"{meta.get('fingerprint')} vs {fingerprint}); delete it to start this training afresh")
+        missing = [n for n in named if f"param.{n}" not in tensors]
+        if missing:
+            raise CpetError(f"{ckpt_dir} does not hold {missing[0]} (another model or PET config?); "
+                            "delete it to start this training afresh")
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(tensors[f"param.{n}"])
@@ -148,7 +158,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
         meta = {"step": step, "epoch": epoch, "pos": pos, "best_val": best_val, "best_epoch": best_epoch,
-                "history": history, "elapsed": elapsed}
+                "history": history, "elapsed": elapsed, "fingerprint": fingerprint}
         _atomic_save(tensors, meta, ckpt_dir)
 
     key_metric = spec.metrics[0]

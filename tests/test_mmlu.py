@@ -49,6 +49,7 @@ class GoldLetterOracle(nn.Module):
         super().__init__()
         self.gold, self.wrong, self.vocab = gold, wrong, vocab
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the evaluator a device to read
+        self.config = type("Config", (), {"model_type": "llama"})()  # a decoder-only LM, as MMLU requires
 
     def forward(self, input_ids, attention_mask):
         logits = torch.zeros(*input_ids.shape, self.vocab)

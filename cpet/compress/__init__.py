@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from cpet.compress import int8, moefication, structured, unstructured
 from cpet.errors import CpetError
-from cpet.io import atomic_write, atomic_write_json
+from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
 
 # name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
 METHODS = {
@@ -101,6 +101,7 @@ def compress(model: nn.Module, plan, calibration=None, tokenizer=None, data_dir:
     return model
 
 
+FORMAT = "cpet-compressed-v1"
 SPARSE_MIN = 0.4  # a weight (>= 2-D) with at least this fraction of zeros is stored as values + bitmask
 
 
@@ -120,13 +121,21 @@ def unpack_sparse(values: torch.Tensor, packed: torch.Tensor, shape) -> torch.Te
     return out.view(*shape)
 
 
-def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan, source: str) -> Path:
+def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan, source: str,
+                    fingerprint: dict | None = None) -> Path:
     """Backbone weights as safetensors (int8 as int8; weights that are >= 40% zeros as non-zero values +
-    a bitmask) + HF config + tokenizer + compression.json."""
+    a bitmask) + HF config + tokenizer + compression.json (written last: a folder without it is
+    incomplete, so an old one is removed first and a crash never leaves a mislabelled folder).
+    ``fingerprint``: the record of what produced it (source digest, plan, calibration digest)."""
     from safetensors.torch import save
 
+    from cpet.fingerprint import digest
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CpetError(f"{out} is a file; pass a folder for the compressed backbone")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "compression.json").unlink(missing_ok=True)
     state, aliases, seen, sparse = {}, {}, {}, {}
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.shape, v.dtype)
@@ -140,25 +149,56 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
             sparse[k] = list(v.shape)
             continue
         state[k] = v.contiguous()
-    atomic_write(out / "model.safetensors", save(state))
+    atomic_write(out / "model.safetensors", save(state, metadata={"format": FORMAT}))
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"plan": plan_to_json(plan), "source": source, "format": "cpet-compressed-v1", "aliases": aliases,
-            "sparse": sparse, "model_class": type(model).__name__}
+    meta = {"plan": plan_to_json(plan), "source": source, "format": FORMAT, "aliases": aliases,
+            "sparse": sparse, "model_class": type(model).__name__,
+            **({"fingerprint": {"hash": digest(fingerprint), "inputs": fingerprint}} if fingerprint else {})}
     atomic_write_json(out / "compression.json", meta)
     return out
 
 
+def check_output_dir(out: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Refuse to write a compressed backbone where it would destroy something: the source model's own
+    folder (or a folder inside it or holding it), a file, or a folder holding files that are not a cpet
+    compressed backbone. An earlier cpet compressed backbone may be replaced (that is what -o asks)."""
+    o = Path(out).resolve()
+    if o.exists() and not o.is_dir():
+        raise CpetError(f"{out} is a file; pass a folder for the compressed backbone (-o DIR)")
+    if source is not None and Path(source).exists():
+        src = Path(source).resolve()
+        if o == src or src in o.parents or o in src.parents:
+            raise CpetError(f"-o {out} would write into the source model's folder {src} (its weights would be "
+                            "overwritten); pick a folder outside it")
+    if o.is_dir() and any(o.iterdir()) and not (o / "compression.json").is_file() and not _written_by_cpet(o):
+        raise CpetError(f"{out} is not empty and is not a cpet compressed backbone (it would be overwritten); "
+                        "pick an empty or new folder")
+
+
+def _written_by_cpet(folder: Path) -> bool:
+    """A folder whose model.safetensors cpet wrote (its header says so), e.g. one a crash left unfinished."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - missing or unreadable: not ours
+        return False
+
+
 def load_compressed(path: str | os.PathLike):
     """Rebuild the architecture, re-create the compressed layer types, load the exact saved tensors."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
     p = Path(path)
     if not (p / "compression.json").is_file():
         raise CpetError(f"{p} is not a cpet compressed backbone (no compression.json); make one with cpet compress")
-    meta = json.loads((p / "compression.json").read_text())
+    fix = f"the folder is damaged: compress again with cpet compress (into {p} or another folder)"
+    meta = read_json(p / "compression.json", "compressed backbone record", fix)
+    if not isinstance(meta, dict) or "plan" not in meta:
+        raise CpetError(f"{p / 'compression.json'} is not a cpet compression record (no plan); {fix}")
     config = AutoConfig.from_pretrained(p)
     with torch.device("cpu"):
         cls_name = meta.get("model_class")
@@ -168,7 +208,7 @@ def load_compressed(path: str | os.PathLike):
             model = getattr(transformers, cls_name)(config)
         else:
             model = T5EncoderModel(config) if config.model_type in ("t5", "mt5") else AutoModel.from_config(config)
-    state = load_file(str(p / "model.safetensors"))
+    state = load_safetensors(p / "model.safetensors", "compressed backbone weights", fix)
     for k, shape in meta.get("sparse", {}).items():
         state[k] = unpack_sparse(state.pop(f"{k}.__nz_values"), state.pop(f"{k}.__nz_mask"), shape)
     for alias, name in meta.get("aliases", {}).items():
