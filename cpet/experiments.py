@@ -12,7 +12,6 @@ same command continues where it stopped. ``results.md`` is regenerated from the 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict

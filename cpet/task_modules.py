@@ -7,7 +7,6 @@ task's labels). Both written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn as nn
 
 from cpet.config import LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
-from cpet.io import atomic_write, atomic_write_json
+from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
 from cpet.layers import Adapted, task_state_dict
 from cpet.models import LMTaskModel, TaskModel
 from cpet.pet import lora as lora_mod
@@ -80,13 +79,14 @@ def save_task_modules(model: TaskModel, out_dir: str | os.PathLike, extra: dict 
 
 def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel:
     """Rebuild the saved task's modules on ``backbone`` and load their exact tensors."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
     if not cfg_path.is_file() or not st_path.is_file():
         raise CpetError(f"{p} is not a cpet task folder (needs task_config.json and task_modules.safetensors)")
-    desc = json.loads(cfg_path.read_text())
+    fix = "the task folder is damaged: copy it again, or retrain the task"
+    desc = read_json(cfg_path, "task config", fix)
+    if not isinstance(desc, dict) or not str(desc.get("format", "")).startswith("cpet-task"):
+        raise CpetError(f"{cfg_path} is not a cpet task config (no 'format: cpet-task-v1'); {fix}")
     head = desc.get("head", "classify")
     if (head == "lm") != is_language_model(backbone):
         raise CpetError(f"{p} was trained {'text-to-text on a language model' if head == 'lm' else 'with a task head'}"
@@ -100,7 +100,7 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
         d = desc["recovery"]
         cfg = RecoveryConfig(r=d["r"], activation=d["activation"], dropout=d["dropout"])
         recovery_mod.add_recovery_to(model, d["modules"], cfg)
-    load_into(model, load_file(str(st_path)), what=str(p))
+    load_into(model, load_safetensors(st_path, "task modules", fix), what=str(p))
     return model
 
 

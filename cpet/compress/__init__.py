@@ -6,7 +6,6 @@ in place. The compressed backbone saves once (safetensors + its plan) and serves
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path

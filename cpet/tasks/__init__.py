@@ -7,6 +7,7 @@ The hold-out does not depend on the training seed, so every paradigm sees the sa
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -127,6 +128,91 @@ def _from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
     return train, [spec.hub_row(r) for r in ds[spec.hub_test_split]]
 
 
+# ---------------------------------------------------------------- reading data files
+# Every local file is read through these, so a bad file stops with one message naming the file, the
+# line (or row) and what was expected, never a traceback or a silently mis-scored example.
+Row = tuple[str, object]  # (where: "file, line N", the parsed row)
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    """One JSON object per line -> [(where, dict)]."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}, line {i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise CpetError(f"{path}, line {i}: not valid JSON ({e.msg}); expected one JSON object per line")
+    return rows
+
+
+def read_json(path: Path, key: str | None = None) -> list[Row]:
+    """A JSON file holding a list of rows (or a mapping of id -> row; ``key`` picks a field first)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CpetError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}); the file is damaged or truncated") from None
+    except UnicodeDecodeError as e:
+        raise CpetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise CpetError(f"{path}: expected a JSON object with a {key!r} field")
+        data = data[key]
+    if isinstance(data, dict):
+        return [(f"{path}, row {k!r}", data[k]) for k in sorted(data, key=lambda k: (len(str(k)), str(k)))]
+    if not isinstance(data, list):
+        raise CpetError(f"{path}: expected a list of rows, got {type(data).__name__}")
+    return [(f"{path}, row {i}", r) for i, r in enumerate(data)]
+
+
+def read_tsv(path: Path, header: list[str] | None = None) -> list[Row]:
+    """Tab-separated lines after a header -> [(where, list of fields)]; ``header``: the expected first
+    columns of the header line."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC's header starts with a BOM
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        raise CpetError(f"{path}: empty file")
+    if header is not None and lines[0][: len(header)] != header:
+        raise CpetError(f"{path}, line 1: expected a header starting {header}, got {lines[0][: len(header) + 1]}")
+    return [(f"{path}, line {i}", r) for i, r in enumerate(lines[1:], 2)]
+
+
+def to_examples(rows: list[Row], convert, labels: tuple[str, ...] | None = None) -> list[Example]:
+    """``convert(row) -> Example`` for each row; a missing field, an unparsable value or a label outside
+    ``labels`` (or a choice index outside the row's choices) names the row and what was expected."""
+    out = []
+    for where, r in rows:
+        try:
+            made = convert(r)  # one Example, or a list (a SQuAD article holds many questions)
+        except KeyError as err:
+            raise CpetError(f"{where}: missing field {err}") from None
+        except (ValueError, TypeError, IndexError, AttributeError) as err:
+            raise CpetError(f"{where}: cannot read the row ({err}): {str(r)[:120]}") from None
+        for e in made if isinstance(made, list) else [made]:
+            n = len(e.choices) if e.choices else len(labels) if labels else None
+            if n is not None and not (isinstance(e.label, int) and 0 <= e.label < n):
+                allowed = f"a choice index 0..{n - 1}" if e.choices else f"0..{n - 1} or one of {list(labels)}"
+                raise CpetError(f"{where}: label {e.label!r} is outside the label set (expected {allowed})")
+            out.append(e)
+    return out
+
+
+def label_id(value, labels: tuple[str, ...]) -> int:
+    """A label given as its name or as its integer id (checked by ``to_examples``)."""
+    if isinstance(value, str) and value in labels:
+        return labels.index(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"label {value!r} is neither one of {list(labels)} nor an integer id")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"label {value!r} is neither one of {list(labels)} nor an integer id") from None
+
+
 def fields_row(a: str, b: str | None = None):
     """A hub-row converter reading text fields ``a`` (and ``b``) and an integer ``label``."""
     return lambda r: Example(r[a], r[b] if b else None, int(r["label"]))
@@ -153,6 +239,12 @@ def load_task(cfg: TaskConfig) -> TaskData:
         except FileNotFoundError as e:
             raise CpetError(f"{spec.name}: data file missing in {root} ({e.filename}); "
                             f"point task.data_dir / ${DATA_ENV} at a folder laid out like ../shared/data") from None
+        except UnicodeDecodeError as e:
+            raise CpetError(f"{spec.name}: a data file in {root} is not UTF-8 text ({e.reason}); "
+                            "is it damaged?") from None
+        if not train_all or not test:
+            raise CpetError(f"{spec.name}: no {'training' if not train_all else 'test'} examples in {root}; "
+                            "is a data file empty?")
         source = str(root)
         test_set = spec.note or "the official validation set"
     else:

@@ -9,10 +9,9 @@ exp(-it)); the paper's own evaluation of instruction tuning is 5-shot MMLU (``cp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, register, seeded_split
+from cpet.tasks import Example, TaskSpec, read_json, register, seeded_split, to_examples
 
 TEST_SIZE = 100
 
@@ -35,8 +34,7 @@ def _example(r: dict) -> Example:
 
 
 def _alpaca_local(root: Path):
-    rows = json.loads((root / "alpaca" / "alpaca_data_1k.json").read_text(encoding="utf-8"))
-    return seeded_split([_example(r) for r in rows], TEST_SIZE)
+    return seeded_split(to_examples(read_json(root / "alpaca" / "alpaca_data_1k.json"), _example), TEST_SIZE)
 
 
 ALPACA = register(TaskSpec(

@@ -8,52 +8,29 @@ the official validation sets.
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, fields_row, register
-
-
-def _read_tsv(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC's header starts with a BOM
-        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
-def _read_sst2(path: Path) -> list[Example]:
-    rows = _read_tsv(path)
-    header, body = rows[0], rows[1:]
-    if header[:2] != ["sentence", "label"]:
-        raise ValueError(f"{path}: expected a 'sentence<TAB>label' header, got {header}")
-    return [Example(r[0].strip(), None, int(r[1])) for r in body]
+from cpet.tasks import Example, TaskSpec, fields_row, label_id, read_json, read_tsv, register, to_examples
 
 
 def _sst2_local(root: Path):
     d = root / "glue" / "SST-2"
-    return _read_sst2(d / "train.tsv"), _read_sst2(d / "dev.tsv")
-
-
-def _read_mrpc(path: Path) -> list[Example]:
-    rows = _read_tsv(path)
-    if rows[0][:1] != ["Quality"]:
-        raise ValueError(f"{path}: expected the GLUE MRPC header, got {rows[0][:3]}")
-    return [Example(r[3], r[4], int(r[0])) for r in rows[1:] if len(r) >= 5]
+    read = lambda f: to_examples(read_tsv(d / f, ["sentence", "label"]),  # noqa: E731
+                                 lambda r: Example(r[0].strip(), None, int(r[1])), SST2_LABELS)
+    return read("train.tsv"), read("dev.tsv")
 
 
 def _mrpc_local(root: Path):
     d = root / "glue" / "MRPC"
-    return _read_mrpc(d / "train.tsv"), _read_mrpc(d / "dev.tsv")
+    rows = lambda f: [(w, r) for w, r in read_tsv(d / f, ["Quality"]) if r]  # noqa: E731
+    read = lambda f: to_examples(rows(f), lambda r: Example(r[3], r[4], int(r[0])), MRPC_LABELS)  # noqa: E731
+    return read("train.tsv"), read("dev.tsv")
 
 
 def _pretrain_subset(folder: str, labels: tuple[str, ...]):
     def read(path: Path) -> list[Example]:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        out = []
-        for key in sorted(rows, key=int):
-            r = rows[key]
-            lab = r["label"]
-            out.append(Example(r["text_a"], r["text_b"], labels.index(lab) if lab in labels else int(lab)))
-        return out
+        return to_examples(read_json(path), lambda r: Example(r["text_a"], r["text_b"], label_id(r["label"], labels)),
+                           labels)
 
     def load(root: Path):
         d = root / "glue" / folder / "glue_pretrain_subset"
@@ -61,14 +38,16 @@ def _pretrain_subset(folder: str, labels: tuple[str, ...]):
     return load
 
 
+SST2_LABELS = ("negative", "positive")
+MRPC_LABELS = ("not_equivalent", "equivalent")
 HELD_OUT = "test = a 1,000-example held-out part of the official train set (official dev not available locally)"
 
 SST2 = register(TaskSpec(
-    name="sst2", labels=("negative", "positive"), metrics=("accuracy",),
+    name="sst2", labels=SST2_LABELS, metrics=("accuracy",),
     load_local=_sst2_local, hub=("glue", "sst2"), hub_row=fields_row("sentence"),
     template="{a}\nQuestion: Is this sentence positive or negative?\nAnswer:"))
 MRPC = register(TaskSpec(
-    name="mrpc", labels=("not_equivalent", "equivalent"), metrics=("accuracy", "f1"),
+    name="mrpc", labels=MRPC_LABELS, metrics=("accuracy", "f1"),
     load_local=_mrpc_local, hub=("glue", "mrpc"), hub_row=fields_row("sentence1", "sentence2"),
     template="Sentence 1: {a}\nSentence 2: {b}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
     verbalizers=("no", "yes")))

@@ -9,10 +9,9 @@ Training uses each question's first gold answer; evaluation scores against all g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, register, seeded_split
+from cpet.tasks import Example, TaskSpec, read_json, register, seeded_split, to_examples
 
 TEST_ARTICLES = 10
 
@@ -28,10 +27,9 @@ def _article_examples(article: dict) -> list[Example]:
 
 
 def _squad_local(root: Path):
-    articles = json.loads((root / "squad" / "dev-v1.1.json").read_text(encoding="utf-8"))["data"]
+    articles = read_json(root / "squad" / "dev-v1.1.json", key="data")
     train_articles, test_articles = seeded_split(articles, TEST_ARTICLES)
-    return ([e for a in train_articles for e in _article_examples(a)],
-            [e for a in test_articles for e in _article_examples(a)])
+    return to_examples(train_articles, _article_examples), to_examples(test_articles, _article_examples)
 
 
 def _hub_row(r: dict) -> Example:

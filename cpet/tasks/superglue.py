@@ -6,29 +6,34 @@ BoolQ has no train split here: its official validation set is split deterministi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, fields_row, register, seeded_split
+from cpet.tasks import Example, TaskSpec, fields_row, label_id, read_jsonl, register, seeded_split, to_examples
 
 
-def _jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read(path: Path, convert, labels: tuple[str, ...] | None = ("0", "1")) -> list[Example]:
+    return to_examples(read_jsonl(path), convert, labels)
 
 
 def _pairs(folder: str, labels: tuple[str, ...], a: str = "premise", b: str = "hypothesis"):
     def conv(r):
-        return Example(r[a], r[b], labels.index(r["label"]) if isinstance(r["label"], str) else int(r["label"]))
+        return Example(r[a], r[b], label_id(r["label"], labels))
 
     def load(root: Path):
         d = root / "superglue" / folder
-        return [conv(r) for r in _jsonl(d / "train.jsonl")], [conv(r) for r in _jsonl(d / "val.jsonl")]
+        return _read(d / "train.jsonl", conv, labels), _read(d / "val.jsonl", conv, labels)
     return load
 
 
+def _flag(value) -> int:
+    """A boolean label (true / false, 1 / 0) as 1 / 0."""
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    raise ValueError(f"label {value!r} is not true / false")
+
+
 def _wic_example(r: dict) -> Example:
-    return Example(f"{r['word']} : {r['sentence1']}", r["sentence2"], int(bool(r["label"])))
+    return Example(f"{r['word']} : {r['sentence1']}", r["sentence2"], _flag(r["label"]))
 
 
 def _wic_prompt(e: Example) -> str:
@@ -39,11 +44,11 @@ def _wic_prompt(e: Example) -> str:
 
 def _wic_local(root: Path):
     d = root / "superglue" / "WiC"
-    return [_wic_example(r) for r in _jsonl(d / "train.jsonl")], [_wic_example(r) for r in _jsonl(d / "val.jsonl")]
+    return _read(d / "train.jsonl", _wic_example), _read(d / "val.jsonl", _wic_example)
 
 
 def _boolq_example(r: dict) -> Example:
-    return Example(r["question"], r["passage"], int(bool(r["label"])))
+    return Example(r["question"], r["passage"], _flag(r["label"]))
 
 
 BOOLQ_TEST = 1000
@@ -51,19 +56,21 @@ BOOLQ_TEST = 1000
 
 def _boolq_local(root: Path):
     d = root / "superglue" / "BoolQ"
-    rest, test = seeded_split([_boolq_example(r) for r in _jsonl(d / "val.jsonl")], BOOLQ_TEST)
-    few = [_boolq_example(r) for f in ("train.jsonl", "dev32.jsonl") for r in _jsonl(d / "fewglue_32dev" / f)]
+    rest, test = seeded_split(_read(d / "val.jsonl", _boolq_example), BOOLQ_TEST)
+    few = [e for f in ("train.jsonl", "dev32.jsonl") for e in _read(d / "fewglue_32dev" / f, _boolq_example)]
     return few + rest, test
 
 
 def _copa_example(r: dict) -> Example:
     ask = "What was the cause?" if r["question"] == "cause" else "What happened as a result?"
+    if r["question"] not in ("cause", "effect"):
+        raise ValueError(f"question {r['question']!r} is neither cause nor effect")
     return Example(f"{r['premise']} {ask}", None, int(r["label"]), choices=(r["choice1"], r["choice2"]))
 
 
 def _copa_local(root: Path):
     d = root / "superglue" / "COPA"
-    return [_copa_example(r) for r in _jsonl(d / "train.jsonl")], [_copa_example(r) for r in _jsonl(d / "val.jsonl")]
+    return _read(d / "train.jsonl", _copa_example, None), _read(d / "val.jsonl", _copa_example, None)
 
 
 RTE_LABELS = ("entailment", "not_entailment")
