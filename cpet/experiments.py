@@ -75,7 +75,6 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         if clm:
             _check_compressed(cdir, records_in["compressed"], fresh, log)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", cfg.to_dict())
     state.wait_for_everyone()
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
         f"{len(data.test)} test ({data.test_set}) from {data.source}")
@@ -173,7 +172,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                     inherit(student, teacher)
                     rec = run_paradigm(paradigm, student, teacher=teacher)
             records.append(rec)
-    if main:
+    if main:  # the config of the last completed run (each paradigm's own inputs: <paradigm>/fingerprint.json)
+        atomic_write_json(out / "config.json", cfg.to_dict())
         write_report(out, records)
     return records
 
