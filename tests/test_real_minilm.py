@@ -38,12 +38,13 @@ def test_int8_kernel_keeps_real_model_close(minilm):
     weight_only = compress(copy.deepcopy(base), [{"method": "int8", "kernel": "dequant"}])
     assert _cos(ref, _hidden(weight_only, enc), enc["attention_mask"]) > 0.998  # int8 weights alone: ~0.9995
     q = compress(copy.deepcopy(base), [{"method": "int8"}])
-    # fbgemm W8A8 (per-tensor dynamic activations) measured 0.966 here: the activations cost more than the weights
-    assert _cos(ref, _hidden(q, enc), enc["attention_mask"]) > 0.95
+    # W8A8 with per-token activation scales measured 0.992 here (per-tensor scales, before: 0.966)
+    cos_q = _cos(ref, _hidden(q, enc), enc["attention_mask"])
+    assert cos_q > 0.985
     smoothed = compress(copy.deepcopy(base), [{"method": "int8", "smooth": 0.5}], tokenizer=tok)
     cos_smooth = _cos(ref, _hidden(smoothed, enc), enc["attention_mask"])
-    # smoothing q/k/v/ffn_in helps W8A8 (measured 0.960 -> 0.974 token cosine on SST-2 sentences)
-    assert cos_smooth > _cos(ref, _hidden(q, enc), enc["attention_mask"]) + 0.005
+    # smoothing q/k/v/ffn_in still helps W8A8 (measured 0.9923 -> 0.9969 token cosine on these sentences)
+    assert cos_smooth > cos_q + 0.002
     pruned = compress(copy.deepcopy(base), [{"method": "unstructured", "sparsity": 0.5}, {"method": "int8"}])
     cos_pruned = _cos(ref, _hidden(pruned, enc), enc["attention_mask"])
     assert 0.3 < cos_pruned < 0.99  # real damage, which is what recovery is for
