@@ -167,6 +167,32 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
     return 0
 
 
+def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool, retry_failed: bool) -> int:
+    from cpet.grid import describe, load_grid, run_grid
+
+    grid = load_grid(path, overrides, output_dir)  # every cell validated before anything runs
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if dry_run:
+        describe(grid, log)
+        return 0
+    records = run_grid(grid, log, retry_failed=retry_failed)
+    failed = sum(1 for r in records if r and r.get("status") == "failed")
+    print(f"\nresults: {grid.root.resolve()} (cpet report {grid.root} makes the tables)")
+    return 1 if failed else 0
+
+
+def _report(root: str, out: str | None) -> int:
+    from cpet.grid import results_of
+    from cpet.report import write_report
+
+    root_p = Path(root)
+    if not (root_p / "cells").is_dir():
+        raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
+    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}")
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning for compressed LMs (CPET).")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -181,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task.name=rte train.lr=5e-4")
     p.add_argument("-o", "--output-dir", default=None)
     p.add_argument("--fresh", action="store_true", help=fresh_help)
+    p = sub.add_parser("grid", help="run a grid of experiments (base experiment x axes), resumable, shared work done once")
+    p.add_argument("grid", help="grid YAML: base (experiment mapping or YAML path), axes ({dotted key: [values]}), output_dir")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    p.add_argument("-o", "--output-dir", default=None)
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their status and the time left")
+    p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p = sub.add_parser("report", help="tables (markdown), long CSV and plots from a grid folder")
+    p.add_argument("dir", help="the output_dir of cpet grid")
+    p.add_argument("-o", "--output-dir", default=None, help="where to write (default: the grid folder)")
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -211,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(DEMO_CONFIG, args.overrides, args.output_dir, args.fresh)
         if args.verb == "run":
             return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
+        if args.verb == "grid":
+            return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
+        if args.verb == "report":
+            return _report(args.dir, args.output_dir)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":

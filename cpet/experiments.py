@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from cpet.compress import compress, load_compressed, needs_calibration, plan_to_json, save_compressed
-from cpet.config import ExperimentConfig
+from cpet.config import PARADIGMS, ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
@@ -37,11 +37,45 @@ LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
 
 
 FINGERPRINT = "fingerprint.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """``cpet run``: <root>/<paradigm>/ and <root>/backbone_compressed/, named by role, so a folder made
+    with another config is met (and refused) on a rerun."""
+
+    root: Path
+    shared = False
+
+    def paradigm_dir(self, paradigm: str, fp: str) -> Path:
+        return self.root / paradigm
+
+    def backbone_dir(self, fp: str) -> Path:
+        return self.root / "backbone_compressed"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """``cpet grid``: content-addressed, <root>/paradigms/<paradigm>-<fingerprint>/ and
+    <root>/backbones/<fingerprint>/. A folder's name is its inputs' fingerprint, so cells share what
+    they have in common (one compressed backbone per model, plan and calibration; one teacher per task,
+    seed and PET config) and a changed config never meets a stale folder."""
+
+    root: Path
+    shared = True
+
+    def paradigm_dir(self, paradigm: str, fp: str) -> Path:
+        return self.root / "paradigms" / f"{paradigm}-{fp}"
+
+    def backbone_dir(self, fp: str) -> Path:
+        return self.root / "backbones" / fp
+
 # what a paradigm folder may hold (all written by cpet): --fresh removes exactly these
 PARADIGM_FILES = ("result.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "task", FINGERPRINT)
 
 
-def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fresh: bool = False) -> list[dict]:
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fresh: bool = False,
+                   layout: RunLayout | StoreLayout | None = None) -> list[dict]:
     """Run (or continue) every paradigm in ``cfg.paradigms``; returns their result records.
 
     Each paradigm folder (and the compressed backbone) records the fingerprint of what produced it;
@@ -58,7 +92,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     main = state.is_main_process
     if not main:
         log = lambda s: None  # noqa: E731
-    out = Path(cfg.output_dir)
+    layout = layout or RunLayout(Path(cfg.output_dir))
+    out = layout.root
     if out.exists() and not out.is_dir():
         raise CpetError(f"output_dir {out} is a file; pass a folder (-o DIR)")
     data = load_task(cfg.task)  # data errors before any folder is made
@@ -67,11 +102,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     text = use_text_formulation(cfg)
     backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
     records_in = _fingerprint_inputs(cfg, data, text, tokenizer)
-    cdir = out / "backbone_compressed"
+    fps = {k: digest(v) for k, v in records_in.items()}
+    pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS}
+    cdir = layout.backbone_dir(fps["compressed"])
     clm = [p for p in cfg.paradigms if p != "base_pet"]
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:
-            _check_folder(out / paradigm, records_in[paradigm], LABELS[paradigm], fresh, log)
+            _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
         if clm:
             _check_compressed(cdir, records_in["compressed"], fresh, log)
         out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +122,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     common["formulation"] = "text" if text else "head"
 
     def run_paradigm(paradigm: str, model, teacher=None) -> dict:
-        pdir = out / paradigm
-        fp = digest(records_in[paradigm])
+        pdir, fp = pdirs[paradigm], fps[paradigm]
         if main:
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
         n_params = sum(v.numel() for v in _task_tensors(model))
@@ -132,7 +168,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         return {k: res[k] for k in res if k != "questions"}
 
     def done(paradigm: str) -> dict | None:
-        f = out / paradigm / "result.json"
+        f = pdirs[paradigm] / "result.json"
         if f.is_file():
             log(f"[{LABELS[paradigm]}] already done with this config ({f}); skipping")
             return read_json(f, f"{LABELS[paradigm]} result", f"delete {f.parent} (or rerun with --fresh) to run it again")
@@ -147,7 +183,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
             rec = run_paradigm("base_pet", teacher)
         else:
-            teacher = load_task_modules(backbone, out / "base_pet" / "task")
+            teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
         records.append(rec)
 
     if clm:
@@ -172,7 +208,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                     inherit(student, teacher)
                     rec = run_paradigm(paradigm, student, teacher=teacher)
             records.append(rec)
-    if main:  # the config of the last completed run (each paradigm's own inputs: <paradigm>/fingerprint.json)
+    if main and not layout.shared:  # the config of the last completed run (each paradigm's inputs: fingerprint.json)
         atomic_write_json(out / "config.json", cfg.to_dict())
         write_report(out, records)
     return records

@@ -192,13 +192,30 @@ def load_backbone(name: str, lm: bool = False):
         cls = T5ForConditionalGeneration if t5 else AutoModelForCausalLM
     else:
         cls = T5EncoderModel if t5 else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32)
+    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    _refuse_missing_weights(name, model, info)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.eval()
     return model, tokenizer
+
+
+# weights a checkpoint may lack without harm: buffers HF rebuilds, the pooler cpet never uses, a head
+# tied to the embedding
+_OPTIONAL_WEIGHTS = re.compile(r"(^|\.)(pooler\.|position_ids$|num_batches_tracked$)")
+
+
+def _refuse_missing_weights(name: str, model: nn.Module, info: dict) -> None:
+    """HF fills weights a checkpoint lacks with random values and only warns; a backbone like that would
+    train and report numbers on noise, so it is refused."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", ()) if not _OPTIONAL_WEIGHTS.search(k)
+               and not (tied and k.startswith("lm_head."))]
+    if missing:
+        raise CpetError(f"{name}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]!r}) "
+                        "and would start random; is it the right folder, or a model of another architecture?")
 
 
 class ClassificationHead(nn.Module):

@@ -222,6 +222,18 @@ def test_compressed_folder_as_model_name_is_refused(tmp_path, tiny_model_dir, ti
     refused(tiny_run(f"model.name={tmp_path / 'q'}"), capsys, tmp_path, "compressed backbone", "load_compressed")
 
 
+def test_backbone_with_missing_weights_is_refused(tmp_path, tiny_model_dir, tiny_run, capsys):
+    """A checkpoint lacking a layer's weights would load with that layer random (HF only warns)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["encoder.layer.0.attention.self.query.weight"]
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    refused(tiny_run(f"model.name={broken}"), capsys, tmp_path, "missing", "attention.self.query.weight")
+
+
 def test_mmlu_on_an_encoder_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
     refused(["mmlu", tiny_model_dir, "--data-dir", data_dir], capsys, tmp_path, "causal LM", "bert")
 

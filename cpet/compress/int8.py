@@ -120,6 +120,7 @@ def _guard(width: int) -> torch.Tensor:
 
 CHUNK_ROWS = 512  # tokens per kernel call: the normalised copy and the output stay cache-sized (measured
                   # 1.2-1.9x faster than one call over 4096 tokens on MiniLM's shapes)
+SMALL_ROWS = 256  # up to here one kernel call without chunk bookkeeping (fewer ops for short inputs)
 
 
 def w8a8_linear(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,17 +128,19 @@ def w8a8_linear(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Ten
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (N, in)
     n = x2.shape[0]
+    if n <= SMALL_ROWS:
+        m = _token_max(x2)  # (N, 1)
+        k = torch.ops.quantized.linear_dynamic(torch.cat([x2 / m, _guard(shape[-1])]), packed, True)[:-2]
+        y = k.mul_(m) if bias is None else k.mul_(m).add_(bias)  # (N, out); the same two roundings as below
+        return y.view(*shape[:-1], y.shape[-1])
     out = None
     for i in range(0, n, CHUNK_ROWS):
-        xc = x2 if n <= CHUNK_ROWS else x2[i: i + CHUNK_ROWS]  # (n_c, in)
+        xc = x2[i: i + CHUNK_ROWS]  # (n_c, in)
         m = _token_max(xc)  # (n_c, 1)
         buf = torch.cat([xc / m, _guard(shape[-1])])  # (n_c + 2, in): rows in [-1, 1] + the guard rows
         k = torch.ops.quantized.linear_dynamic(buf, packed, True)[:-2]  # (n_c, out)
-        if n <= CHUNK_ROWS:
-            out = k.mul_(m)
-        else:
-            out = torch.empty(n, k.shape[1]) if out is None else out
-            torch.mul(k, m, out=out[i: i + CHUNK_ROWS])
+        out = torch.empty(n, k.shape[1]) if out is None else out
+        torch.mul(k, m, out=out[i: i + CHUNK_ROWS])
     if bias is not None:
         out.add_(bias)
     return out.view(*shape[:-1], out.shape[-1])

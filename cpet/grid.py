@@ -1,0 +1,203 @@
+"""Experiments as data: a base experiment plus axes -> cells, run (or continued) one after another.
+
+    base:  an experiment (inline mapping, or the path of an experiment YAML)
+    axes:  {dotted key: [values]}    e.g. task.name: [sst2, rte], compress: [Q, UP], train.seed: [1, 2, 3]
+    output_dir: runs/grid
+
+Cells are the product of the axes (first axis outermost). Every cell runs ``run_experiment`` on a
+content-addressed store (``StoreLayout``): a paradigm's folder is named by the fingerprint of its
+inputs, so cells share what they have in common (one compressed backbone per model, plan and
+calibration; one base+PET teacher per task, seed and PET config), a rerun skips what is done, and a
+changed config can never reuse a stale result. Each cell's record (its axis values, config, status,
+the fingerprints of its results, or its error) is ``<root>/cells/<cell id>.json``; a failed cell is
+recorded and the rest go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from cpet.config import ExperimentConfig, load_config
+from cpet.errors import CpetError
+from cpet.fingerprint import digest
+from cpet.io import atomic_write_json, read_json
+
+CELLS = "cells"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its axis values (as written in the grid file) and its resolved config."""
+
+    values: dict  # dotted key -> value as given
+    config: ExperimentConfig
+
+    @property
+    def id(self) -> str:
+        """The fingerprint of the resolved config (output_dir aside)."""
+        d = self.config.to_dict()
+        d.pop("output_dir", None)
+        return digest(d)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Axis values as short text (a preset string as is; lists and mappings as flow YAML)."""
+        return {k: v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
+                for k, v in self.values.items()}
+
+
+@dataclass(frozen=True)
+class Grid:
+    root: Path
+    cells: list[Cell]
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise CpetError(f"grid file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CpetError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise CpetError(f"{path}: expected a mapping with base, axes and output_dir")
+    return data
+
+
+def _dotted(key: str, value) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Grid:
+    """Parse a grid file; every cell's config is built and validated here, before anything runs."""
+    path = Path(path)
+    data = _load_yaml(path)
+    unknown = sorted(set(data) - {"base", "axes", "output_dir"})
+    if unknown:
+        raise CpetError(f"{path}: unknown key {unknown[0]!r}; a grid has base, axes and output_dir")
+    base = data.get("base") or {}
+    if isinstance(base, str):  # a path to an experiment YAML, relative to the grid file
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base = _load_yaml(base_path)
+    if not isinstance(base, dict):
+        raise CpetError(f"{path}: base must be an experiment mapping or the path of an experiment YAML")
+    axes = data.get("axes") or {}
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        raise CpetError(f"{path}: axes must map dotted keys to non-empty lists, e.g. train.seed: [1, 2, 3]")
+    root = Path(output_dir or data.get("output_dir") or "runs/grid")
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo))
+        try:
+            cfg = load_config(None, [*(overrides or []), *(_dotted(k, v) for k, v in values.items())], base=base)
+        except CpetError as e:
+            raise CpetError(f"{path}, cell {values}: {e}") from None
+        cells.append(Cell(values, cfg))
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise CpetError(f"{path}: two cells resolve to the same config (an axis repeats a value?)")
+    return Grid(root, cells)
+
+
+def cell_record(root: Path, cell: Cell) -> dict | None:
+    f = root / CELLS / f"{cell.id}.json"
+    return read_json(f, "grid cell record", f"delete {f} to run that cell again") if f.is_file() else None
+
+
+def _eta(durations: list[float], left: int) -> str:
+    if not durations:
+        return "ETA unknown until a cell finishes"
+    sec = sum(durations) / len(durations) * left
+    return f"ETA {sec / 60:.0f} min ({left} cells left at {sum(durations) / len(durations) / 60:.1f} min each)"
+
+
+def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
+    """The cells with their status and (from finished cells' times) an estimate of the time left."""
+    rows, done_s = [], []
+    for cell in grid.cells:
+        rec = cell_record(grid.root, cell)
+        status = rec["status"] if rec else "todo"
+        if rec and status == "done":
+            done_s.append(rec["seconds"])
+        rows.append({"cell": cell.id, "status": status, **cell.labels})
+    left = sum(r["status"] != "done" for r in rows)
+    for r in rows:
+        log(f"  [{r['status']:>6}] {r['cell']}  " + "  ".join(f"{k}={v}" for k, v in r.items()
+                                                           if k not in ("cell", "status")))
+    log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(done_s, left)}")
+    return rows
+
+
+def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False) -> list[dict]:
+    """Run every cell not yet done (in order); returns the cell records. A cell that raises is recorded
+    as failed with its error and the next one runs; ``retry_failed`` runs failed cells again."""
+    from cpet.experiments import StoreLayout, run_experiment
+
+    layout = StoreLayout(grid.root)
+    records, durations = [], []
+    todo = [c for c in grid.cells if (cell_record(grid.root, c) or {}).get("status") not in
+            (("done",) if retry_failed else ("done", "failed"))]
+    log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded")
+    for n, cell in enumerate(grid.cells, 1):
+        rec = cell_record(grid.root, cell)
+        if cell not in todo:
+            records.append(rec)
+            continue
+        where = "  ".join(f"{k}={v}" for k, v in cell.labels.items())
+        log(f"cell {n}/{len(grid.cells)} {cell.id}: {where}")
+        t0 = time.perf_counter()
+        base = {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
+        try:
+            results = run_experiment(cell.config, log=lambda s: log("  " + s), layout=layout)
+            rec = {**base, "status": "done", "seconds": round(time.perf_counter() - t0, 1),
+                   "results": {r["paradigm"]: r["fingerprint"] for r in results}}
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is recorded with its cause; the grid goes on
+            rec = {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 1),
+                   "error": f"{type(e).__name__}: {e}",
+                   **({} if isinstance(e, CpetError) else {"traceback": traceback.format_exc()})}
+            log(f"  cell {cell.id} failed: {rec['error']}")
+        atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
+        records.append(rec)
+        if rec["status"] == "done":
+            durations.append(rec["seconds"])
+        left = sum(1 for c in todo[todo.index(cell) + 1:])
+        log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {_eta(durations, left)}")
+    failed = [r for r in records if r and r["status"] == "failed"]
+    if failed:
+        log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")
+    return records
+
+
+def results_of(root: Path) -> list[dict]:
+    """Every finished paradigm of the recorded cells (each distinct result once): the result record + the
+    axis labels and config of the (first) cell that produced it."""
+    from cpet.experiments import StoreLayout
+
+    layout = StoreLayout(Path(root))
+    out, seen = [], set()
+    for f in sorted((Path(root) / CELLS).glob("*.json")):
+        rec = read_json(f, "grid cell record", f"delete {f} to run that cell again")
+        if rec.get("status") != "done":
+            continue
+        for paradigm, fp in rec["results"].items():
+            if (paradigm, fp) in seen:  # a teacher shared by cells that differ only in the plan: once
+                continue
+            seen.add((paradigm, fp))
+            rf = layout.paradigm_dir(paradigm, fp) / "result.json"
+            result = read_json(rf, "result", f"delete {rf.parent} and {f}, then rerun the grid")
+            out.append({**result, "cell": rec["cell"], "labels": rec["labels"], "cell_config": rec["config"]})
+    return out
+
+
+def dump(records: list[dict]) -> str:
+    return json.dumps(records, indent=2)

@@ -1,0 +1,209 @@
+"""Reports generated from results: a long CSV, the paper-style markdown tables, and plots.
+
+    results.csv   one row per (task, plan, paradigm, seed, metric): the input of every table
+    results.md    per metric, tasks as columns + their average, mean +- std over seeds; paired
+                  differences CLM+CPET - CLM+PET; the share of the compression gap recovered
+    *.png         (with matplotlib, ``pip install 'cpet[report]'``) per plan, each paradigm per task
+
+The gap recovered for a (task, plan) is (CLM+CPET - CLM+PET) / (base+PET - CLM+PET) on seed means:
+100% means the compressed model with CPET matches the uncompressed one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from cpet.compress import PRESETS, plan_to_json
+from cpet.errors import CpetError
+from cpet.io import atomic_write
+
+COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
+ORDER = {"base_pet": 0, "clm_pet": 1, "clm_cpet": 2}
+LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
+
+
+def plan_name(steps: list[dict]) -> str:
+    """A resolved plan as preset names joined by '+' where the steps are exactly presets (``Q+UP+M``),
+    else ``method(field=value, ...)`` for the fields that differ from the method's defaults."""
+    if not steps:
+        return "none"
+    steps = _json_plan(steps)
+    resolved = {k: _json_plan(plan_to_json(v)) for k, v in PRESETS.items()}
+    names, i = [], 0
+    while i < len(steps):
+        hit = next((k for k, v in resolved.items() if steps[i: i + len(v)] == v), None)
+        if hit is None:
+            break
+        names.append(hit)
+        i += len(resolved[hit])
+    if i == len(steps):
+        return "+".join(names)
+    parts = []
+    for step in steps:
+        default = _json_plan(plan_to_json([{"method": step["method"]}]))[0]
+        diff = [f"{k}={v}" for k, v in step.items() if k != "method" and default.get(k) != v]
+        parts.append(f"{step['method']}({', '.join(diff)})" if diff else step["method"])
+    return "+".join(parts)
+
+
+def _json_plan(steps) -> list[dict]:
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for s in steps]
+
+
+def long_rows(results: list[dict]) -> list[dict]:
+    """Result records (as ``cpet.grid.results_of`` returns) -> long rows, one per metric."""
+    rows = []
+    for r in results:
+        cfg = r["cell_config"]
+        plan = plan_name(cfg["compress"]) if r["paradigm"] != "base_pet" else "none"
+        variant = ", ".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())
+                            if k not in ("task.name", "compress", "train.seed"))
+        base = {"task": r["task"], "plan": plan, "paradigm": r["paradigm"], "seed": cfg["train"]["seed"],
+                "variant": variant, "cell": r.get("cell", ""), "fingerprint": r.get("fingerprint", "")}
+        values = {**r["test"], **{f"val_{k}": v for k, v in r["best_val"].items()},
+                  "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
+                  "train_seconds_per_step": r["train_seconds"] / max(1, r["steps"]),
+                  "trainable_params": r["trainable_params"]}
+        rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
+    return rows
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(xs: list[float], scale: float) -> str:
+    if not xs:
+        return ""
+    m, s = _mean_std(xs)
+    return f"{scale * m:.2f} ± {scale * s:.2f}" + (f" ({len(xs)})" if len(xs) > 1 else "")
+
+
+def tables(rows: list[dict]) -> str:
+    """The markdown report (see the module docstring)."""
+    main_metric = {}  # task -> its first test metric
+    for r in rows:
+        if r["metric"].startswith("val_") and r["task"] not in main_metric:
+            main_metric[r["task"]] = r["metric"][4:]
+    tasks = sorted(main_metric)
+    by = defaultdict(dict)  # (variant, plan, paradigm, task) -> {seed: value}
+    for r in rows:
+        if main_metric.get(r["task"]) == r["metric"]:
+            by[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
+    variants = sorted({k[0] for k in by})
+    plans = sorted({k[1] for k in by if k[1] != "none"})
+    scale = {t: (1.0 if main_metric[t] == "answer_logprob" else 100.0) for t in tasks}
+    out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
+           + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n).", ""]
+    for variant in variants:
+        if variant:
+            out += [f"### {variant}", ""]
+        head = ["plan", "paradigm", *tasks, "avg"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        keys = [("none", "base_pet")] + [(p, par) for p in plans for par in ("clm_pet", "clm_cpet")]
+        for plan, paradigm in keys:
+            vals = [list(by.get((variant, plan, paradigm, t), {}).values()) for t in tasks]
+            if not any(vals):
+                continue
+            means = [scale[t] * statistics.fmean(v) for t, v in zip(tasks, vals) if v]
+            avg = f"{statistics.fmean(means):.2f}" if len(means) == len(tasks) else ""
+            out.append("| " + " | ".join([plan if paradigm != "base_pet" else "—", LABELS.get(paradigm, paradigm),
+                                          *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), avg]) + " |")
+        out += ["", "Paired by seed: CLM+CPET − CLM+PET, and the share of the compression gap CLM+CPET recovers "
+                "((CPET − PET) / (base − PET) on seed means).", "",
+                "| plan | " + " | ".join(tasks) + " | avg recovered |", "|" + "---|" * (len(tasks) + 2)]
+        for plan in plans:
+            cells, shares = [], []
+            for t in tasks:
+                pet, cpet = by.get((variant, plan, "clm_pet", t), {}), by.get((variant, plan, "clm_cpet", t), {})
+                base = by.get((variant, "none", "base_pet", t), {})
+                seeds = sorted(set(pet) & set(cpet))
+                if not seeds:
+                    cells.append("")
+                    continue
+                d = [scale[t] * (cpet[s] - pet[s]) for s in seeds]
+                m, sd = _mean_std(d)
+                text = f"{m:+.2f} ± {sd:.2f}"
+                if base:
+                    gap = statistics.fmean(base.values()) - statistics.fmean(pet[s] for s in seeds)
+                    if abs(gap) > 1e-9:
+                        share = (statistics.fmean(cpet[s] for s in seeds) - statistics.fmean(pet[s] for s in seeds)) / gap
+                        shares.append(share)
+                        text += f"; {100 * share:.0f}% of {scale[t] * gap:.2f}"
+                cells.append(text)
+            avg = f"{100 * statistics.fmean(shares):.0f}%" if shares else ""
+            out.append(f"| {plan} | " + " | ".join(cells) + f" | {avg} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in sorted(rows, key=lambda r: (r["task"], r["plan"], ORDER.get(r["paradigm"], 9), r["variant"],
+                                         r["seed"], r["metric"])):
+        w.writerow({k: r[k] for k in COLUMNS})
+    atomic_write(path, buf.getvalue().encode())
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per plan: each task's main metric per paradigm (mean, error bar = std over seeds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    main = {}
+    for r in rows:
+        if r["metric"].startswith("val_") and r["task"] not in main:
+            main[r["task"]] = r["metric"][4:]
+    tasks = sorted(main)
+    plans = sorted({r["plan"] for r in rows if r["plan"] != "none"})
+    paths = []
+    for plan in plans:
+        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(tasks)), 3.2))
+        for j, (paradigm, plan_key) in enumerate((("base_pet", "none"), ("clm_pet", plan), ("clm_cpet", plan))):
+            means, stds = [], []
+            for t in tasks:
+                xs = [float(r["value"]) for r in rows if r["task"] == t and r["plan"] == plan_key and
+                      r["paradigm"] == paradigm and r["metric"] == main[t] and not r["variant"]]
+                m, s = _mean_std(xs) if xs else (math.nan, 0.0)
+                means.append(m)
+                stds.append(s)
+            ax.bar([i + 0.27 * (j - 1) for i in range(len(tasks))], means, 0.27, yerr=stds, capsize=2,
+                   label=LABELS[paradigm])
+        ax.set_xticks(range(len(tasks)), [f"{t}\n({main[t]})" for t in tasks])
+        ax.set_title(f"plan {plan}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"plot_{plan.replace('+', '_').replace('(', '_').replace(')', '').replace(', ', '_')}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(results: list[dict], out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
+    """results.csv + results.md (+ PNGs) under ``out_dir`` from result records."""
+    if not results:
+        raise CpetError("no finished results to report (run the grid first, or check the folder)")
+    out = Path(out_dir)
+    rows = long_rows(results)
+    write_csv(rows, out / "results.csv")
+    provenance = sorted({f"cpet {r['provenance'].get('cpet')} ({r['provenance'].get('commit')}), torch "
+                         f"{r['provenance'].get('torch')}, transformers {r['provenance'].get('transformers')}, "
+                         f"{r['provenance'].get('threads')} threads" for r in results if "provenance" in r})
+    pngs = plot(rows, out)
+    text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
+            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + tables(rows)
+            + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
+    atomic_write(out / "results.md", text.encode())
+    return {"csv": out / "results.csv", "md": out / "results.md", **{p.stem: p for p in pngs}}

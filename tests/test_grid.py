@@ -1,0 +1,80 @@
+"""cpet grid / cpet report on a tiny BERT: shared work done once, resumable, failures recorded, tables."""
+
+import csv
+import json
+
+import pytest
+
+from cpet.cli import main
+from cpet.errors import CpetError
+from cpet.grid import load_grid
+from cpet.report import plan_name
+
+
+def _grid_file(tmp_path, data_dir, tiny_model_dir, axes: str) -> str:
+    p = tmp_path / "grid.yaml"
+    p.write_text(f"base:\n  model: {{name: {tiny_model_dir}, max_length: 32}}\n"
+                 f"  task: {{data_dir: {data_dir}, val_size: 16, max_test: 16}}\n"
+                 "  train: {epochs: 1, batch_size: 16}\n  recovery: {r: 4}\n"
+                 f"axes:\n{axes}output_dir: {tmp_path / 'g'}\n")
+    return str(p)
+
+
+AXES = "  task.name: [sst2, rte]\n  compress: [Q, UP]\n  train.seed: [1, 2]\n"
+
+
+def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir, capsys):
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, AXES)
+    assert main(["grid", g, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells, 0 done, 8 to run" in out and "compress=UP" in out
+    assert not (tmp_path / "g").exists()  # a dry run writes nothing
+
+    assert main(["grid", g]) == 0
+    root = tmp_path / "g"
+    cells = [json.loads(f.read_text()) for f in (root / "cells").glob("*.json")]
+    assert len(cells) == 8 and all(c["status"] == "done" for c in cells)
+    folders = sorted(p.name.split("-")[0] for p in (root / "paradigms").iterdir())
+    # one teacher per (task, seed), not per plan; one CLM run per cell and paradigm
+    assert folders.count("base_pet") == 4 and folders.count("clm_pet") == 8 and folders.count("clm_cpet") == 8
+    assert len(list((root / "backbones").iterdir())) == 2  # one compressed backbone per plan
+    capsys.readouterr()
+
+    assert main(["grid", g]) == 0  # a rerun runs nothing
+    assert "8 already recorded" in capsys.readouterr().out
+
+    assert main(["report", str(root)]) == 0
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert {r["plan"] for r in rows} == {"none", "Q", "UP"}
+    acc = [r for r in rows if r["metric"] == "accuracy"]
+    assert len(acc) == 4 + 8 + 8 and {r["seed"] for r in acc} == {"1", "2"}
+    md = (root / "results.md").read_text()
+    assert "| Q | CLM+CPET |" in md and "± " in md and "avg recovered" in md
+
+
+def test_failed_cell_is_recorded_and_the_rest_go_on(tmp_path, data_dir, tiny_model_dir, capsys):
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  task.name: [cb, sst2]\n  paradigms: [[base_pet]]\n")
+    assert main(["grid", g]) == 1  # cb's data is not in the tiny data folder
+    cells = {json.loads(f.read_text())["labels"]["task.name"]: json.loads(f.read_text())
+             for f in (tmp_path / "g" / "cells").glob("*.json")}
+    assert cells["cb"]["status"] == "failed" and "data file missing" in cells["cb"]["error"]
+    assert cells["sst2"]["status"] == "done"
+    capsys.readouterr()
+    assert main(["grid", g]) == 1 and "1 cells failed" in capsys.readouterr().out  # not retried by default
+
+
+def test_grid_validates_every_cell_before_running(tmp_path, data_dir, tiny_model_dir):
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  train.lr: [0.001, -1]\n")
+    with pytest.raises(CpetError, match="train.lr=-1.0"):
+        load_grid(g)
+    with pytest.raises(CpetError, match="axes must map"):
+        load_grid(_grid_file(tmp_path, data_dir, tiny_model_dir, "  train.lr: 0.001\n"))
+
+
+def test_plan_names():
+    from cpet.compress import plan_to_json
+
+    assert plan_name(plan_to_json("Q+UP+M")) == "Q+UP+M"
+    assert plan_name(plan_to_json([{"method": "unstructured", "sparsity": 0.7}, {"method": "int8"}])) \
+        == "unstructured(sparsity=0.7)+int8"
+    assert plan_name([]) == "none"
