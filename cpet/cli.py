@@ -60,7 +60,7 @@ def _compress(model: str, plan_text: str, out: str, data_dir: str | None) -> int
         print("calibrating on task-agnostic text (alpaca)", flush=True)
         calib = make_calibration(tok, data_dir=data_dir)
     compress(backbone, plan, calibration=calib)
-    record = {"source": model_digest(model), "plan": plan, "lm": False,
+    record = {"source": model_digest(resolve_model_path(model)), "plan": plan, "lm": False,
               "calibration": None if calib is None else tensor_digest(calib.input_ids)}
     path = save_compressed(backbone, tok, out, plan, source=model, fingerprint=record)
     size = (path / "model.safetensors").stat().st_size

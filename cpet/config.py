@@ -150,7 +150,43 @@ class TrainConfig:
                 ">= 0 (0 = only at epoch ends)")
 
 
-PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")
+@dataclass(frozen=True)
+class Paradigm:
+    """How one row of the paper's tables trains: on the uncompressed backbone M or the compressed C;
+    whether it starts from base+PET's modules (inheritance), adds recovery modules, and distils
+    base+PET's hidden states / logits into its loss."""
+
+    label: str
+    doc: str
+    compressed: bool = True
+    inherit: bool = False
+    recover: bool = False
+    distill: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.inherit or self.distill
+
+
+# The paradigms (Table 2) and the ablations of Table 3: every on/off combination of inheritance (I),
+# recovery (R) and distillation (D) on the compressed backbone.
+PARADIGM_SPECS: dict[str, Paradigm] = {
+    "base_pet": Paradigm("base+PET", "PET (+ task head) on the uncompressed backbone; CPET's teacher", compressed=False),
+    "clm_pet": Paradigm("CLM+PET", "fresh PET on the compressed backbone, task loss only"),
+    "clm_cpet": Paradigm("CLM+CPET", "inherited PET + recovery modules, task + alpha * distillation loss",
+                         inherit=True, recover=True, distill=True),
+    "clm_inherit": Paradigm("CLM+I", "ablation: inherited PET, no recovery, no distillation", inherit=True),
+    "clm_recover": Paradigm("CLM+R", "ablation: fresh PET + recovery modules, task loss only", recover=True),
+    "clm_distill": Paradigm("CLM+D", "ablation: fresh PET, task + distillation loss", distill=True),
+    "clm_inherit_recover": Paradigm("CLM+I+R", "ablation: inherited PET + recovery, task loss only",
+                                    inherit=True, recover=True),
+    "clm_inherit_distill": Paradigm("CLM+I+D", "ablation: inherited PET, task + distillation, no recovery",
+                                    inherit=True, distill=True),
+    "clm_recover_distill": Paradigm("CLM+R+D", "ablation: fresh PET + recovery, task + distillation",
+                                    recover=True, distill=True),
+}
+PARADIGMS = tuple(PARADIGM_SPECS)
+DEFAULT_PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")
 
 
 @dataclass(frozen=True)
@@ -184,7 +220,7 @@ class ExperimentConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    paradigms: tuple[str, ...] = PARADIGMS
+    paradigms: tuple[str, ...] = DEFAULT_PARADIGMS
     output_dir: str = "runs/experiment"
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
 
@@ -194,8 +230,11 @@ class ExperimentConfig:
         bad = [p for p in self.paradigms if p not in PARADIGMS]
         if bad:
             raise CpetError(f"paradigms: unknown {bad}; choose from {list(PARADIGMS)}")
-        if "clm_cpet" in self.paradigms and "base_pet" not in self.paradigms:
-            raise CpetError("paradigms: clm_cpet inherits from and distils base_pet, so base_pet must run too")
+        taught = [p for p in self.paradigms if PARADIGM_SPECS[p].needs_teacher]
+        if taught and "base_pet" not in self.paradigms:
+            raise CpetError(f"paradigms: {taught[0]} inherits from or distils base_pet, so base_pet must run too")
+        if len(set(self.paradigms)) != len(self.paradigms):
+            raise CpetError(f"paradigms: {list(self.paradigms)} names a paradigm twice")
         from cpet.compress import plan_to_json  # validates methods and their fields
 
         # every step spelled out with its typed fields (defaults included): what ran is what is recorded

@@ -21,19 +21,19 @@ from typing import Callable
 import torch
 
 from cpet.compress import compress, load_compressed, needs_calibration, plan_to_json, save_compressed
-from cpet.config import PARADIGMS, ExperimentConfig
+from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
 from cpet.io import atomic_write_json, read_json
-from cpet.models import load_backbone
+from cpet.models import load_backbone, resolve_model_path
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
 from cpet.train import evaluate, train
 
-LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
+LABELS = {name: spec.label for name, spec in PARADIGM_SPECS.items()}
 
 
 FINGERPRINT = "fingerprint.json"
@@ -144,8 +144,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                   "trainable_params": n_params,
                   **({"mmlu": mmlu} if mmlu else {}),
                   "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
-                             **({"recovery": asdict(cfg.recovery), "distill": asdict(cfg.distill)}
-                                if paradigm == "clm_cpet" else {})},
+                             **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {}),
+                             **({"distill": asdict(cfg.distill)} if PARADIGM_SPECS[paradigm].distill else {})},
                   "fingerprint": fp, "provenance": provenance()}
         if main:
             atomic_write_json(pdir / "result.json", record)
@@ -197,16 +197,14 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         for paradigm in clm:
             rec = done(paradigm)
             if rec is None:
+                how = PARADIGM_SPECS[paradigm]
                 compressed, _, _ = load_compressed(cdir)
                 torch.manual_seed(tc.seed)
-                if paradigm == "clm_pet":
-                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
-                    rec = run_paradigm(paradigm, student)
-                else:
-                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling,
-                                               lora=cfg.lora, recovery=cfg.recovery, head=head)
+                student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora,
+                                           recovery=cfg.recovery if how.recover else None, head=head)
+                if how.inherit:
                     inherit(student, teacher)
-                    rec = run_paradigm(paradigm, student, teacher=teacher)
+                rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
             records.append(rec)
     if main and not layout.shared:  # the config of the last completed run (each paradigm's inputs: fingerprint.json)
         atomic_write_json(out / "config.json", cfg.to_dict())
@@ -226,7 +224,8 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> d
     results (not output paths, eval batch size or checkpoint spacing), the backbone's weight digest and
     the digest of the exact train / val / test examples."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every")}
-    model = {"name": cfg.model.name, "weights": model_digest(cfg.model.name), "max_length": cfg.model.max_length,
+    model = {"name": cfg.model.name, "weights": model_digest(resolve_model_path(cfg.model.name)),
+             "max_length": cfg.model.max_length,
              "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}
     task = {**{k: v for k, v in asdict(cfg.task).items() if k != "data_dir"},
             "examples": examples_digest(data.train, data.val, data.test)}
@@ -237,8 +236,14 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> d
                   "lm": text, "calibration": None if calib is None else tensor_digest(calib.input_ids)}
     clm = {**base, "compressed": digest(compressed)}
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
-    return {"base_pet": base, "clm_pet": clm, "compressed": compressed,
-            "clm_cpet": {**clm, "recovery": asdict(cfg.recovery), "distill": distill, "teacher": digest(base)}}
+    out = {"base_pet": base, "compressed": compressed}
+    for name, how in PARADIGM_SPECS.items():
+        if how.compressed:
+            out[name] = {**clm, "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill},
+                         **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
+                         **({"distill": distill} if how.distill else {}),
+                         **({"teacher": digest(base)} if how.needs_teacher else {})}
+    return out
 
 
 def _check_folder(folder: Path, record: dict, what: str, fresh: bool, log) -> None:

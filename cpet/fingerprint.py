@@ -15,6 +15,9 @@ import platform
 from pathlib import Path
 
 import torch
+import transformers
+
+import cpet
 
 FORMAT = 1  # bump when a change to cpet makes old results incomparable
 
@@ -54,12 +57,9 @@ def folder_digest(path: str | os.PathLike) -> str:
     return digest({f.name: file_digest(f) for f in files})
 
 
-def model_digest(name: str) -> str:
-    """A backbone's identity: the digest of its local folder, or its hub id (hub files are immutable
-    per revision; cpet loads the default revision)."""
-    from cpet.models import resolve_model_path
-
-    path = resolve_model_path(name)
+def model_digest(path: str) -> str:
+    """A backbone's identity (``path`` as ``cpet.models.resolve_model_path`` gives it): the digest of its
+    local folder, or its hub id (cpet loads the hub's default revision)."""
     return folder_digest(path) if Path(path).is_dir() else f"hub:{path}"
 
 
@@ -99,10 +99,6 @@ def diff(old: dict, new: dict, limit: int = 6) -> str:
 
 def provenance() -> dict:
     """Versions and machine a result was produced with."""
-    import transformers
-
-    import cpet
-
     return {"cpet": cpet.__version__, "commit": _git_commit(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}

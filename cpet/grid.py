@@ -27,6 +27,7 @@ import yaml
 
 from cpet.config import ExperimentConfig, load_config
 from cpet.errors import CpetError
+from cpet.experiments import StoreLayout, run_experiment
 from cpet.fingerprint import digest
 from cpet.io import atomic_write_json, read_json
 
@@ -139,8 +140,6 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
 def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False) -> list[dict]:
     """Run every cell not yet done (in order); returns the cell records. A cell that raises is recorded
     as failed with its error and the next one runs; ``retry_failed`` runs failed cells again."""
-    from cpet.experiments import StoreLayout, run_experiment
-
     layout = StoreLayout(grid.root)
     records, durations = [], []
     todo = [c for c in grid.cells if (cell_record(grid.root, c) or {}).get("status") not in
@@ -181,8 +180,6 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
 def results_of(root: Path) -> list[dict]:
     """Every finished paradigm of the recorded cells (each distinct result once): the result record + the
     axis labels and config of the (first) cell that produced it."""
-    from cpet.experiments import StoreLayout
-
     layout = StoreLayout(Path(root))
     out, seen = [], set()
     for f in sorted((Path(root) / CELLS).glob("*.json")):

@@ -19,12 +19,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from cpet.compress import PRESETS, plan_to_json
+from cpet.config import PARADIGM_SPECS, PARADIGMS
 from cpet.errors import CpetError
 from cpet.io import atomic_write
 
 COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
-ORDER = {"base_pet": 0, "clm_pet": 1, "clm_cpet": 2}
-LABELS = {"base_pet": "base+PET", "clm_pet": "CLM+PET", "clm_cpet": "CLM+CPET"}
+ORDER = {name: i for i, name in enumerate(PARADIGMS)}
+LABELS = {name: spec.label for name, spec in PARADIGM_SPECS.items()}
 
 
 def plan_name(steps: list[dict]) -> str:
@@ -105,7 +106,8 @@ def tables(rows: list[dict]) -> str:
             out += [f"### {variant}", ""]
         head = ["plan", "paradigm", *tasks, "avg"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        keys = [("none", "base_pet")] + [(p, par) for p in plans for par in ("clm_pet", "clm_cpet")]
+        present = sorted({k[2] for k in by if k[0] == variant and k[2] != "base_pet"}, key=ORDER.get)
+        keys = [("none", "base_pet")] + [(p, par) for p in plans for par in present]
         for plan, paradigm in keys:
             vals = [list(by.get((variant, plan, paradigm, t), {}).values()) for t in tasks]
             if not any(vals):

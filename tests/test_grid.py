@@ -50,6 +50,9 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     assert len(acc) == 4 + 8 + 8 and {r["seed"] for r in acc} == {"1", "2"}
     md = (root / "results.md").read_text()
     assert "| Q | CLM+CPET |" in md and "± " in md and "avg recovered" in md
+    pytest.importorskip("matplotlib")
+    assert sorted(p.name for p in root.glob("plot_*.png")) == ["plot_Q.png", "plot_UP.png"]
+    assert "![plot_Q](plot_Q.png)" in md
 
 
 def test_failed_cell_is_recorded_and_the_rest_go_on(tmp_path, data_dir, tiny_model_dir, capsys):

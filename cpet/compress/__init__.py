@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from cpet.compress import int8, moefication, structured, unstructured
 from cpet.errors import CpetError
+from cpet.fingerprint import digest
 from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
 
 # name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
@@ -127,8 +128,6 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
     incomplete, so an old one is removed first and a crash never leaves a mislabelled folder).
     ``fingerprint``: the record of what produced it (source digest, plan, calibration digest)."""
     from safetensors.torch import save
-
-    from cpet.fingerprint import digest
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

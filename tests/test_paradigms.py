@@ -1,0 +1,54 @@
+"""The ablation paradigms (paper Table 3): each on/off combination of inheritance, recovery and
+distillation trains what its name says, on a tiny BERT."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from cpet.config import PARADIGM_SPECS, load_config
+from cpet.errors import CpetError
+from cpet.experiments import run_experiment
+
+ALL = ["base_pet", *[p for p in PARADIGM_SPECS if p != "base_pet"]]
+
+
+def test_every_ablation_starts_and_trains_as_its_name_says(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    """base+PET trains for real; then every CLM paradigm is assembled with the trainer replaced by one that
+    keeps the starting point, so the saved modules show what each paradigm starts from."""
+    import cpet.experiments
+    from cpet.train import TrainResult
+
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "task.max_test=8", "train.epochs=1", "train.batch_size=32", "recovery.r=4",
+            f"output_dir={tmp_path / 'o'}"]
+    run_experiment(load_config(None, [*args, "paradigms=[base_pet]"]), log=lambda s: None)
+    seen = {}
+
+    def start_only(model, *a, teacher=None, distill=None, **k):
+        seen[k["out_dir"].name] = teacher is not None and distill is not None
+        return TrainResult({"accuracy": 0.5}, 0)
+
+    monkeypatch.setattr(cpet.experiments, "train", start_only)
+    records = {r["paradigm"]: r for r in run_experiment(
+        load_config(None, [*args, f"paradigms=[{', '.join(ALL)}]"]), log=lambda s: None)}
+    assert set(records) == set(ALL)
+    assert len({r["fingerprint"] for r in records.values()}) == len(ALL)
+    teacher = load_file(str(tmp_path / "o" / "base_pet" / "task" / "task_modules.safetensors"))
+    b_key = next(k for k in teacher if k.endswith("lora.B"))
+    assert teacher[b_key].abs().sum() > 0
+    for name, spec in PARADIGM_SPECS.items():
+        if name == "base_pet":
+            continue
+        saved = load_file(str(tmp_path / "o" / name / "task" / "task_modules.safetensors"))
+        assert any(".recovery." in k for k in saved) == spec.recover, name
+        assert bool((saved[b_key] - teacher[b_key]).abs().max() < 1e-7) == spec.inherit, name
+        assert seen[name] == spec.distill, name
+        result = json.loads((tmp_path / "o" / name / "result.json").read_text())
+        assert ("distill" in result["config"]) == spec.distill and ("recovery" in result["config"]) == spec.recover
+
+
+def test_paradigms_needing_a_teacher_need_base_pet():
+    with pytest.raises(CpetError, match="clm_inherit inherits from or distils base_pet"):
+        load_config(None, ["paradigms=[clm_pet, clm_inherit]"])
+    load_config(None, ["paradigms=[clm_pet, clm_recover]"])  # no teacher needed
