@@ -136,6 +136,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at epoch ends)
+    eval_every: int = 0  # validation every N optimizer steps (and at step 0) as a convergence curve; 0 = off
 
     def __post_init__(self):
         coerce_fields(self, "train")
@@ -148,6 +149,7 @@ class TrainConfig:
         require(self.seed >= 0, "train.seed", self.seed, ">= 0")
         require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
                 ">= 0 (0 = only at epoch ends)")
+        require(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0 (0 = no convergence curve)")
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class Paradigm:
     inherit: bool = False
     recover: bool = False
     distill: bool = False
+    trains: bool = True  # False: evaluated as assembled, no task data (the zero-data case of Figure 3)
 
     @property
     def needs_teacher(self) -> bool:
@@ -184,6 +187,8 @@ PARADIGM_SPECS: dict[str, Paradigm] = {
                                     inherit=True, distill=True),
     "clm_recover_distill": Paradigm("CLM+R+D", "ablation: fresh PET + recovery, task + distillation",
                                     recover=True, distill=True),
+    "clm_inherit_zero": Paradigm("CLM+I, no data", "base+PET's modules moved onto the compressed backbone, no "
+                                 "task training (Figure 3's zero-data point)", inherit=True, trains=False),
 }
 PARADIGMS = tuple(PARADIGM_SPECS)
 DEFAULT_PARADIGMS = ("base_pet", "clm_pet", "clm_cpet")

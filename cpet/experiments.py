@@ -31,7 +31,7 @@ from cpet.io import atomic_write_json, read_json
 from cpet.models import load_backbone, resolve_model_path
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
-from cpet.train import evaluate, train
+from cpet.train import TrainResult, evaluate, train
 
 LABELS = {name: spec.label for name, spec in PARADIGM_SPECS.items()}
 
@@ -127,9 +127,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
         n_params = sum(v.numel() for v in _task_tensors(model))
         log(f"[{LABELS[paradigm]}] training {n_params:,} task parameters" + (" with distillation" if teacher else ""))
-        res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
-                    teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
-                    fmt=fmt_of(model), fingerprint=fp)
+        if PARADIGM_SPECS[paradigm].trains:
+            res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
+                        teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
+                        fmt=fmt_of(model), fingerprint=fp)
+        else:  # as assembled: no task data touches the modules
+            val = evaluate(model, tokenizer, spec, data.val, max_len, tc.eval_batch_size, fmt=fmt_of(model))
+            res = TrainResult(val, 0)
         t0 = time.perf_counter()
         test = evaluate(model, tokenizer, spec, data.test, max_len, tc.eval_batch_size, fmt=fmt_of(model))
         eval_s = time.perf_counter() - t0
@@ -139,7 +143,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
                   "plan": plan_to_json(cfg.compress) if paradigm != "base_pet" else [],
                   "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
-                  "history": res.history, "steps": res.steps, "train_seconds": round(res.train_seconds, 2),
+                  "history": res.history, "curve": res.curve, "steps": res.steps,
+                  "train_seconds": round(res.train_seconds, 2),
                   "eval_seconds": round(eval_s, 2),
                   "trainable_params": n_params,
                   **({"mmlu": mmlu} if mmlu else {}),
@@ -239,7 +244,8 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> d
     out = {"base_pet": base, "compressed": compressed}
     for name, how in PARADIGM_SPECS.items():
         if how.compressed:
-            out[name] = {**clm, "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill},
+            out[name] = {**clm, "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
+                                        **({} if how.trains else {"trains": False})},
                          **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}

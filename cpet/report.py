@@ -193,6 +193,51 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def plot_curves(results: list[dict], out: Path) -> list[Path]:
+    """Convergence (Figure 3): validation metric against optimizer steps per paradigm (mean over seeds)
+    for every (task, plan) whose results carry a curve (``train.eval_every``); zero-data paradigms as
+    dashed levels."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups = defaultdict(list)
+    for r in results:
+        plan = plan_name(r["cell_config"]["compress"]) if "cell_config" in r else "?"
+        groups[(r["task"], plan)].append(r)
+    paths = []
+    for (task, plan), rs in sorted(groups.items()):
+        curved = [r for r in rs if r.get("curve")]
+        if not curved:
+            continue
+        metric = next(iter(curved[0]["best_val"]))
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for paradigm in sorted({r["paradigm"] for r in curved}, key=ORDER.get):
+            by_step = defaultdict(list)
+            for r in curved:
+                if r["paradigm"] == paradigm:
+                    for pt in r["curve"]:
+                        by_step[pt["step"]].append(pt[f"val_{metric}"])
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=LABELS.get(paradigm, paradigm))
+        for r in rs:
+            if not PARADIGM_SPECS.get(r["paradigm"], PARADIGM_SPECS["clm_pet"]).trains:
+                ax.axhline(r["best_val"][metric], ls="--", lw=1, color="grey")
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(f"val {metric}")
+        ax.set_title(f"{task}, plan {plan}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"curve_{task}_{plan.replace('+', '_').replace('(', '_').replace(')', '').replace(', ', '_')}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
 def write_report(results: list[dict], out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
     """results.csv + results.md (+ PNGs) under ``out_dir`` from result records."""
     if not results:
@@ -203,7 +248,7 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     provenance = sorted({f"cpet {r['provenance'].get('cpet')} ({r['provenance'].get('commit')}), torch "
                          f"{r['provenance'].get('torch')}, transformers {r['provenance'].get('transformers')}, "
                          f"{r['provenance'].get('threads')} threads" for r in results if "provenance" in r})
-    pngs = plot(rows, out)
+    pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
             f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + tables(rows)
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))

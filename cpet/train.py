@@ -73,6 +73,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     steps: int = 0
+    curve: list[dict] = field(default_factory=list)  # validation every ``eval_every`` steps (step 0 included)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -119,7 +120,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
 
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
     step, epoch, pos = 0, 0, 0
-    best_val, best_epoch, best_state, history = None, -1, None, []
+    best_val, best_epoch, best_state, history, curve = None, -1, None, [], []
     elapsed = 0.0
     loaded = _load_checkpoint(ckpt_dir) if (ckpt_dir and resume) else None
     if loaded:
@@ -143,6 +144,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         torch.set_rng_state(tensors["rng"])
         step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
         best_val, best_epoch, history, elapsed = meta["best_val"], meta["best_epoch"], meta["history"], meta["elapsed"]
+        curve = meta.get("curve", [])
         if any(k.startswith("best.") for k in tensors):
             best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         log(f"  resumed from {ckpt_dir} at step {step} (epoch {epoch + 1}, batch {pos})")
@@ -158,11 +160,22 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
         meta = {"step": step, "epoch": epoch, "pos": pos, "best_val": best_val, "best_epoch": best_epoch,
-                "history": history, "elapsed": elapsed, "fingerprint": fingerprint}
+                "history": history, "elapsed": elapsed, "fingerprint": fingerprint, "curve": curve}
         _atomic_save(tensors, meta, ckpt_dir)
 
     key_metric = spec.metrics[0]
+    def curve_point():
+        """Validation metrics at this step for the convergence curve (model back in train mode after)."""
+        metrics = fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length,
+                               cfg.eval_batch_size, val_features)
+        curve.append({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        prepared.train()
+        if teach is not None:
+            teach.model.eval()
+
     t_start = time.perf_counter() - elapsed
+    if cfg.eval_every and step == 0 and not curve:
+        curve_point()  # where training starts (inherited modules start above chance)
     while epoch < cfg.epochs:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(len(features), generator=g).tolist()
@@ -193,6 +206,8 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             elapsed = time.perf_counter() - t_start
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                curve_point()
             if on_step is not None:
                 on_step(step)
         metrics = fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length, cfg.eval_batch_size, val_features)
@@ -207,7 +222,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     model = accelerator.unwrap_model(prepared)
     if best_state is not None:
         load_task_state(model, best_state)
-    return TrainResult(best_val, best_epoch, history, time.perf_counter() - t_start, step)
+    return TrainResult(best_val, best_epoch, history, time.perf_counter() - t_start, step, curve)
 
 
 def load_task_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

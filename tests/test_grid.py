@@ -81,3 +81,22 @@ def test_plan_names():
     assert plan_name(plan_to_json([{"method": "unstructured", "sparsity": 0.7}, {"method": "int8"}])) \
         == "unstructured(sparsity=0.7)+int8"
     assert plan_name([]) == "none"
+
+
+def test_curves_and_zero_data_point(tmp_path, data_dir, tiny_model_dir, capsys):
+    """train.eval_every records validation from step 0 on; the zero-data paradigm trains nothing; the
+    report draws the curves."""
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir,
+                   "  task.name: [sst2]\n  train.eval_every: [1]\n"
+                   "  paradigms: [[base_pet, clm_pet, clm_inherit_zero, clm_cpet]]\n")
+    assert main(["grid", g]) == 0
+    from cpet.grid import results_of
+
+    results = {r["paradigm"]: r for r in results_of(tmp_path / "g")}
+    steps = [pt["step"] for pt in results["clm_cpet"]["curve"]]
+    assert steps == list(range(results["clm_cpet"]["steps"] + 1))  # step 0, then every step
+    zero = results["clm_inherit_zero"]
+    assert zero["steps"] == 0 and zero["curve"] == [] and zero["history"] == []
+    assert main(["report", str(tmp_path / "g")]) == 0
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "g" / "curve_sst2_Q.png").is_file()
