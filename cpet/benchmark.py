@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,21 +17,9 @@ import torch
 import torch.nn as nn
 
 from cpet.compress import parse_plan
+from cpet.timing import median_latency  # noqa: F401 (re-exported)
 
 SHAPES = ((1, 16), (8, 128), (32, 128))
-
-
-def median_latency(fn, repeats: int = 10, warmup: int = 2, budget_s: float = 60.0) -> float:
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
-            break
-    return statistics.median(times)
 
 
 def linear_flops(model: nn.Module) -> int:

@@ -15,21 +15,8 @@ from typing import Any
 import yaml
 
 from cpet.errors import CpetError
+from cpet.roles import ALL_ROLES, ATTN_ROLES, EMBED_ROLE, FFN_ROLES, check_roles  # noqa: F401 (re-exported)
 from cpet.typed import coerce_fields, require
-
-ATTN_ROLES = ("q", "k", "v", "o")
-FFN_ROLES = ("ffn_in", "ffn_out")
-ALL_ROLES = ATTN_ROLES + FFN_ROLES
-
-
-EMBED_ROLE = "embed"  # the token embedding: a compression target (int8), never a PET target
-
-
-def _check_roles(roles: tuple[str, ...], what: str, allowed: tuple[str, ...] = ALL_ROLES) -> None:
-    bad = [r for r in roles if r not in allowed]
-    if bad or not roles:
-        raise CpetError(f"{what}: unknown target roles {bad or '[] (empty)'}; choose from {list(allowed)}")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -85,7 +72,7 @@ class LoraConfig:
 
     def __post_init__(self):
         coerce_fields(self, "lora")
-        _check_roles(self.targets, "lora.targets")
+        check_roles(self.targets, "lora.targets")
         require(self.r >= 1, "lora.r", self.r, ">= 1")
         require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
         require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
@@ -102,7 +89,7 @@ class RecoveryConfig:
 
     def __post_init__(self):
         coerce_fields(self, "recovery")
-        _check_roles(self.targets, "recovery.targets")
+        check_roles(self.targets, "recovery.targets")
         if self.activation not in ("gelu", "relu", "silu", "identity"):
             raise CpetError(f"recovery.activation={self.activation!r}: use gelu, relu, silu or identity")
         require(self.r >= 1, "recovery.r", self.r, ">= 1")

@@ -44,3 +44,19 @@ def load_safetensors(path: str | os.PathLike, what: str, fix: str) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CpetError(f"{path} ({what}) is corrupt or truncated ({str(e).splitlines()[0]}); {fix}") from None
+
+
+DATA_ENV = "CPET_DATA"
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    """Config/flag value, else $CPET_DATA, else ../shared/data if it exists; None means use the hub."""
+    chosen = data_dir or os.environ.get(DATA_ENV)
+    if chosen:
+        p = Path(chosen)
+        if not p.is_dir():
+            raise CpetError(f"data folder {p} does not exist; pass task.data_dir=PATH or set ${DATA_ENV}")
+        return p
+    p = Path(DEFAULT_DATA_DIR)
+    return p if p.is_dir() else None

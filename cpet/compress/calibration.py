@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from cpet.errors import CpetError
+from cpet.io import resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ def calibration_texts(source: str = "alpaca", data_dir: str | None = None) -> li
         return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if source != "alpaca":
         raise CpetError(f"calibration source {source!r} is neither 'alpaca' nor an existing text file")
-    from cpet.tasks import resolve_data_dir
-
     root = resolve_data_dir(data_dir)
     if root is not None and (root / "alpaca" / "alpaca_data_1k.json").is_file():
         rows = json.loads((root / "alpaca" / "alpaca_data_1k.json").read_text(encoding="utf-8"))

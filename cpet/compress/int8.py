@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpet.config import ALL_ROLES, EMBED_ROLE, _check_roles
+from cpet.roles import ALL_ROLES, EMBED_ROLE, check_roles
 from cpet.typed import coerce_fields
 
 
@@ -60,9 +60,9 @@ class Config:
 
     def __post_init__(self):
         coerce_fields(self, "int8")
-        _check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
+        check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
         if self.weight_only:
-            _check_roles(self.weight_only, "int8.weight_only", ALL_ROLES)
+            check_roles(self.weight_only, "int8.weight_only", ALL_ROLES)
         from cpet.errors import CpetError
 
         if self.kernel not in ("auto", "dequant"):

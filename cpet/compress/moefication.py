@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cpet.compress.int8 import fake_quant_tokens, prepack, use_int8_kernel, w8a8_linear
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.timing import median_latency
 from cpet.typed import coerce_fields, require
 
 
@@ -309,7 +310,6 @@ def _fill(moe: MoEFFN, model: nn.Module, blk: FFNBlock, perm: torch.Tensor) -> N
 
 
 def _time(fn, x) -> float:
-    from cpet.benchmark import median_latency
 
     return median_latency(lambda: fn(x), repeats=7, warmup=1)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cpet.config import ALL_ROLES
+from cpet.roles import ALL_ROLES
 from cpet.errors import CpetError
 from cpet.layers import set_module
 from cpet.typed import coerce_fields

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cpet.config import ALL_ROLES, _check_roles
+from cpet.roles import ALL_ROLES, check_roles
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.timing import median_latency
 from cpet.typed import coerce_fields
 
 
@@ -37,7 +38,7 @@ class Config:
 
     def __post_init__(self):
         coerce_fields(self, "unstructured")
-        _check_roles(self.targets, "unstructured.targets")
+        check_roles(self.targets, "unstructured.targets")
         if self.score not in ("magnitude", "wanda"):
             raise CpetError(f"unstructured.score={self.score!r}: use magnitude or wanda")
         if self.kernel not in ("auto", "dense", "csr"):
@@ -140,7 +141,6 @@ class CSRLinear(nn.Module):
 def _csr_faster(layer: nn.Module, tokens: int = 128) -> bool:
     if not isinstance(layer, nn.Linear):
         return False
-    from cpet.benchmark import median_latency
 
     x = torch.randn(tokens, layer.in_features)
     csr = CSRLinear(layer.weight, layer.bias)

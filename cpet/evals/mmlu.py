@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cpet.errors import CpetError
-from cpet.io import atomic_write, atomic_write_json
+from cpet.io import atomic_write, atomic_write_json, resolve_data_dir
 from cpet.models import is_causal_lm_config
 
 CHOICES = ("A", "B", "C", "D")
@@ -60,8 +60,6 @@ class Question:
 def mmlu_dir(data_dir: str | None = None) -> Path:
     """``<data>/mmlu`` for the data folder of ``cpet.tasks.resolve_data_dir`` (a folder holding
     ``dev/`` itself is accepted too)."""
-    from cpet.tasks import resolve_data_dir
-
     root = resolve_data_dir(data_dir)
     if root is None:
         raise CpetError("no data folder for MMLU: pass --data-dir PATH or set $CPET_DATA to a folder holding mmlu/")

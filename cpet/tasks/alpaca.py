@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, read_json, register, seeded_split, to_examples
+from cpet.tasks.base import Example, TaskSpec, read_json, register, seeded_split, to_examples
 
 TEST_SIZE = 100
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, fields_row, label_id, read_json, read_tsv, register, to_examples
+from cpet.tasks.base import Example, TaskSpec, fields_row, label_id, read_json, read_tsv, register, to_examples
 
 
 def _sst2_local(root: Path):

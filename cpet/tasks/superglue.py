@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet.tasks import Example, TaskSpec, fields_row, label_id, read_jsonl, register, seeded_split, to_examples
+from cpet.tasks.base import Example, TaskSpec, fields_row, label_id, read_jsonl, register, seeded_split, to_examples
 
 
 def _read(path: Path, convert, labels: tuple[str, ...] | None = ("0", "1")) -> list[Example]:

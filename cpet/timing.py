@@ -1,0 +1,20 @@
+"""Latency measurement shared by the benchmarks and by compression methods that pick a kernel by timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_latency(fn, repeats: int = 10, warmup: int = 2, budget_s: float = 60.0) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` (stops early past ``budget_s``)."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
