@@ -181,14 +181,14 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
     return 1 if failed else 0
 
 
-def _report(root: str, out: str | None) -> int:
+def _report(root: str, out: str | None, bench: str | None = None) -> int:
     from cpet.grid import results_of
     from cpet.report import write_report
 
     root_p = Path(root)
     if not (root_p / "cells").is_dir():
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
-    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}")
+    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="tables (markdown), long CSV and plots from a grid folder")
     p.add_argument("dir", help="the output_dir of cpet grid")
     p.add_argument("-o", "--output-dir", default=None, help="where to write (default: the grid folder)")
+    p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "grid":
             return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
         if args.verb == "report":
-            return _report(args.dir, args.output_dir)
+            return _report(args.dir, args.output_dir, args.bench)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":

@@ -33,7 +33,7 @@ def plan_name(steps: list[dict]) -> str:
     else ``method(field=value, ...)`` for the fields that differ from the method's defaults."""
     if not steps:
         return "none"
-    steps = _json_plan(steps)
+    steps = _json_plan(plan_to_json(steps))  # defaults filled in: a plan written short names the same
     resolved = {k: _json_plan(plan_to_json(v)) for k, v in PRESETS.items()}
     names, i = [], 0
     while i < len(steps):
@@ -144,6 +144,57 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def load_bench(path: str | Path) -> dict[str, dict]:
+    """``cpet bench --json`` output (a list of records) or a bench/ results file ({"records": [...]})
+    -> plan name -> record."""
+    from cpet.io import read_json
+
+    data = read_json(Path(path), "benchmark results", "pass the JSON that cpet bench --json wrote")
+    records = data.get("records") if isinstance(data, dict) else data
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "plan" in r for r in records):
+        raise CpetError(f"{path}: expected cpet bench records (a list of objects with 'plan')")
+    return {plan_name(r["plan"]): r for r in records}
+
+
+def cost_table(rows: list[dict], bench: dict[str, dict]) -> str:
+    """Quality against measured cost per plan: the average over tasks of each paradigm's main metric
+    (seed means) beside size, measured speedup per shape and hidden-state cosine from ``cpet bench``."""
+    main = {}
+    for r in rows:
+        if r["metric"].startswith("val_") and r["task"] not in main:
+            main[r["task"]] = r["metric"][4:]
+    tasks = sorted(main)
+    scale = {t: (1.0 if main[t] == "answer_logprob" else 100.0) for t in tasks}
+
+    def avg(plan: str, paradigm: str) -> str:
+        per_task = []
+        for t in tasks:
+            xs = [float(r["value"]) for r in rows if r["task"] == t and r["plan"] == plan and
+                  r["paradigm"] == paradigm and r["metric"] == main[t] and not r["variant"]]
+            if not xs:
+                return ""
+            per_task.append(scale[t] * statistics.fmean(xs))
+        return f"{statistics.fmean(per_task):.2f}"
+
+    plans = sorted({r["plan"] for r in rows if r["plan"] != "none"})
+    shapes = sorted({s for b in bench.values() for s in b.get("measured_speedup", {})},
+                    key=lambda s: [int(x) for x in s.split("x")])
+    head = ["plan", "CLM+PET avg", "CLM+CPET avg", "size % of fp32", *(f"speedup {s}" for s in shapes),
+            "hidden cos"]
+    out = [f"Quality against cost (base+PET avg {avg('none', 'base_pet')}); speed, size and fidelity from "
+           "cpet bench on this machine.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for plan in plans:
+        b = bench.get(plan)
+        cost = (["", *("" for _ in shapes), ""] if b is None else
+                [f"{b['size_pct_of_fp32']:.1f}", *(f"{b['measured_speedup'].get(s, float('nan')):.2f}x" for s in shapes),
+                 f"{b.get('hidden_cosine', float('nan')):.4f}"])
+        out.append("| " + " | ".join([plan, avg(plan, "clm_pet"), avg(plan, "clm_cpet"), *cost]) + " |")
+    missing = [p for p in plans if p not in bench]
+    if missing:
+        out += ["", f"No benchmark record for {', '.join(missing)} (bench plans: {', '.join(sorted(bench))})."]
+    return "\n".join(out) + "\n"
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -238,8 +289,10 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: list[dict], out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
-    """results.csv + results.md (+ PNGs) under ``out_dir`` from result records."""
+def write_report(results: list[dict], out_dir: str | Path, title: str = "Results",
+                 bench: str | Path | None = None) -> dict[str, Path]:
+    """results.csv + results.md (+ PNGs) under ``out_dir`` from result records; with ``bench`` (cpet bench
+    JSON) a table of quality against measured speed, size and fidelity per plan."""
     if not results:
         raise CpetError("no finished results to report (run the grid first, or check the folder)")
     out = Path(out_dir)
@@ -251,6 +304,7 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
             f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + tables(rows)
+            + ("\n" + cost_table(rows, load_bench(bench)) if bench else "")
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
     atomic_write(out / "results.md", text.encode())
     return {"csv": out / "results.csv", "md": out / "results.md", **{p.stem: p for p in pngs}}

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,12 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     assert len(acc) == 4 + 8 + 8 and {r["seed"] for r in acc} == {"1", "2"}
     md = (root / "results.md").read_text()
     assert "| Q | CLM+CPET |" in md and "± " in md and "avg recovered" in md
+    bench = Path(__file__).resolve().parent.parent / "bench" / "results" / "compress_minilm.json"
+    assert main(["report", str(root), "--bench", str(bench), "-o", str(tmp_path / "with_bench")]) == 0
+    table = (tmp_path / "with_bench" / "results.md").read_text()
+    q_row = next(line for line in table.splitlines() if line.startswith("| Q |") and "%" not in line
+                 and "x |" in line)
+    assert "26.5" in q_row and q_row.count("x |") == 3  # size and a speedup per benchmarked shape
     pytest.importorskip("matplotlib")
     assert sorted(p.name for p in root.glob("plot_*.png")) == ["plot_Q.png", "plot_UP.png"]
     assert "![plot_Q](plot_Q.png)" in md
