@@ -128,19 +128,12 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
         if out:
             atomic_write(Path(out) / "lm_eval_results.json", json.dumps(results, indent=2).encode())
         return 0
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpet.models import is_causal_lm_config
+    from cpet.models import is_causal_lm_config, plain_model_config
 
     subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
-    if (Path(path) / "compression.json").is_file():
-        raise CpetError(f"{model} is a cpet compressed backbone; cpet mmlu loads plain HF causal LMs (score a "
-                        "compressed one with mmlu.enabled=true in cpet run)")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
-        hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
-        raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
+    config = plain_model_config(model, path, "smollm2")
     if not is_causal_lm_config(config):
         raise CpetError(f"{model!r} is a {config.model_type} model without a causal LM head; MMLU's letter "
                         "scoring needs a decoder-only LM (e.g. smollm2)")

@@ -160,6 +160,23 @@ def is_lm_kind(kind: str) -> bool:
     return kind in ("decoder", "encoder-decoder")
 
 
+def plain_model_config(name: str, path: str, alias: str):
+    """The HF config of an uncompressed model folder or hub id; a cpet compressed folder (its layers would
+    load as random weights through HF) and unreachable models are CpetErrors."""
+    from transformers import AutoConfig
+
+    if (Path(path) / "compression.json").is_file():
+        raise CpetError(f"{name} is a cpet compressed backbone: its layers are int8 / pruned / MoE and would load "
+                        "as random weights here. Load it with cpet.compress.load_compressed (or score it with "
+                        "cpet run); as model.name give the model it was compressed from (its compression.json "
+                        "names it under 'source')")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
+        hint = "" if Path(path).exists() else f" (offline? pass a local folder, or the alias '{alias}')"
+        raise CpetError(f"cannot load model {name!r}{hint}: {str(e).splitlines()[0]}") from None
+
+
 def load_backbone(name: str, lm: bool = False):
     """Load (backbone, tokenizer) in fp32.
 
@@ -167,18 +184,10 @@ def load_backbone(name: str, lm: bool = False):
     its encoder). ``lm=True``: the language model with its (frozen) LM head, for text-to-text tasks:
     a causal LM for decoders, T5ForConditionalGeneration for T5. Encoders have no LM head.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, T5EncoderModel
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, T5EncoderModel
 
     path = resolve_model_path(name)
-    if (Path(path) / "compression.json").is_file():
-        raise CpetError(f"{name} is a cpet compressed backbone: its layers are int8 / pruned / MoE and would load "
-                        "as random weights here. Load it with cpet.compress.load_compressed; as model.name give "
-                        "the model it was compressed from (its compression.json names it under 'source')")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
-        hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'minilm')"
-        raise CpetError(f"cannot load model {name!r}{hint}: {str(e).splitlines()[0]}") from None
+    config = plain_model_config(name, path, "minilm")
     if config.model_type not in ARCHITECTURES:
         get_arch(type("M", (), {"config": config})())  # raises the helpful error
     kind = ARCHITECTURES[config.model_type].kind

@@ -235,13 +235,22 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                    label=LABELS[paradigm])
         ax.set_xticks(range(len(tasks)), [f"{t}\n({main[t]})" for t in tasks])
         ax.set_title(f"plan {plan}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"plot_{plan.replace('+', '_').replace('(', '_').replace(')', '').replace(', ', '_')}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out / f"plot_{_slug(plan)}.png"))
     return paths
+
+
+def _slug(text: str) -> str:
+    return text.replace("+", "_").replace("(", "_").replace(")", "").replace(", ", "_").replace("=", "")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(results: list[dict], out: Path) -> list[Path]:
@@ -280,12 +289,7 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("optimizer steps")
         ax.set_ylabel(f"val {metric}")
         ax.set_title(f"{task}, plan {plan}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"curve_{task}_{plan.replace('+', '_').replace('(', '_').replace(')', '').replace(', ', '_')}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out / f"curve_{task}_{_slug(plan)}.png"))
     return paths
 
 
