@@ -151,7 +151,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                   "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
                              **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {}),
                              **({"distill": asdict(cfg.distill)} if PARADIGM_SPECS[paradigm].distill else {})},
-                  "fingerprint": fp, "provenance": provenance()}
+                  "fingerprint": fp, "provenance": {**provenance(), "data": records_in[paradigm]["task"]["examples"],
+                                                    "backbone_weights": records_in[paradigm]["model"]["weights"]}}
         if main:
             atomic_write_json(pdir / "result.json", record)
             shutil.rmtree(pdir / "checkpoint", ignore_errors=True)

@@ -301,3 +301,12 @@ def test_int8_weight_only_roles_stay_on_the_dequant_path(tmp_path, tokenizer):
     save_compressed(lm, tokenizer, tmp_path / "c", plan, "tiny")
     again, _, _ = load_compressed(tmp_path / "c")
     assert again.model.layers[1].mlp.down_proj.kernel == "dequant" and again.model.layers[1].mlp.up_proj.kernel == "auto"
+
+
+def test_int8_refuses_a_layer_it_cannot_quantize():
+    """A CSR layer left by unstructured pruning would silently stay fp32 under a plan that says int8."""
+    from conftest import tiny_bert
+
+    with pytest.raises(CpetError, match="CSRLinear.*put int8 before unstructured"):
+        compress(tiny_bert(), [{"method": "unstructured", "sparsity": 0.9, "kernel": "csr"}, {"method": "int8"}])
+    compress(tiny_bert(), [{"method": "int8"}, {"method": "int8"}])  # int8 twice: already int8, fine

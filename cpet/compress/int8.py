@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpet.errors import CpetError
 from cpet.roles import ALL_ROLES, EMBED_ROLE, check_roles
 from cpet.typed import coerce_fields
 
@@ -63,8 +64,6 @@ class Config:
         check_roles(self.targets, "int8.targets", ALL_ROLES + (EMBED_ROLE,))
         if self.weight_only:
             check_roles(self.weight_only, "int8.weight_only", ALL_ROLES)
-        from cpet.errors import CpetError
-
         if self.kernel not in ("auto", "dequant"):
             raise CpetError(f"int8.kernel={self.kernel!r}: use auto or dequant")
         if not 0 <= self.smooth <= 1:
@@ -260,7 +259,6 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     smooth = {}
     if cfg.smooth > 0:
         from cpet.compress.calibration import input_stats
-        from cpet.errors import CpetError
 
         if calib is None:
             raise CpetError("int8 smooth > 0 needs calibration text (pass a tokenizer to compress)")
@@ -281,6 +279,11 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
             layer.quantize_()
         elif isinstance(layer, nn.Embedding):
             _quantize_embedding(model, layer, cfg.kernel)
+        elif not isinstance(layer, (Int8Linear, Int8Embedding)):  # already int8: nothing to do
+            hint = (" (unstructured pruning made it a CSR sparse layer: put int8 before unstructured in the plan, "
+                    "or give unstructured kernel: dense)" if type(layer).__name__ == "CSRLinear" else "")
+            raise CpetError(f"int8: cannot quantize {name}, a {type(layer).__name__}{hint}; the saved plan would "
+                            "claim int8 for a layer that is not")
     return model
 
 
