@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from cpet.compress import compress, load_compressed, needs_calibration, plan_to_json, save_compressed
+from cpet.compress import (compress, load_compressed, needs_calibration, plan_to_json, save_compressed,
+                           written_by_cpet)
 from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
@@ -275,6 +276,10 @@ def _check_compressed(cdir: Path, record: dict, fresh: bool, log) -> None:
         return
     meta_file = cdir / "compression.json"
     if not meta_file.is_file():
+        if written_by_cpet(cdir):  # a save that a crash cut short (compression.json is written last)
+            log(f"{cdir} is an unfinished cpet save; compressing again")
+            shutil.rmtree(cdir)
+            return
         raise CpetError(f"{cdir} exists but is not a cpet compressed backbone (no compression.json); "
                         "move it away or run into another folder (-o DIR)")
     meta = read_json(meta_file, "compressed backbone record", f"delete {cdir} (or add --fresh) to compress again")

@@ -206,6 +206,16 @@ def test_corrupt_result_files_name_the_file_and_the_fix(victim, needles, tiny_ru
     refused(tiny_run("paradigms=[base_pet, clm_pet, clm_cpet]"), capsys, tmp_path, *needles)
 
 
+def test_unfinished_compressed_save_is_redone(tiny_run, tmp_path, capsys):
+    """A crash between the weights and compression.json (written last) leaves a folder cpet recognises as
+    its own and unfinished: the next run compresses again instead of refusing or loading it."""
+    assert run_cli(tiny_run("paradigms=[clm_pet]"), capsys)[0] == 0
+    (tmp_path / "run" / "backbone_compressed" / "compression.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "clm_pet")
+    code, _ = run_cli(tiny_run("paradigms=[clm_pet]"), capsys)
+    assert code == 0 and (tmp_path / "run" / "backbone_compressed" / "compression.json").is_file()
+
+
 def test_corrupt_checkpoint_says_which_folder_to_delete(tiny_run, tmp_path, capsys, monkeypatch):
     import cpet.experiments
 

@@ -170,12 +170,12 @@ def check_output_dir(out: str | os.PathLike, source: str | os.PathLike | None = 
         if o == src or src in o.parents or o in src.parents:
             raise CpetError(f"-o {out} would write into the source model's folder {src} (its weights would be "
                             "overwritten); pick a folder outside it")
-    if o.is_dir() and any(o.iterdir()) and not (o / "compression.json").is_file() and not _written_by_cpet(o):
+    if o.is_dir() and any(o.iterdir()) and not (o / "compression.json").is_file() and not written_by_cpet(o):
         raise CpetError(f"{out} is not empty and is not a cpet compressed backbone (it would be overwritten); "
                         "pick an empty or new folder")
 
 
-def _written_by_cpet(folder: Path) -> bool:
+def written_by_cpet(folder: Path) -> bool:
     """A folder whose model.safetensors cpet wrote (its header says so), e.g. one a crash left unfinished."""
     from safetensors import safe_open
 
