@@ -6,7 +6,7 @@ Stored as int8 + fp32 scales (buffers ``weight_int8``, ``scale``), never as floa
 SmoothQuant-style smoothing (``smooth: alpha`` > 0, Xiao et al. 2023) moves activation outliers into the
 weights before quantizing: per input channel s_j = max|X_j|^alpha / max|W_:j|^(1-alpha) from calibration
 text, W' = W diag(s) is quantized, and the input is divided by s at run time (buffer ``smooth``); the
-product is unchanged in exact arithmetic, but the per-tensor int8 activations lose far less. Applied to
+product is unchanged in exact arithmetic, but the int8 activations lose less. Applied to
 the LayerNorm-fed q, k, v and ffn_in only.
 
 Activations (``kernel: auto``, W8A8) are quantized **per token** (per row of the input), symmetric,
@@ -49,10 +49,9 @@ class Config:
     targets: tuple[str, ...] = ALL_ROLES + (EMBED_ROLE,)
     kernel: str = "auto"  # auto: W8A8, per-token activations (fbgemm when grad is off) | dequant: weight-only
     smooth: float = 0.0  # SmoothQuant alpha in (0, 1]; 0 = off. Needs calibration text.
-    # roles computed weight-only (int8 storage, dequantized fp32 matmul) also at inference: the W8A8
-    # kernel quantizes activations per tensor, which SwiGLU's down-projection inputs (outliers) do not
-    # survive (SmolLM2 logit cosine: 0.835 with W8A8 on ffn_out alone, >= 0.971 on any other role;
-    # bench/results/int8_fidelity_smollm2.md)
+    # roles computed weight-only (int8 storage, dequantized fp32 matmul) also at inference, for roles whose
+    # activations int8 does not survive (per-token scales made this unnecessary on SmolLM2's down-projection:
+    # logit cosine 0.993 with W8A8 on ffn_out alone; bench/results/int8_fidelity_smollm2.md)
     weight_only: tuple[str, ...] = ()
 
     @property
