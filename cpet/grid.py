@@ -50,9 +50,8 @@ class Cell:
 
     @property
     def labels(self) -> dict[str, str]:
-        """Axis values as short text (a preset string as is; lists and mappings as flow YAML)."""
-        return {k: v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
-                for k, v in self.values.items()}
+        """Axis values as short text (a string as is; numbers, lists and mappings as JSON)."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.values.items()}
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def _load_yaml(path: Path) -> dict:
 
 
 def _dotted(key: str, value) -> str:
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
+    return f"{key}={json.dumps(value)}"  # JSON is YAML flow syntax: the override parses back to the value
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Grid:
@@ -113,27 +112,78 @@ def cell_record(root: Path, cell: Cell) -> dict | None:
     return read_json(f, "grid cell record", f"delete {f} to run that cell again") if f.is_file() else None
 
 
-def _eta(durations: list[float], left: int) -> str:
-    if not durations:
-        return "ETA unknown until a cell finishes"
-    sec = sum(durations) / len(durations) * left
-    return f"ETA {sec / 60:.0f} min ({left} cells left at {sum(durations) / len(durations) / 60:.1f} min each)"
+# Seconds per example measured by the demo (all-MiniLM-L6-v2, 128 tokens, batch 32, 2 cores, 2026-11-30):
+# training per epoch (base+PET, a CLM paradigm, one with recovery modules) and evaluation.
+RATES = {"train": 0.025, "train_clm": 0.030, "train_recover": 0.042, "eval": 0.0067}
+_MINILM_SIZE = 384 * 384 * 6
+
+
+def _size_factor(cfg: ExperimentConfig) -> float:
+    """How much heavier a token is than on MiniLM at 128 tokens (d^2 x layers x length), roughly."""
+    from transformers import AutoConfig
+
+    from cpet.models import resolve_model_path
+
+    try:
+        c = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+        d = getattr(c, "hidden_size", None) or getattr(c, "d_model")
+        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers")
+        return d * d * layers / _MINILM_SIZE * cfg.model.max_length / 128
+    except Exception:  # noqa: BLE001 - an estimate only: unknown models count as MiniLM
+        return cfg.model.max_length / 128
+
+
+def prior_seconds(cell: Cell, shared: set) -> float:
+    """A rough time for one cell from the demo's rates, counting a teacher once per (model, task, PET,
+    training) key in ``shared`` (cells share it); finished cells refine the estimate."""
+    from cpet.config import PARADIGM_SPECS
+    from cpet.tasks import load_task
+
+    cfg = cell.config
+    try:
+        data = load_task(cfg.task)
+    except CpetError:
+        return 0.0  # the run will record this cell as failed
+    epochs, factor = cfg.train.epochs, _size_factor(cfg)
+    total = 0.0
+    for p in cfg.paradigms:
+        spec = PARADIGM_SPECS[p]
+        if p == "base_pet":
+            key = digest([cfg.model.name, cfg.to_dict()["task"], cfg.to_dict()["lora"], cfg.to_dict()["train"]])
+            if key in shared:
+                continue
+            shared.add(key)
+        rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
+        total += (len(data.train) * epochs * rate if spec.trains else 0.0) \
+            + (len(data.val) * (epochs if spec.trains else 1) + len(data.test)) * RATES["eval"]
+    return total * factor
+
+
+def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
+    """Time left: the prior of the cells to run, scaled by how finished cells compared with their prior."""
+    ratio = sum(s for s, _ in done) / max(1e-9, sum(p for _, p in done)) if done else 1.0
+    how = f"measured / prior = {ratio:.2f} over {len(done)} finished cells" if done else \
+        "prior from the demo's rates scaled by model size; refined as cells finish"
+    return f"ETA ~{prior_left * ratio / 60:.0f} min ({how})"
 
 
 def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
-    """The cells with their status and (from finished cells' times) an estimate of the time left."""
-    rows, done_s = [], []
+    """The cells with their status and an estimate of the time left."""
+    rows, done, prior_left, shared = [], [], 0.0, set()
     for cell in grid.cells:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
-        if rec and status == "done":
-            done_s.append(rec["seconds"])
-        rows.append({"cell": cell.id, "status": status, **cell.labels})
+        prior = prior_seconds(cell, shared)
+        if status == "done":
+            done.append((rec["seconds"], prior))
+        else:
+            prior_left += prior
+        rows.append({"cell": cell.id, "status": status, "est_min": round(prior / 60, 1), **cell.labels})
     left = sum(r["status"] != "done" for r in rows)
     for r in rows:
-        log(f"  [{r['status']:>6}] {r['cell']}  " + "  ".join(f"{k}={v}" for k, v in r.items()
-                                                           if k not in ("cell", "status")))
-    log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(done_s, left)}")
+        log(f"  [{r['status']:>6}] {r['cell']}  ~{r['est_min']:.1f} min  " + "  ".join(
+            f"{k}={v}" for k, v in r.items() if k not in ("cell", "status", "est_min")))
+    log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(prior_left, done)}")
     return rows
 
 
@@ -141,9 +191,11 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     """Run every cell not yet done (in order); returns the cell records. A cell that raises is recorded
     as failed with its error and the next one runs; ``retry_failed`` runs failed cells again."""
     layout = StoreLayout(grid.root)
-    records, durations = [], []
+    records, done = [], []
     todo = [c for c in grid.cells if (cell_record(grid.root, c) or {}).get("status") not in
             (("done",) if retry_failed else ("done", "failed"))]
+    shared: set = set()
+    priors = {c.id: prior_seconds(c, shared) for c in grid.cells}
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded")
     for n, cell in enumerate(grid.cells, 1):
         rec = cell_record(grid.root, cell)
@@ -168,9 +220,10 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
         records.append(rec)
         if rec["status"] == "done":
-            durations.append(rec["seconds"])
-        left = sum(1 for c in todo[todo.index(cell) + 1:])
-        log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {_eta(durations, left)}")
+            done.append((rec["seconds"], priors[cell.id]))
+        rest = todo[todo.index(cell) + 1:]
+        log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {len(rest)} cells left, "
+            f"{_eta(sum(priors[c.id] for c in rest), done)}")
     failed = [r for r in records if r and r["status"] == "failed"]
     if failed:
         log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")

@@ -28,7 +28,7 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     g = _grid_file(tmp_path, data_dir, tiny_model_dir, AXES)
     assert main(["grid", g, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "8 cells, 0 done, 8 to run" in out and "compress=UP" in out
+    assert "8 cells, 0 done, 8 to run" in out and "compress=UP" in out and "ETA ~" in out and "\n...\n" not in out
     assert not (tmp_path / "g").exists()  # a dry run writes nothing
 
     assert main(["grid", g]) == 0
