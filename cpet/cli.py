@@ -47,21 +47,18 @@ def _plan_arg(text: str):
 
 
 def _compress(model: str, plan_text: str, out: str, data_dir: str | None) -> int:
-    from cpet.compress import check_output_dir, compress, needs_calibration, plan_to_json, save_compressed
-    from cpet.compress.calibration import make_calibration
-    from cpet.fingerprint import model_digest, tensor_digest
+    from cpet.compress import (check_output_dir, compress, compression_inputs, needs_calibration, plan_to_json,
+                               save_compressed)
+    from cpet.fingerprint import model_digest
     from cpet.models import load_backbone, resolve_model_path
 
     plan = plan_to_json(_plan_arg(plan_text))  # validate before loading anything
-    check_output_dir(out, resolve_model_path(model))
+    check_output_dir(out, resolve_model_path(model))  # also before loading (save_compressed checks again)
     backbone, tok = load_backbone(model)
-    calib = None
     if needs_calibration(plan):
         print("calibrating on task-agnostic text (alpaca)", flush=True)
-        calib = make_calibration(tok, data_dir=data_dir)
+    record, calib = compression_inputs(model_digest(resolve_model_path(model)), plan, tok, data_dir=data_dir)
     compress(backbone, plan, calibration=calib)
-    record = {"source": model_digest(resolve_model_path(model)), "plan": plan, "lm": False,
-              "calibration": None if calib is None else tensor_digest(calib.input_ids)}
     path = save_compressed(backbone, tok, out, plan, source=model, fingerprint=record)
     size = (path / "model.safetensors").stat().st_size
     print(f"saved {path} ({size / 2**20:.1f} MB): {plan_to_json(plan)}")

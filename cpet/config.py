@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from cpet.errors import CpetError
-from cpet.roles import ALL_ROLES, ATTN_ROLES, EMBED_ROLE, FFN_ROLES, check_roles  # noqa: F401 (re-exported)
+from cpet.roles import ALL_ROLES, check_roles
 from cpet.typed import coerce_fields, require
 
 @dataclass(frozen=True)
@@ -294,22 +294,27 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """A YAML file whose top level is a mapping (an empty file is {}); anything else is a CpetError."""
+    p = Path(path)
+    if not p.is_file():
+        raise CpetError(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CpetError(f"{p} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise CpetError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> ExperimentConfig:
     """Read an experiment YAML (optional), apply dotted overrides, validate, return the config."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise CpetError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise CpetError(f"{p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise CpetError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml_mapping(path, "config file"))
     data = _merge(data, parse_overrides(overrides or []))
     return _build(ExperimentConfig, data, "")

@@ -20,14 +20,14 @@ from typing import Callable
 
 import torch
 
-from cpet.compress import (compress, load_compressed, needs_calibration, plan_to_json, save_compressed,
+from cpet.compress import (compress, compression_inputs, load_compressed, plan_to_json, save_compressed,
                            written_by_cpet)
 from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
-from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
+from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance
 from cpet.io import atomic_write_json, read_json
 from cpet.models import load_backbone, resolve_model_path
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
@@ -102,7 +102,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     max_len, tc = cfg.model.max_length, cfg.train
     text = use_text_formulation(cfg)
     backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
-    records_in = _fingerprint_inputs(cfg, data, text, tokenizer)
+    records_in, calibration = _fingerprint_inputs(cfg, data, text, tokenizer)
     fps = {k: digest(v) for k, v in records_in.items()}
     pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS}
     cdir = layout.backbone_dir(fps["compressed"])
@@ -197,7 +197,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         if main and not (cdir / "compression.json").is_file():
             log(f"compressing with plan {plan_to_json(cfg.compress)}")
             fresh_backbone, _ = load_backbone(cfg.model.name, lm=text)
-            compress(fresh_backbone, cfg.compress, calibration=_calibration(cfg, tokenizer))
+            compress(fresh_backbone, cfg.compress, calibration=calibration)
             save_compressed(fresh_backbone, tokenizer, cdir, cfg.compress, cfg.model.name,
                             fingerprint=records_in["compressed"])
         state.wait_for_everyone()
@@ -219,17 +219,11 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     return records
 
 
-def _calibration(cfg: ExperimentConfig, tokenizer):
-    """The task-agnostic calibration windows the plan reads (None if it reads none)."""
-    from cpet.compress.calibration import make_calibration
-
-    return make_calibration(tokenizer, data_dir=cfg.task.data_dir) if needs_calibration(cfg.compress) else None
-
-
-def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> dict[str, dict]:
+def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     """What each paradigm's result depends on (and the compressed backbone's): config values that change
     results (not output paths, eval batch size or checkpoint spacing), the backbone's weight digest and
-    the digest of the exact train / val / test examples."""
+    the digest of the exact train / val / test examples; and the plan's calibration windows (made once,
+    for the record and for compressing)."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every")}
     model = {"name": cfg.model.name, "weights": model_digest(resolve_model_path(cfg.model.name)),
              "max_length": cfg.model.max_length,
@@ -238,9 +232,8 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> d
             "examples": examples_digest(data.train, data.val, data.test)}
     base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, "lora": asdict(cfg.lora), "train": train,
             "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
-    calib = _calibration(cfg, tokenizer)
-    compressed = {"format": FINGERPRINT_FORMAT, "source": model["weights"], "plan": list(cfg.compress),
-                  "lm": text, "calibration": None if calib is None else tensor_digest(calib.input_ids)}
+    compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
+                                           data_dir=cfg.task.data_dir)
     clm = {**base, "compressed": digest(compressed)}
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
     out = {"base_pet": base, "compressed": compressed}
@@ -251,17 +244,16 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer) -> d
                          **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}
-    return out
+    return out, calib
 
 
 def _check_folder(folder: Path, record: dict, what: str, fresh: bool, log) -> None:
     """Continue a folder made with the same inputs; otherwise stop (or, with ``fresh``, clear it)."""
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    old = _read_fingerprint(folder / FINGERPRINT)
-    if old is not None and old.get("hash") == digest(record):
+    why = _stale(_read_fingerprint(folder / FINGERPRINT), record)
+    if why is None:
         return
-    why = diff(old["inputs"], record) if old else "it has no fingerprint: made by an older cpet, or by hand"
     if not fresh:
         raise CpetError(f"{folder} holds {what} results made with another config ({why}). Keep them and run "
                         f"into another folder (-o DIR), or add --fresh to discard them and run {what} again.")
@@ -283,15 +275,21 @@ def _check_compressed(cdir: Path, record: dict, fresh: bool, log) -> None:
         raise CpetError(f"{cdir} exists but is not a cpet compressed backbone (no compression.json); "
                         "move it away or run into another folder (-o DIR)")
     meta = read_json(meta_file, "compressed backbone record", f"delete {cdir} (or add --fresh) to compress again")
-    old = meta.get("fingerprint")
-    if old is not None and old.get("hash") == digest(record):
+    why = _stale(meta.get("fingerprint"), record)
+    if why is None:
         return
-    why = diff(old["inputs"], record) if old else "it has no fingerprint: made by an older cpet"
     if not fresh:
         raise CpetError(f"{cdir} was compressed from other inputs ({why}). Run into another folder (-o DIR), "
                         "or add --fresh to compress again (the CLM paradigms then rerun too).")
     log(f"--fresh: discarding {cdir} ({why})")
     shutil.rmtree(cdir)
+
+
+def _stale(old: dict | None, record: dict) -> str | None:
+    """None if ``old`` (a stored {"hash", "inputs"}) was made from ``record``; else what differs."""
+    if old is not None and old.get("hash") == digest(record):
+        return None
+    return diff(old["inputs"], record) if old else "it has no fingerprint: made by an older cpet, or by hand"
 
 
 def _read_fingerprint(path: Path) -> dict | None:

@@ -20,16 +20,19 @@ import json
 import time
 import traceback
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
-import yaml
+from transformers import AutoConfig
 
-from cpet.config import ExperimentConfig, load_config
+from cpet.config import PARADIGM_SPECS, ExperimentConfig, TaskConfig, load_config, read_yaml_mapping
 from cpet.errors import CpetError
 from cpet.experiments import StoreLayout, run_experiment
 from cpet.fingerprint import digest
 from cpet.io import atomic_write_json, read_json
+from cpet.models import resolve_model_path
+from cpet.tasks import load_task
 
 CELLS = "cells"
 
@@ -41,14 +44,14 @@ class Cell:
     values: dict  # dotted key -> value as given
     config: ExperimentConfig
 
-    @property
+    @cached_property
     def id(self) -> str:
         """The fingerprint of the resolved config (output_dir aside)."""
         d = self.config.to_dict()
         d.pop("output_dir", None)
         return digest(d)
 
-    @property
+    @cached_property
     def labels(self) -> dict[str, str]:
         """Axis values as short text (a string as is; numbers, lists and mappings as JSON)."""
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.values.items()}
@@ -60,18 +63,6 @@ class Grid:
     cells: list[Cell]
 
 
-def _load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise CpetError(f"grid file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CpetError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise CpetError(f"{path}: expected a mapping with base, axes and output_dir")
-    return data
-
-
 def _dotted(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"  # JSON is YAML flow syntax: the override parses back to the value
 
@@ -79,14 +70,14 @@ def _dotted(key: str, value) -> str:
 def load_grid(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Grid:
     """Parse a grid file; every cell's config is built and validated here, before anything runs."""
     path = Path(path)
-    data = _load_yaml(path)
+    data = read_yaml_mapping(path, "grid file")
     unknown = sorted(set(data) - {"base", "axes", "output_dir"})
     if unknown:
         raise CpetError(f"{path}: unknown key {unknown[0]!r}; a grid has base, axes and output_dir")
     base = data.get("base") or {}
     if isinstance(base, str):  # a path to an experiment YAML, relative to the grid file
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        base = _load_yaml(base_path)
+        base = read_yaml_mapping(base_path, "base experiment")
     if not isinstance(base, dict):
         raise CpetError(f"{path}: base must be an experiment mapping or the path of an experiment YAML")
     axes = data.get("axes") or {}
@@ -118,45 +109,48 @@ RATES = {"train": 0.025, "train_clm": 0.030, "train_recover": 0.042, "eval": 0.0
 _MINILM_SIZE = 384 * 384 * 6
 
 
-def _size_factor(cfg: ExperimentConfig) -> float:
-    """How much heavier a token is than on MiniLM at 128 tokens (d^2 x layers x length), roughly."""
-    from transformers import AutoConfig
-
-    from cpet.models import resolve_model_path
-
+@lru_cache(maxsize=None)
+def _model_size(name: str) -> float:
+    """d^2 x layers of a model relative to MiniLM's (1.0 where its config cannot be read)."""
     try:
-        c = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+        c = AutoConfig.from_pretrained(resolve_model_path(name))
         d = getattr(c, "hidden_size", None) or getattr(c, "d_model")
         layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers")
-        return d * d * layers / _MINILM_SIZE * cfg.model.max_length / 128
+        return d * d * layers / _MINILM_SIZE
     except Exception:  # noqa: BLE001 - an estimate only: unknown models count as MiniLM
-        return cfg.model.max_length / 128
+        return 1.0
+
+
+@lru_cache(maxsize=None)
+def _split_sizes(task: TaskConfig) -> tuple[int, int, int] | None:
+    """(train, val, test) sizes of a task config; None when its data cannot be read."""
+    try:
+        data = load_task(task)
+    except CpetError:
+        return None  # the run will record this cell as failed
+    return len(data.train), len(data.val), len(data.test)
 
 
 def prior_seconds(cell: Cell, shared: set) -> float:
     """A rough time for one cell from the demo's rates, counting a teacher once per (model, task, PET,
     training) key in ``shared`` (cells share it); finished cells refine the estimate."""
-    from cpet.config import PARADIGM_SPECS
-    from cpet.tasks import load_task
-
     cfg = cell.config
-    try:
-        data = load_task(cfg.task)
-    except CpetError:
-        return 0.0  # the run will record this cell as failed
-    epochs, factor = cfg.train.epochs, _size_factor(cfg)
-    total = 0.0
+    sizes = _split_sizes(cfg.task)
+    if sizes is None:
+        return 0.0
+    n_train, n_val, n_test = sizes
+    epochs, total = cfg.train.epochs, 0.0
     for p in cfg.paradigms:
         spec = PARADIGM_SPECS[p]
         if p == "base_pet":
-            key = digest([cfg.model.name, cfg.to_dict()["task"], cfg.to_dict()["lora"], cfg.to_dict()["train"]])
+            key = (cfg.model, cfg.task, cfg.lora, cfg.train)
             if key in shared:
                 continue
             shared.add(key)
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
-        total += (len(data.train) * epochs * rate if spec.trains else 0.0) \
-            + (len(data.val) * (epochs if spec.trains else 1) + len(data.test)) * RATES["eval"]
-    return total * factor
+        total += (n_train * epochs * rate if spec.trains else 0.0) \
+            + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"]
+    return total * _model_size(cfg.model.name) * cfg.model.max_length / 128
 
 
 def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
@@ -192,15 +186,15 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     as failed with its error and the next one runs; ``retry_failed`` runs failed cells again."""
     layout = StoreLayout(grid.root)
     records, done = [], []
-    todo = [c for c in grid.cells if (cell_record(grid.root, c) or {}).get("status") not in
-            (("done",) if retry_failed else ("done", "failed"))]
+    recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
+    skip = ("done",) if retry_failed else ("done", "failed")
+    todo = [c.id for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
     shared: set = set()
     priors = {c.id: prior_seconds(c, shared) for c in grid.cells}
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded")
     for n, cell in enumerate(grid.cells, 1):
-        rec = cell_record(grid.root, cell)
-        if cell not in todo:
-            records.append(rec)
+        if cell.id not in todo:
+            records.append(recorded[cell.id])
             continue
         where = "  ".join(f"{k}={v}" for k, v in cell.labels.items())
         log(f"cell {n}/{len(grid.cells)} {cell.id}: {where}")
@@ -221,9 +215,9 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
         records.append(rec)
         if rec["status"] == "done":
             done.append((rec["seconds"], priors[cell.id]))
-        rest = todo[todo.index(cell) + 1:]
+        rest = todo[todo.index(cell.id) + 1:]
         log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {len(rest)} cells left, "
-            f"{_eta(sum(priors[c.id] for c in rest), done)}")
+            f"{_eta(sum(priors[c] for c in rest), done)}")
     failed = [r for r in records if r and r["status"] == "failed"]
     if failed:
         log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")
@@ -248,6 +242,3 @@ def results_of(root: Path) -> list[dict]:
             out.append({**result, "cell": rec["cell"], "labels": rec["labels"], "cell_config": rec["config"]})
     return out
 
-
-def dump(records: list[dict]) -> str:
-    return json.dumps(records, indent=2)

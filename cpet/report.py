@@ -20,12 +20,12 @@ from pathlib import Path
 
 from cpet.compress import PRESETS, plan_to_json
 from cpet.config import PARADIGM_SPECS, PARADIGMS
+from cpet.experiments import LABELS
 from cpet.errors import CpetError
-from cpet.io import atomic_write
+from cpet.io import atomic_write, read_json
 
 COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
 ORDER = {name: i for i, name in enumerate(PARADIGMS)}
-LABELS = {name: spec.label for name, spec in PARADIGM_SPECS.items()}
 
 
 def plan_name(steps: list[dict]) -> str:
@@ -74,6 +74,34 @@ def long_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def main_metrics(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
+    """Per task: the metric its checkpoint was selected on (the first of its val metrics) and the scale
+    it is shown in (percent, except log-likelihoods)."""
+    main: dict[str, str] = {}
+    for r in rows:
+        if r["metric"].startswith("val_") and r["task"] not in main:
+            main[r["task"]] = r["metric"][4:]
+    return main, {t: (1.0 if m == "answer_logprob" else 100.0) for t, m in main.items()}
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file backend, or None without the report extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _seed_values(rows: list[dict], task: str, plan: str, paradigm: str, metric: str) -> list[float]:
+    """The values over seeds of one (task, plan, paradigm, metric), main variant (no extra axes) only."""
+    return [float(r["value"]) for r in rows if r["task"] == task and r["plan"] == plan and
+            r["paradigm"] == paradigm and r["metric"] == metric and not r["variant"]]
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -87,10 +115,7 @@ def _fmt(xs: list[float], scale: float) -> str:
 
 def tables(rows: list[dict]) -> str:
     """The markdown report (see the module docstring)."""
-    main_metric = {}  # task -> its first test metric
-    for r in rows:
-        if r["metric"].startswith("val_") and r["task"] not in main_metric:
-            main_metric[r["task"]] = r["metric"][4:]
+    main_metric, scale = main_metrics(rows)
     tasks = sorted(main_metric)
     by = defaultdict(dict)  # (variant, plan, paradigm, task) -> {seed: value}
     for r in rows:
@@ -98,7 +123,6 @@ def tables(rows: list[dict]) -> str:
             by[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
     variants = sorted({k[0] for k in by})
     plans = sorted({k[1] for k in by if k[1] != "none"})
-    scale = {t: (1.0 if main_metric[t] == "answer_logprob" else 100.0) for t in tasks}
     out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
            + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n).", ""]
     for variant in variants:
@@ -147,8 +171,6 @@ def tables(rows: list[dict]) -> str:
 def load_bench(path: str | Path) -> dict[str, dict]:
     """``cpet bench --json`` output (a list of records) or a bench/ results file ({"records": [...]})
     -> plan name -> record."""
-    from cpet.io import read_json
-
     data = read_json(Path(path), "benchmark results", "pass the JSON that cpet bench --json wrote")
     records = data.get("records") if isinstance(data, dict) else data
     if not isinstance(records, list) or not all(isinstance(r, dict) and "plan" in r for r in records):
@@ -159,18 +181,13 @@ def load_bench(path: str | Path) -> dict[str, dict]:
 def cost_table(rows: list[dict], bench: dict[str, dict]) -> str:
     """Quality against measured cost per plan: the average over tasks of each paradigm's main metric
     (seed means) beside size, measured speedup per shape and hidden-state cosine from ``cpet bench``."""
-    main = {}
-    for r in rows:
-        if r["metric"].startswith("val_") and r["task"] not in main:
-            main[r["task"]] = r["metric"][4:]
+    main, scale = main_metrics(rows)
     tasks = sorted(main)
-    scale = {t: (1.0 if main[t] == "answer_logprob" else 100.0) for t in tasks}
 
     def avg(plan: str, paradigm: str) -> str:
         per_task = []
         for t in tasks:
-            xs = [float(r["value"]) for r in rows if r["task"] == t and r["plan"] == plan and
-                  r["paradigm"] == paradigm and r["metric"] == main[t] and not r["variant"]]
+            xs = _seed_values(rows, t, plan, paradigm, main[t])
             if not xs:
                 return ""
             per_task.append(scale[t] * statistics.fmean(xs))
@@ -207,17 +224,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """One PNG per plan: each task's main metric per paradigm (mean, error bar = std over seeds)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
-    main = {}
-    for r in rows:
-        if r["metric"].startswith("val_") and r["task"] not in main:
-            main[r["task"]] = r["metric"][4:]
+    main, _ = main_metrics(rows)
     tasks = sorted(main)
     plans = sorted({r["plan"] for r in rows if r["plan"] != "none"})
     paths = []
@@ -226,8 +236,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         for j, (paradigm, plan_key) in enumerate((("base_pet", "none"), ("clm_pet", plan), ("clm_cpet", plan))):
             means, stds = [], []
             for t in tasks:
-                xs = [float(r["value"]) for r in rows if r["task"] == t and r["plan"] == plan_key and
-                      r["paradigm"] == paradigm and r["metric"] == main[t] and not r["variant"]]
+                xs = _seed_values(rows, t, plan_key, paradigm, main[t])
                 m, s = _mean_std(xs) if xs else (math.nan, 0.0)
                 means.append(m)
                 stds.append(s)
@@ -244,8 +253,7 @@ def _slug(text: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,12 +265,8 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     """Convergence (Figure 3): validation metric against optimizer steps per paradigm (mean over seeds)
     for every (task, plan) whose results carry a curve (``train.eval_every``); zero-data paradigms as
     dashed levels."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
     groups = defaultdict(list)
     for r in results:

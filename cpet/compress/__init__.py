@@ -15,7 +15,9 @@ import torch.nn as nn
 
 from cpet.compress import int8, moefication, structured, unstructured
 from cpet.errors import CpetError
-from cpet.fingerprint import digest
+from cpet.compress.calibration import make_calibration
+from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
+from cpet.fingerprint import digest, tensor_digest
 from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
 
 # name -> the method's module: Config, apply(model, cfg, calib) and skeleton(model, cfg, saved_state)
@@ -82,6 +84,17 @@ def needs_calibration(plan) -> bool:
     return any(getattr(cfg, "calibrated", False) for _, cfg in parse_plan(plan))
 
 
+def compression_inputs(source_digest: str, plan, tokenizer, lm: bool = False, data_dir: str | None = None):
+    """(record, calibration) for compressing a backbone: the record of everything the compressed weights
+    depend on (source weights, resolved plan, the LM head kept or not, the calibration windows) that
+    ``save_compressed`` stores as the folder's fingerprint, and the calibration the plan reads (None if
+    it reads none), made once for both."""
+    calib = make_calibration(tokenizer, data_dir=data_dir) if needs_calibration(plan) else None
+    record = {"format": FINGERPRINT_FORMAT, "source": source_digest, "plan": plan_to_json(plan), "lm": lm,
+              "calibration": None if calib is None else tensor_digest(calib.input_ids)}
+    return record, calib
+
+
 def compress(model: nn.Module, plan, calibration=None, tokenizer=None, data_dir: str | None = None) -> nn.Module:
     """Apply each step of ``plan`` to ``model`` in place (the backbone, not a TaskModel).
 
@@ -92,8 +105,6 @@ def compress(model: nn.Module, plan, calibration=None, tokenizer=None, data_dir:
     if calibration is None and needs_calibration(plan):
         if tokenizer is None:
             raise CpetError("this plan needs calibration text: pass tokenizer= (or calibration=) to compress")
-        from cpet.compress.calibration import make_calibration
-
         calibration = make_calibration(tokenizer, data_dir=data_dir)
     for name, cfg in steps:
         model = METHODS[name].apply(model, cfg, calibration)
@@ -130,8 +141,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pla
     from safetensors.torch import save
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CpetError(f"{out} is a file; pass a folder for the compressed backbone")
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression.json").unlink(missing_ok=True)
     state, aliases, seen, sparse = {}, {}, {}, {}
