@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from cpet.compress import parse_plan
-from cpet.timing import median_latency  # noqa: F401 (re-exported)
+from cpet.timing import median_latency
 
 SHAPES = ((1, 16), (8, 128), (32, 128))
 

@@ -127,13 +127,10 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
         return 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpet.models import is_causal_lm_config, plain_model_config
+    from cpet.models import plain_model_config, require_causal_lm
 
     subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
-    config = plain_model_config(model, path, "smollm2")
-    if not is_causal_lm_config(config):
-        raise CpetError(f"{model!r} is a {config.model_type} model without a causal LM head; MMLU's letter "
-                        "scoring needs a decoder-only LM (e.g. smollm2)")
+    require_causal_lm(plain_model_config(model, path, "smollm2"), repr(model))  # before loading the weights
     try:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

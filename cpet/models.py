@@ -156,6 +156,13 @@ def is_causal_lm_config(config) -> bool:
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+def require_causal_lm(config, name: str) -> None:
+    """MMLU's letter scoring reads a causal LM's next-token logits: refuse anything else."""
+    if config is None or not is_causal_lm_config(config):
+        raise CpetError(f"MMLU scores the next-token letter of a causal (decoder-only) language model; {name} is "
+                        f"{getattr(config, 'model_type', 'not a transformers model')!r}, which has no causal LM head")
+
+
 def is_lm_kind(kind: str) -> bool:
     return kind in ("decoder", "encoder-decoder")
 

@@ -164,11 +164,16 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         _atomic_save(tensors, meta, ckpt_dir)
 
     key_metric = spec.metrics[0]
+    def validate() -> dict[str, float]:
+        """Validation metrics at this step; the curve point of the same step is reused, not recomputed."""
+        if curve and curve[-1]["step"] == step:
+            return {k[4:]: v for k, v in curve[-1].items() if k.startswith("val_")}
+        return fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length,
+                            cfg.eval_batch_size, val_features)
+
     def curve_point():
         """Validation metrics at this step for the convergence curve (model back in train mode after)."""
-        metrics = fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length,
-                               cfg.eval_batch_size, val_features)
-        curve.append({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        curve.append({"step": step, **{f"val_{k}": v for k, v in validate().items()}})
         prepared.train()
         if teach is not None:
             teach.model.eval()
@@ -210,7 +215,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
                 curve_point()
             if on_step is not None:
                 on_step(step)
-        metrics = fmt.evaluate(accelerator.unwrap_model(prepared), tokenizer, val_set, max_length, cfg.eval_batch_size, val_features)
+        metrics = validate()  # an epoch ending on an eval_every step reuses that curve point
         history.append({"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         log(f"  epoch {epoch + 1}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if best_val is None or metrics[key_metric] > best_val[key_metric]:

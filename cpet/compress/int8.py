@@ -19,7 +19,7 @@ same function is computed two ways:
   then STEP and its zero point 64), then y_t = m_t * K(x_t / m_t) + b;
 - training (autograd on) and any other device: the same quantization simulated in fp32 (fake-quant)
   with a straight-through gradient, then a matmul with the dequantized weight. Training therefore sees
-  exactly the function that serves (equal to ~1e-6 relative; tested), and recovery modules learn to
+  the function that serves (equal to fp32 rounding: within 1e-5 on a layer, tested), and recovery modules learn to
   correct the activation quantization error too.
 ``kernel: dequant`` (and the ``weight_only`` roles) skip activation quantization: int8 storage,
 dequantized fp32 matmul, in both modes.
@@ -116,8 +116,8 @@ def _guard(width: int) -> torch.Tensor:
     return _GUARDS[width]
 
 
-CHUNK_ROWS = 512  # tokens per kernel call: the normalised copy and the output stay cache-sized (measured
-                  # 1.2-1.9x faster than one call over 4096 tokens on MiniLM's shapes)
+CHUNK_ROWS = 512  # tokens per kernel call, so the normalised copy and the output stay cache-sized
+                  # (bench/results/int8.md compares it with one call over 4096 tokens)
 SMALL_ROWS = 256  # up to here one kernel call without chunk bookkeeping (fewer ops for short inputs)
 
 
@@ -144,14 +144,26 @@ def w8a8_linear(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Ten
     return out.view(*shape[:-1], out.shape[-1])
 
 
+_CONSTANTS: dict = {}
+
+
+def _fake_quant_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero point 64, 1 / STEP computed in ``dtype`` as fbgemm does) as 0-d tensors, made once."""
+    key = (dtype, device)
+    if key not in _CONSTANTS:
+        inv = torch.ones((), dtype=dtype, device=device) / torch.tensor(STEP, dtype=dtype, device=device)
+        _CONSTANTS[key] = (torch.full((), 64.0, dtype=dtype, device=device), inv)
+    return _CONSTANTS[key]
+
+
 def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
     """The per-token activation quantization of ``w8a8_linear`` in float, with a straight-through
     gradient (d out / d x = 1). Rounds as fbgemm does: nearbyint(fma(x / m, 1 / step, 64)) - 64 in fp32
-    (a separate multiply and add rounds differently near ties, measured on 1M near-tie values)."""
+    (a separate multiply and add rounds some near-tie values to the neighbouring level; equality with the
+    kernel on near-tie values is tests/test_compress.py::test_int8_rounding_matches_fbgemm_at_ties)."""
     with torch.no_grad():
         m = _token_max(x)
-        inv = torch.ones((), dtype=x.dtype, device=x.device) / torch.tensor(STEP, dtype=x.dtype, device=x.device)
-        zp = torch.full((), 64.0, dtype=x.dtype, device=x.device)
+        zp, inv = _fake_quant_constants(x.dtype, x.device)
         q = (torch.round(torch.addcmul(zp, x / m, inv)) - 64) * (STEP * m)
     return x + (q - x).detach() if x.requires_grad else q
 

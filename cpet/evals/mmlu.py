@@ -25,7 +25,7 @@ import torch
 
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json, resolve_data_dir
-from cpet.models import is_causal_lm_config
+from cpet.models import require_causal_lm
 
 CHOICES = ("A", "B", "C", "D")
 SPLITS = ("val", "test", "dev")
@@ -273,10 +273,7 @@ def evaluate_mmlu(model, tokenizer, data_dir: str | None = None, split: str = "v
     """
     if split not in SPLITS:
         raise CpetError(f"MMLU split must be one of {SPLITS}, got {split!r}")
-    config = getattr(model, "config", None)
-    if config is None or not is_causal_lm_config(config):
-        raise CpetError(f"MMLU scores the next-token letter of a causal (decoder-only) language model; this model "
-                        f"is {getattr(config, 'model_type', type(model).__name__)!r}, which has no such LM head")
+    require_causal_lm(getattr(model, "config", None), "this model")
     folder = mmlu_dir(data_dir)
     available = subjects_of(folder, split)
     if not available:

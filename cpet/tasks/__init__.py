@@ -11,9 +11,8 @@ import random
 
 from cpet.config import TaskConfig
 from cpet.errors import CpetError
-from cpet.io import DATA_ENV, DEFAULT_DATA_DIR, resolve_data_dir  # noqa: F401 (re-exported)
-from cpet.tasks.base import (SPLIT_SEED, TASKS, Example, Row, TaskData, TaskSpec, fields_row,  # noqa: F401
-                             label_id, read_json, read_jsonl, read_tsv, register, seeded_split, to_examples)
+from cpet.io import DATA_ENV, resolve_data_dir  # noqa: F401 (resolve_data_dir: cpet.tasks' public name)
+from cpet.tasks.base import SPLIT_SEED, TASKS, Example, TaskData, TaskSpec, seeded_split  # noqa: F401
 from cpet.tasks import alpaca, glue, squad, superglue  # noqa: F401,E402  (the families register their tasks)
 from cpet.tasks.metrics import METRICS, squad_scores
 
