@@ -86,6 +86,11 @@ class RecoveryConfig:
     activation: str = "gelu"
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_ROLES
+    # how the module starts: zero (U = 0, a no-op, the paper) | fit (the best rank-r map from the layer's
+    # input to its output error against the uncompressed model, on calibration text: see recovery.fit_recovery)
+    init: str = "zero"
+    init_samples: int = 64  # calibration windows (of model.max_length tokens) for init=fit
+    lr: float | None = None  # learning rate of the recovery modules (None = train.lr)
 
     def __post_init__(self):
         coerce_fields(self, "recovery")
@@ -94,6 +99,11 @@ class RecoveryConfig:
             raise CpetError(f"recovery.activation={self.activation!r}: use gelu, relu, silu or identity")
         require(self.r >= 1, "recovery.r", self.r, ">= 1")
         require(0 <= self.dropout < 1, "recovery.dropout", self.dropout, "in [0, 1)")
+        require(self.init in ("zero", "fit"), "recovery.init", self.init, "zero or fit")
+        require(self.init_samples >= 1, "recovery.init_samples", self.init_samples, ">= 1")
+        require(self.lr is None or self.lr > 0, "recovery.lr", self.lr, "> 0, or null for train.lr")
+        require(self.init != "fit" or self.activation == "identity" or self.r >= 2, "recovery.r", self.r,
+                ">= 2 for init=fit with a nonlinear activation (the fit uses the rank in +/- pairs)")
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,9 @@ PARADIGM_SPECS: dict[str, Paradigm] = {
                                     inherit=True, distill=True),
     "clm_recover_distill": Paradigm("CLM+R+D", "ablation: fresh PET + recovery, task + distillation",
                                     recover=True, distill=True),
+    "clm_cpet_zero": Paradigm("CLM+I+R, no data", "base+PET's modules moved onto the compressed backbone plus "
+                              "recovery modules fitted to the compression error on calibration text "
+                              "(recovery.init=fit), no task training", inherit=True, recover=True, trains=False),
     "clm_inherit_zero": Paradigm("CLM+I, no data", "base+PET's modules moved onto the compressed backbone, no "
                                  "task training (Figure 3's zero-data point)", inherit=True, trains=False),
 }
@@ -225,6 +238,9 @@ class ExperimentConfig:
         taught = [p for p in self.paradigms if PARADIGM_SPECS[p].needs_teacher]
         if taught and "base_pet" not in self.paradigms:
             raise CpetError(f"paradigms: {taught[0]} inherits from or distils base_pet, so base_pet must run too")
+        if "clm_cpet_zero" in self.paradigms and self.recovery.init != "fit":
+            raise CpetError("paradigms: clm_cpet_zero adds recovery modules with no training; with "
+                            "recovery.init=zero they are no-ops (that is clm_inherit_zero): set recovery.init=fit")
         if len(set(self.paradigms)) != len(self.paradigms):
             raise CpetError(f"paradigms: {list(self.paradigms)} names a paradigm twice")
         from cpet.compress import plan_to_json  # validates methods and their fields

@@ -22,14 +22,16 @@ import torch
 
 from cpet.compress import (compress, compression_inputs, load_compressed, plan_to_json, save_compressed,
                            written_by_cpet)
+from cpet.compress.calibration import make_calibration
 from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
-from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance
+from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
 from cpet.io import atomic_write_json, read_json
 from cpet.models import load_backbone, resolve_model_path
+from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
 from cpet.train import TrainResult, evaluate, train
@@ -102,7 +104,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     max_len, tc = cfg.model.max_length, cfg.train
     text = use_text_formulation(cfg)
     backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
-    records_in, calibration = _fingerprint_inputs(cfg, data, text, tokenizer)
+    records_in, calibration, init_calib = _fingerprint_inputs(cfg, data, text, tokenizer)
     fps = {k: digest(v) for k, v in records_in.items()}
     pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS}
     cdir = layout.backbone_dir(fps["compressed"])
@@ -127,11 +129,14 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         if main:
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
         n_params = sum(v.numel() for v in _task_tensors(model))
-        log(f"[{LABELS[paradigm]}] training {n_params:,} task parameters" + (" with distillation" if teacher else ""))
+        log(f"[{LABELS[paradigm]}] " + (f"training {n_params:,} task parameters" + (" with distillation" if teacher else "")
+                                         if PARADIGM_SPECS[paradigm].trains else
+                                         f"{n_params:,} task parameters, evaluated as assembled (no task data)"))
         if PARADIGM_SPECS[paradigm].trains:
             res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
                         teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
-                        fmt=fmt_of(model), fingerprint=fp)
+                        fmt=fmt_of(model), fingerprint=fp,
+                        recovery_lr=cfg.recovery.lr if PARADIGM_SPECS[paradigm].recover else None)
         else:  # as assembled: no task data touches the modules
             val = evaluate(model, tokenizer, spec, data.val, max_len, tc.eval_batch_size, fmt=fmt_of(model))
             res = TrainResult(val, 0)
@@ -211,6 +216,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                                            recovery=cfg.recovery if how.recover else None, head=head)
                 if how.inherit:
                     inherit(student, teacher)
+                if how.recover and cfg.recovery.init == "fit":
+                    fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
+                                      init_calib, log)
                 rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
             records.append(rec)
     if main and not layout.shared:  # the config of the last completed run (each paradigm's inputs: fingerprint.json)
@@ -234,6 +242,9 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
             "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
     compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
                                            data_dir=cfg.task.data_dir)
+    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover for p in cfg.paradigms)
+    init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
+                                  data_dir=cfg.task.data_dir) if fits else None
     clm = {**base, "compressed": digest(compressed)}
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
     out = {"base_pet": base, "compressed": compressed}
@@ -242,9 +253,21 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
             out[name] = {**clm, "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
                                         **({} if how.trains else {"trains": False})},
                          **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
+                         **({"recovery_init_data": tensor_digest(init_calib.input_ids)}
+                            if how.recover and init_calib is not None else {}),
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}
-    return out, calib
+    return out, calib, init_calib
+
+
+def fit_recovery_from(student, reference, with_pet: bool, calib, log) -> dict[str, float]:
+    """``recovery.init=fit``: fit the student's recovery modules to the compression error against the
+    uncompressed ``reference``, the teacher's PET included when the student inherited it (its output is
+    then what the student should reproduce), the plain backbone otherwise."""
+    if with_pet:
+        return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
+    with branches_off(reference, "lora"):
+        return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
 
 
 def _check_folder(folder: Path, record: dict, what: str, fresh: bool, log) -> None:

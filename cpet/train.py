@@ -26,7 +26,7 @@ from cpet.distill import Teacher, distill_loss
 from cpet.errors import CpetError
 from cpet.formats import Format, get_format, model_inputs
 from cpet.io import load_safetensors, read_json
-from cpet.layers import freeze_backbone, task_state_dict
+from cpet.layers import freeze_backbone, kind_of, task_state_dict
 from cpet.tasks import Example, TaskSpec
 
 
@@ -86,13 +86,15 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
           cfg: TrainConfig, max_length: int, out_dir: str | Path | None = None,
           teacher: nn.Module | None = None, distill: DistillConfig | None = None,
           log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
-          resume: bool = True, fmt: Format | None = None, fingerprint: str | None = None) -> TrainResult:
+          resume: bool = True, fmt: Format | None = None, fingerprint: str | None = None,
+          recovery_lr: float | None = None) -> TrainResult:
     """Train the task modules of ``model`` (backbone frozen) and leave the best-on-val state loaded.
 
     ``out_dir/checkpoint`` is written every ``cfg.checkpoint_every`` steps and at epoch ends; with
     ``resume`` an existing checkpoint there is continued exactly. ``on_step(step)`` runs after each
     optimizer step (used by tests to interrupt a run). ``fingerprint`` (of everything the run depends on)
     is stored in each checkpoint; resuming a checkpoint made with another one is refused.
+    ``recovery_lr``: the learning rate of recovery modules (default ``cfg.lr``, as everything else).
     """
     from accelerate import Accelerator
 
@@ -102,10 +104,14 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     if not trainable:
         raise ValueError("nothing to train: the model has no lora / recovery / head parameters")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for n, p in named.items() if p.ndim >= 2]
-    no_decay = [p for n, p in named.items() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = []  # (decay or not) x (recovery modules at their own lr, or the rest at train.lr)
+    for decays in (True, False):
+        for kinds, lr in (((None, "lora", "head"), cfg.lr), (("recovery",), recovery_lr or cfg.lr)):
+            params = [p for n, p in named.items() if (p.ndim >= 2) == decays and kind_of(n) in kinds]
+            if params:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
+                               "base_lr": lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     teach = Teacher(teacher.to(device), cache=distill.cache_teacher, outputs=distill.outputs) \
@@ -197,7 +203,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             if teach is not None and distill.alpha > 0:
                 loss = loss + distill.alpha * distill_loss(teach(batch), out, distill.outputs)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, total, warmup)
+                group["lr"] = group["base_lr"] * _lr_factor(step, total, warmup)
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)

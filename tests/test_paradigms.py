@@ -21,6 +21,7 @@ def test_every_ablation_starts_and_trains_as_its_name_says(tmp_path, data_dir, t
 
     args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
             "task.val_size=16", "task.max_test=8", "train.epochs=1", "train.batch_size=32", "recovery.r=4",
+            "recovery.init=fit",
             f"output_dir={tmp_path / 'o'}"]
     run_experiment(load_config(None, [*args, "paradigms=[base_pet]"]), log=lambda s: None)
     seen = {}

@@ -272,7 +272,7 @@ def _train_router(moe: MoEFFN, xs: torch.Tensor, mass: torch.Tensor, steps: int,
 
 
 
-def _dense_ffn(blk: FFNBlock, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def dense_ffn(blk: FFNBlock, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hs = [model.get_submodule(n)(x) for n in blk.ins]
     h = blk.act(hs[0]) * hs[1] if len(hs) == 2 else blk.act(hs[0])
     return model.get_submodule(blk.out)(h)
@@ -345,7 +345,7 @@ def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
         _fill(moe, model, blk, perm)
         mass = h[:, perm].abs().reshape(h.shape[0], cfg.experts, -1).sum(-1)  # (N, E)
         _train_router(moe, xs, mass, cfg.router_steps)
-        dense_y = _dense_ffn(blk, model, xs) if act is None else None
+        dense_y = dense_ffn(blk, model, xs) if act is None else None
         moe_y = moe(xs)
         ref = dense_y if dense_y is not None else _all_experts(moe)(xs)
         err = ((moe_y - ref).norm() / ref.norm()).item()
@@ -353,7 +353,7 @@ def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
         keep_frac = mass.topk(moe.k, -1).values.sum(-1).div(mass.sum(-1)).mean().item()
         speed = None
         if cfg.min_speedup > 0:  # the worse of a single short request (16 tokens) and a full batch (<= 4096)
-            speed = min(_time(lambda x: _dense_ffn(blk, model, x), xs[:n]) / _time(moe, xs[:n])
+            speed = min(_time(lambda x: dense_ffn(blk, model, x), xs[:n]) / _time(moe, xs[:n])
                         for n in (min(16, len(xs)), min(4096, len(xs))))
         msg = (f"  moe {blk.block}: {cfg.experts} experts, top {moe.k}; top-k holds {keep_frac:.0%} of activation mass; "
                f"output rel. error {err:.3f}" + (f"; {speed:.2f}x vs dense" if speed is not None else ""))

@@ -1,0 +1,142 @@
+"""Recovery modules that start by undoing compression (recovery.init=fit, EoRA's fit generalised)."""
+
+import copy
+
+import pytest
+import torch
+
+from cpet.compress import compress
+from cpet.compress.calibration import Calibration
+from cpet.config import LoraConfig, RecoveryConfig, load_config
+from cpet.errors import CpetError
+from cpet.inherit import inherit
+from cpet.layers import Adapted
+from cpet.recovery import branches_off, fit_recovery
+from cpet.task_modules import build_task_model
+from tests.conftest import tiny_bert, tiny_llama_lm, tiny_t5_lm
+
+
+def _calib(n: int = 24, seq: int = 16, seed: int = 0) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    return Calibration(torch.randint(1000, 30000, (n, seq), generator=g), batch_size=8)
+
+
+def _hidden(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _perturb_low_rank(model, rank: int, scale: float = 0.3, seed: int = 1) -> None:
+    """Subtract a random rank-``rank`` matrix from every target linear's weight (a 'compression' whose
+    error a rank-``rank`` map can undo exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ("attention" in name or "intermediate" in name or "output" in name):
+                out_f, in_f = m.weight.shape
+                e = torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+                m.weight -= scale * e
+
+
+@pytest.mark.parametrize("activation,r", [("identity", 2), ("gelu", 4), ("relu", 4), ("silu", 4)])
+def test_fit_undoes_a_low_rank_error_exactly(activation, r):
+    """Each layer's error is rank 2: the fitted modules (rank 2, or 2 +/- pairs for a nonlinear one) put
+    the whole network back on the reference, on tokens the fit never saw."""
+    reference = build_task_model(tiny_bert(), 2)
+    student_bb = tiny_bert()
+    _perturb_low_rank(student_bb, rank=2)
+    student = build_task_model(student_bb, 2, recovery=RecoveryConfig(r=r, activation=activation))
+    held = _calib(4, 16, seed=7).input_ids
+    before = _rel(_hidden(student, held), _hidden(reference, held))
+    removed = fit_recovery(student, reference, _calib(), damp=1e-7, log=lambda s: None)  # exact: no damping
+    after = _rel(_hidden(student, held), _hidden(reference, held))
+    assert before > 0.05
+    assert after < 1e-3 * before, (before, after)
+    assert min(removed.values()) > 0.999
+
+
+def test_nonlinear_start_is_the_linear_fit_and_still_trains():
+    """GELU modules of rank 2k start as exactly the rank-k linear fit, and both halves get gradients."""
+    reference = build_task_model(tiny_bert(), 2)
+    bb = tiny_bert()
+    compress(bb, [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}])
+    lin = build_task_model(copy.deepcopy(bb), 2, recovery=RecoveryConfig(r=3, activation="identity"))
+    gelu = build_task_model(copy.deepcopy(bb), 2, recovery=RecoveryConfig(r=7, activation="gelu"))  # odd: 1 spare
+    for m in (lin, gelu):
+        fit_recovery(m, reference, _calib(), log=lambda s: None)
+    held = _calib(4, 16, seed=3).input_ids
+    assert torch.allclose(_hidden(lin, held), _hidden(gelu, held), atol=1e-4)
+    rec = next(m for m in gelu.modules() if isinstance(m, Adapted)).recovery
+    assert torch.equal(rec.U[:, 6], torch.zeros_like(rec.U[:, 6]))  # the spare unit stays a no-op
+    gelu.train()
+    gelu(input_ids=held, attention_mask=torch.ones_like(held)).logits.sum().backward()
+    assert rec.D.grad[:6].abs().sum() > 0 and rec.U.grad[:, :6].abs().sum() > 0
+
+
+@pytest.mark.parametrize("plan", [[{"method": "int8"}],
+                                  [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}],
+                                  [{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0,
+                                    "router_steps": 20}, {"method": "int8"}],
+                                  [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}]],
+                         ids=["Q", "UP+Q", "M+Q", "SP+Q"])
+def test_fit_on_real_compression_reduces_the_error_it_can_see(plan, tokenizer):
+    """On every compression method (MoE: one module over the whole FFN; structured: the kept rows and
+    columns) the fit removes part of each layer's error on calibration text and none of it grows the
+    network's error on held-out text; the modes the models were in are kept."""
+    teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=2))
+    with torch.no_grad():
+        for n, p in teacher.named_parameters():
+            if n.endswith("lora.B"):
+                p.normal_(0, 0.05)  # an inherited, trained-looking LoRA
+    bb = tiny_bert()
+    calib = _calib(32, 16)
+    compress(bb, plan, calibration=calib)
+    student = build_task_model(bb, 2, lora=LoraConfig(r=2), recovery=RecoveryConfig(r=8))
+    inherit(student, teacher, kinds=("lora",))
+    held = _calib(6, 16, seed=9).input_ids
+    before = _rel(_hidden(student, held), _hidden(teacher, held))
+    student.train()
+    teacher.eval()
+    removed = fit_recovery(student, teacher, calib, log=lambda s: None)
+    assert student.training and not teacher.training
+    assert all(-1e-6 <= v <= 1 for v in removed.values())
+    assert max(removed.values()) > 0.01
+    after = _rel(_hidden(student, held), _hidden(teacher, held))
+    assert after <= before * 1.01, (before, after)
+
+
+@pytest.mark.parametrize("make", [tiny_llama_lm, tiny_t5_lm], ids=["llama", "t5"])
+def test_fit_on_language_models(make):
+    from cpet.models import LMTaskModel
+
+    reference = LMTaskModel(make())
+    bb = make()
+    compress(bb, [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}])
+    student = build_task_model(bb, 0, recovery=RecoveryConfig(r=4))
+    removed = fit_recovery(student, reference, _calib(8, 12), log=lambda s: None)
+    assert len(removed) == sum(isinstance(m, Adapted) for m in student.modules())
+    assert sum(removed.values()) / len(removed) > 0.05
+
+
+def test_branches_off_is_temporary():
+    m = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=2))
+    n = sum(isinstance(x, Adapted) and x._modules.get("lora") is not None for x in m.modules())
+    with branches_off(m, "lora"):
+        assert not any(isinstance(x, Adapted) and x._modules.get("lora") is not None for x in m.modules())
+    assert sum(isinstance(x, Adapted) and x._modules.get("lora") is not None for x in m.modules()) == n
+
+
+def test_config_rules():
+    with pytest.raises(CpetError, match="recovery.init"):
+        load_config(None, ["recovery.init=eora"])
+    with pytest.raises(CpetError, match="recovery.r"):
+        load_config(None, ["recovery.init=fit", "recovery.r=1"])
+    load_config(None, ["recovery.init=fit", "recovery.r=1", "recovery.activation=identity"])
+    with pytest.raises(CpetError, match="clm_cpet_zero"):
+        load_config(None, ["paradigms=[base_pet, clm_cpet_zero]"])
+    assert load_config(None, ["recovery.lr=1e-2"]).recovery.lr == 0.01
