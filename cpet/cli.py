@@ -168,14 +168,15 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
     return 1 if failed else 0
 
 
-def _report(root: str, out: str | None, bench: str | None = None) -> int:
+def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None) -> int:
     from cpet.grid import results_of
     from cpet.report import write_report
 
     root_p = Path(root)
     if not (root_p / "cells").is_dir():
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
-    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench)
+    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench,
+                         select=tuple(select or ()))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="the output_dir of cpet grid")
     p.add_argument("-o", "--output-dir", default=None, help="where to write (default: the grid folder)")
     p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
+    p.add_argument("--select", nargs="+", default=None, metavar="KEY",
+                   help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation")
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "grid":
             return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
         if args.verb == "report":
-            return _report(args.dir, args.output_dir, args.bench)
+            return _report(args.dir, args.output_dir, args.bench, args.select)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir)
         if args.verb == "bench":

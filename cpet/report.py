@@ -56,14 +56,24 @@ def _json_plan(steps) -> list[dict]:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for s in steps]
 
 
+def depends_on(paradigm: str, key: str) -> bool:
+    """Whether a paradigm's result depends on a config key (the sections its fingerprint records): a
+    teacher does not depend on the plan or the recovery settings; no result on the paradigm list."""
+    spec = PARADIGM_SPECS[paradigm]
+    section = key.split(".")[0]
+    return section in ("model", "task", "lora", "train", "mmlu") or (section == "compress" and spec.compressed) \
+        or (section == "recovery" and spec.recover) or (section == "distill" and spec.distill)
+
+
 def long_rows(results: list[dict]) -> list[dict]:
-    """Result records (as ``cpet.grid.results_of`` returns) -> long rows, one per metric."""
+    """Result records (as ``cpet.grid.results_of`` returns) -> long rows, one per metric. A row's variant
+    names the grid axes (besides task, plan and seed) that its paradigm depends on."""
     rows = []
     for r in results:
         cfg = r["cell_config"]
         plan = plan_name(cfg["compress"]) if r["paradigm"] != "base_pet" else "none"
         variant = ", ".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())
-                            if k not in ("task.name", "compress", "train.seed"))
+                            if k not in ("task.name", "compress", "train.seed") and depends_on(r["paradigm"], k))
         base = {"task": r["task"], "plan": plan, "paradigm": r["paradigm"], "seed": cfg["train"]["seed"],
                 "variant": variant, "cell": r.get("cell", ""), "fingerprint": r.get("fingerprint", "")}
         values = {**r["test"], **{f"val_{k}": v for k, v in r["best_val"].items()},
@@ -297,10 +307,46 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def _split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
+    """("k=v, ..." of the keys not selected, "k=v, ..." of the selected ones)."""
+    parts = [p for p in variant.split(", ") if p]
+    chosen = [p for p in parts if p.split("=", 1)[0] in keys]
+    return ", ".join(p for p in parts if p not in chosen), ", ".join(chosen)
+
+
+def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], str]:
+    """Hyper-parameters chosen on validation only: for each (task, plan, paradigm and the other axes),
+    the values of ``keys`` with the best validation mean over seeds; returns those rows (the selected
+    keys moved out of the variant) and a markdown table of the search (every candidate's validation
+    mean, the chosen one marked, its test mean beside it only for the chosen)."""
+    main_metric, scale = main_metrics(rows)
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        rest, chosen = _split_variant(r["variant"], keys)
+        groups[(r["task"], r["plan"], r["paradigm"], rest)][chosen].append(r)
+    out, lines = [], ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test |",
+                      "|---|---|---|---|---|---|---|"]
+    for (task, plan, paradigm, rest), cands in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ORDER.get(kv[0][2], 99), kv[0][3])):
+        metric = main_metric.get(task)
+        val = {c: [float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"] for c, rs in cands.items()}
+        scored = {c: statistics.fmean(v) for c, v in val.items() if v}
+        if not scored:
+            continue
+        best = max(sorted(scored), key=lambda c: scored[c])  # ties: the first in sorted order
+        out += [{**r, "variant": rest} for r in cands[best]]
+        test = [float(r["value"]) for r in cands[best] if r["metric"] == metric]
+        lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {rest or '—'} | " + "; ".join(
+            f"{c or '—'}: {scale[task] * scored[c]:.2f} ({len(val[c])})" for c in sorted(scored)) +
+            f" | {best or '—'} | {_fmt(test, scale[task])} |")
+    return out, "\n".join(lines)
+
+
 def write_report(results: list[dict], out_dir: str | Path, title: str = "Results",
-                 bench: str | Path | None = None) -> dict[str, Path]:
+                 bench: str | Path | None = None, select: tuple[str, ...] = ()) -> dict[str, Path]:
     """results.csv + results.md (+ PNGs) under ``out_dir`` from result records; with ``bench`` (cpet bench
-    JSON) a table of quality against measured speed, size and fidelity per plan."""
+    JSON) a table of quality against measured speed, size and fidelity per plan. ``select``: config keys
+    (grid axes) whose value is chosen per task, plan and paradigm on validation; the tables then show
+    the chosen runs and a search table says what was tried and chosen (results.csv keeps every run)."""
     if not results:
         raise CpetError("no finished results to report (run the grid first, or check the folder)")
     out = Path(out_dir)
@@ -309,9 +355,15 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     provenance = sorted({f"cpet {r['provenance'].get('cpet')} ({r['provenance'].get('commit')}), torch "
                          f"{r['provenance'].get('torch')}, transformers {r['provenance'].get('transformers')}, "
                          f"{r['provenance'].get('threads')} threads" for r in results if "provenance" in r})
+    search = ""
+    if select:
+        rows, table = select_on_validation(rows, tuple(select))
+        search = (f"## Hyper-parameters chosen on validation\n\n{', '.join(select)} chosen per task, plan and "
+                  "paradigm by the validation mean over seeds (test never consulted); the tables below show "
+                  "the chosen runs.\n\n" + table + "\n\n")
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
-            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + tables(rows)
+            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows)
             + ("\n" + cost_table(rows, load_bench(bench)) if bench else "")
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
     atomic_write(out / "results.md", text.encode())

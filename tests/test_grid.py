@@ -107,3 +107,22 @@ def test_curves_and_zero_data_point(tmp_path, data_dir, tiny_model_dir, capsys):
     assert main(["report", str(tmp_path / "g")]) == 0
     pytest.importorskip("matplotlib")
     assert (tmp_path / "g" / "curve_sst2_Q.png").is_file()
+
+
+def test_hyper_parameters_are_chosen_on_validation_never_on_test():
+    from cpet.report import depends_on, select_on_validation
+
+    rows = []
+    # lr 1e-3: better validation, worse test; lr 5e-3: the reverse. Two seeds each.
+    for lr, val, test in (("0.001", (0.70, 0.72), (0.60, 0.61)), ("0.005", (0.65, 0.66), (0.80, 0.81))):
+        for seed, v, t in zip((1, 2), val, test):
+            base = {"task": "mnli", "plan": "Q", "paradigm": "clm_pet", "seed": seed,
+                    "variant": f"recovery.init=fit, train.lr={lr}", "cell": "c", "fingerprint": "f"}
+            rows += [{**base, "metric": "val_accuracy", "value": v}, {**base, "metric": "accuracy", "value": t}]
+    chosen, table = select_on_validation(rows, ("train.lr",))
+    assert {r["value"] for r in chosen if r["metric"] == "accuracy"} == {0.60, 0.61}
+    assert all(r["variant"] == "recovery.init=fit" for r in chosen)
+    assert "train.lr=0.001: 71.00 (2); train.lr=0.005: 65.50 (2) | train.lr=0.001 | 60.50 ± 0.71 (2)" in table
+    assert depends_on("clm_cpet", "recovery.init") and not depends_on("clm_pet", "recovery.init")
+    assert not depends_on("base_pet", "compress") and not depends_on("clm_cpet", "paradigms")
+    assert depends_on("base_pet", "train.lr") and depends_on("clm_distill", "distill.alpha")
