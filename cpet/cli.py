@@ -154,6 +154,18 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
     return 0
 
 
+def _adapt(task_dir: str, compressed: str, out: str, r: int, activation: str, samples: int, max_length: int,
+           data_dir: str | None) -> int:
+    from cpet.adapt import adapt
+    from cpet.config import RecoveryConfig
+
+    rec = RecoveryConfig(r=r, activation=activation, init="fit", init_samples=samples)
+    path = adapt(task_dir, compressed, out, rec, max_length=max_length, data_dir=data_dir,
+                 log=lambda s: print(s, flush=True))
+    print(f"task folder: {path.resolve()}")
+    return 0
+
+
 def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool, retry_failed: bool) -> int:
     from cpet.grid import describe, load_grid, run_grid
 
@@ -207,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
     p.add_argument("--select", nargs="+", default=None, metavar="KEY",
                    help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation")
+    p = sub.add_parser("adapt", help="move a task (cpet task folder or PEFT LoRA) trained on the uncompressed model "
+                                     "onto a compressed backbone, with no task data (inherited modules + recovery "
+                                     "fitted to the compression error)")
+    p.add_argument("task_dir", help="task folder trained on the uncompressed backbone (e.g. RUN/base_pet/task), "
+                                    "or a PEFT LoRA folder of a language model")
+    p.add_argument("--compressed", required=True, help="a cpet compress folder made from that backbone")
+    p.add_argument("-o", "--output-dir", required=True, help="the new task folder (must not exist, or be empty)")
+    p.add_argument("--recovery-r", type=int, default=32, help="recovery rank (nonlinear: fitted in +/- pairs)")
+    p.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu", "identity"])
+    p.add_argument("--samples", type=int, default=64, help="calibration windows for the fit")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per calibration window")
+    p.add_argument("--data-dir", default=None, help="data folder holding alpaca/ (default $CPET_DATA, ../shared/data)")
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -239,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
         if args.verb == "grid":
             return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
+        if args.verb == "adapt":
+            return _adapt(args.task_dir, args.compressed, args.output_dir, args.recovery_r, args.activation,
+                          args.samples, args.max_length, args.data_dir)
         if args.verb == "report":
             return _report(args.dir, args.output_dir, args.bench, args.select)
         if args.verb == "compress":

@@ -1,6 +1,7 @@
 """Recovery modules that start by undoing compression (recovery.init=fit, EoRA's fit generalised)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -140,3 +141,40 @@ def test_config_rules():
     with pytest.raises(CpetError, match="clm_cpet_zero"):
         load_config(None, ["paradigms=[base_pet, clm_cpet_zero]"])
     assert load_config(None, ["recovery.lr=1e-2"]).recovery.lr == 0.01
+
+
+def test_cpet_adapt_moves_a_task_to_a_compressed_backbone_without_task_data(tmp_path, data_dir, tiny_model_dir,
+                                                                            tokenizer):
+    from cpet.cli import main
+    from cpet.compress import load_compressed
+    from cpet.experiments import run_experiment
+    from cpet.models import load_backbone
+    from cpet.task_modules import load_task_modules
+
+    run_experiment(load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2",
+                                      f"task.data_dir={data_dir}", "task.val_size=16", "task.max_test=8",
+                                      "train.epochs=1", "paradigms=[base_pet]", f"output_dir={tmp_path / 'run'}"]),
+                   log=lambda s: None)
+    task = tmp_path / "run" / "base_pet" / "task"
+    cdir, out = tmp_path / "c", tmp_path / "adapted"
+    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    args = ["adapt", str(task), "--compressed", str(cdir), "-o", str(out), "--recovery-r", "8", "--samples", "16",
+            "--max-length", "32", "--data-dir", str(data_dir)]
+    assert main(args) == 0
+    cfg = json.loads((out / "task_config.json").read_text())
+    assert cfg["recovery"]["r"] == 8 and cfg["labels"] == json.loads((task / "task_config.json").read_text())["labels"]
+    assert cfg["backbone"]["plan"][0]["method"] == "unstructured"
+
+    enc = tokenizer(["a great film", "a dull mess", "i loved it"], padding=True, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    teacher = load_task_modules(load_backbone(tiny_model_dir)[0], task).eval()
+    adapted = load_task_modules(load_compressed(cdir)[0], out).eval()
+    inherited = load_task_modules(load_compressed(cdir)[0], task).eval()  # the same modules, no recovery
+    with torch.no_grad():
+        t, a, i = (m(**inputs).hidden for m in (teacher, adapted, inherited))
+    assert _rel(a, t) < _rel(i, t)
+    with torch.no_grad():
+        assert torch.equal(adapted.head.out.weight, teacher.head.out.weight)
+
+    assert main(args) == 2  # never overwrites
+    assert main(["adapt", str(out), "--compressed", str(cdir), "-o", str(tmp_path / "again")]) == 2  # already CPET

@@ -1,0 +1,88 @@
+"""Move a task onto a compressed backbone with no task data (the zero-data case of CPET, Figure 3).
+
+    task folder (or PEFT LoRA) trained on the uncompressed model M  +  compressed backbone C
+      -> the same PET + head inherited onto C (sliced after structured pruning)
+       + recovery modules fitted to C's compression error on calibration text (recovery.init=fit)
+      -> a cpet task folder for C
+
+No task example is read: what C loses is estimated layer by layer against M on task-agnostic text.
+The result serves as is, or is the start of CLM+CPET training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+from cpet.compress import load_compressed
+from cpet.compress.calibration import make_calibration
+from cpet.config import LoraConfig, RecoveryConfig
+from cpet.errors import CpetError
+from cpet.fingerprint import digest
+from cpet.inherit import inherit
+from cpet.io import read_json
+from cpet.models import LMTaskModel, TaskModel, load_backbone
+from cpet.pet import lora as lora_mod
+from cpet.pet.peft_io import import_peft
+from cpet.recovery import apply as add_recovery
+from cpet.recovery import fit_recovery
+from cpet.task_modules import describe, is_language_model, load_task_modules, save_task_modules
+
+
+def _teacher(task_dir: Path, source: str, lm: bool) -> tuple[TaskModel, dict]:
+    """The task on the uncompressed backbone, and the extra fields of its task config (task, labels)."""
+    base, _ = load_backbone(source, lm=lm)
+    if (task_dir / "adapter_config.json").is_file():  # a PEFT LoRA: text-to-text on a language model
+        if not lm:
+            raise CpetError(f"{task_dir} is a PEFT adapter; cpet adapts PEFT adapters of language models (an "
+                            "encoder task also needs its head: train it with cpet run, or import it as a task)")
+        teacher = LMTaskModel(base)
+        import_peft(teacher, task_dir)
+        return teacher, {"adapted_from_peft": str(task_dir)}
+    teacher = load_task_modules(base, task_dir)
+    desc = read_json(task_dir / "task_config.json", "task config", "copy the task folder again")
+    if "recovery" in desc:
+        raise CpetError(f"{task_dir} already has recovery modules: it was trained on a compressed backbone. "
+                        "Adapt the task trained on the uncompressed model (base+PET's task folder)")
+    return teacher, {k: desc[k] for k in ("task", "labels") if k in desc}
+
+
+def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          recovery: RecoveryConfig = RecoveryConfig(), max_length: int = 128, data_dir: str | None = None,
+          log: Callable[[str], None] = print) -> Path:
+    """Write a task folder for the compressed backbone in ``compressed_dir`` from the task in ``task_dir``
+    (trained on the backbone the compressed one was made from), with no task data; returns its path."""
+    task_dir, out = Path(task_dir), Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    if out.resolve() == task_dir.resolve():
+        raise CpetError("the output folder is the input task folder; choose a new one")
+    if not task_dir.is_dir():
+        raise CpetError(f"task folder {task_dir} does not exist")
+    student_bb, tokenizer, meta = load_compressed(compressed_dir)
+    if tokenizer is None:
+        raise CpetError(f"{compressed_dir} has no tokenizer files; compress again with cpet compress")
+    lm = is_language_model(student_bb)
+    teacher, extra = _teacher(task_dir, meta["source"], lm)
+    desc = describe(teacher)
+    if lm:
+        student = LMTaskModel(student_bb)
+    else:
+        student = TaskModel(student_bb, desc["num_labels"], desc["pooling"], head=desc["head"])
+    if "lora" in desc:
+        d = desc["lora"]
+        lora_mod.add_lora_to(student, d["modules"], LoraConfig(r=d["r"], alpha=d["alpha"], dropout=d["dropout"]))
+    add_recovery(student, recovery)
+    inherit(student, teacher, kinds=("lora", "head") if student.head is not None else ("lora",))
+    calib = make_calibration(tokenizer, samples=recovery.init_samples, seq_len=max_length, data_dir=data_dir)
+    removed = fit_recovery(student, teacher, calib, log=log)
+    backbone = {"path": str(Path(compressed_dir).resolve()), "source": meta["source"], "plan": meta["plan"],
+                "fingerprint": (meta.get("fingerprint") or {}).get("hash") or digest(meta.get("fingerprint") or meta)}
+    save_task_modules(student, out, extra={**extra, "adapted_from": str(task_dir), "backbone": backbone,
+                                           "recovery_fit": {"calibration_windows": len(calib.input_ids),
+                                                            "window": max_length,
+                                                            "mean_error_removed": round(sum(removed.values()) / max(1, len(removed)), 4)}})
+    log(f"adapted task written to {out} (load it on {compressed_dir})")
+    return out
