@@ -134,6 +134,9 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at epoch ends)
     eval_every: int = 0  # validation every N optimizer steps (and at step 0) as a convergence curve; 0 = off
+    # learning rate of the paradigms on the compressed backbone (None = lr). base+PET, the teacher, trains at
+    # lr; a sweep of clm_lr then shares one teacher, and each CLM paradigm can take its own on validation
+    clm_lr: float | None = None
 
     def __post_init__(self):
         coerce_fields(self, "train")
@@ -147,6 +150,7 @@ class TrainConfig:
         require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
                 ">= 0 (0 = only at epoch ends)")
         require(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0 (0 = no convergence curve)")
+        require(self.clm_lr is None or self.clm_lr > 0, "train.clm_lr", self.clm_lr, "> 0, or null for train.lr")
 
 
 @dataclass(frozen=True)

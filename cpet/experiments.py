@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -133,7 +133,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                                          if PARADIGM_SPECS[paradigm].trains else
                                          f"{n_params:,} task parameters, evaluated as assembled (no task data)"))
         if PARADIGM_SPECS[paradigm].trains:
-            res = train(model, tokenizer, spec, data.train, data.val, tc, max_len, out_dir=pdir,
+            ptc = tc if paradigm == "base_pet" else replace(tc, lr=tc.clm_lr or tc.lr)
+            res = train(model, tokenizer, spec, data.train, data.val, ptc, max_len, out_dir=pdir,
                         teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
                         fmt=fmt_of(model), fingerprint=fp,
                         recovery_lr=cfg.recovery.lr if PARADIGM_SPECS[paradigm].recover else None)
@@ -232,7 +233,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     results (not output paths, eval batch size or checkpoint spacing), the backbone's weight digest and
     the digest of the exact train / val / test examples; and the plan's calibration windows (made once,
     for the record and for compressing)."""
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every")}
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every", "clm_lr")}
     model = {"name": cfg.model.name, "weights": model_digest(resolve_model_path(cfg.model.name)),
              "max_length": cfg.model.max_length,
              "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}
@@ -245,7 +246,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover for p in cfg.paradigms)
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
-    clm = {**base, "compressed": digest(compressed)}
+    clm = {**base, "compressed": digest(compressed), "train": {**train, "lr": cfg.train.clm_lr or cfg.train.lr}}
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
     out = {"base_pet": base, "compressed": compressed}
     for name, how in PARADIGM_SPECS.items():

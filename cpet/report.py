@@ -61,6 +61,8 @@ def depends_on(paradigm: str, key: str) -> bool:
     teacher does not depend on the plan or the recovery settings; no result on the paradigm list."""
     spec = PARADIGM_SPECS[paradigm]
     section = key.split(".")[0]
+    if key == "train.clm_lr":
+        return spec.compressed
     return section in ("model", "task", "lora", "train", "mmlu") or (section == "compress" and spec.compressed) \
         or (section == "recovery" and spec.recover) or (section == "distill" and spec.distill)
 

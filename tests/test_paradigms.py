@@ -53,3 +53,27 @@ def test_paradigms_needing_a_teacher_need_base_pet():
     with pytest.raises(CpetError, match="clm_inherit inherits from or distils base_pet"):
         load_config(None, ["paradigms=[clm_pet, clm_inherit]"])
     load_config(None, ["paradigms=[clm_pet, clm_recover]"])  # no teacher needed
+
+
+def test_clm_lr_trains_the_compressed_paradigms_and_leaves_the_teacher_shared(tmp_path, data_dir, tiny_model_dir,
+                                                                              monkeypatch):
+    import cpet.experiments
+    from cpet.train import TrainResult
+
+    lrs = {}
+
+    def record_lr(model, tok, spec, tr, va, cfg, *a, recovery_lr=None, **k):
+        lrs[k["out_dir"].name] = (cfg.lr, recovery_lr)
+        return TrainResult({"accuracy": 0.5}, 0)
+
+    monkeypatch.setattr(cpet.experiments, "train", record_lr)
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "train.lr=0.01",
+            "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={tmp_path / 'a'}"]
+    plain = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, args), log=lambda s: None)}
+    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.01, None), "clm_cpet": (0.01, None)}
+    swept = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, [
+        *args, "train.clm_lr=0.002", "recovery.lr=0.03", f"output_dir={tmp_path / 'b'}"]), log=lambda s: None)}
+    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.002, None), "clm_cpet": (0.002, 0.03)}
+    assert swept["base_pet"] == plain["base_pet"]  # one teacher for every clm_lr
+    assert swept["clm_pet"] != plain["clm_pet"] and swept["clm_cpet"] != plain["clm_cpet"]
