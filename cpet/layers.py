@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-BRANCH_KINDS = ("lora", "recovery")  # forward order of side branches
+BRANCH_KINDS = ("lora", "recovery", "bank")  # forward order of side branches (bank: many tasks, cpet.bank)
 TRAINABLE_KINDS = ("lora", "recovery", "head")
 
 

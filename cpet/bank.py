@@ -1,0 +1,314 @@
+"""Many tasks on one shared backbone: task modules in the slots of a bank, routed per batch row.
+
+    every wrapped linear:  y = base(x) + per task segment s of the batch:
+                               act_R( x W_down[s]^T ) W_up[s]^T          (one fused down / up pair)
+    W_down[s] = [A_s; D_s]  (R_l + R_r, in)     W_up[s] = [scaling_s B_s, U_s]  (out, R_l + R_r)
+    act_R: identity on the first R_l (LoRA) columns, the recovery activation on the last R_r
+
+A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a free slot; ranks below the
+bank's are zero-padded, which is exact (a zero row of W_down gives act(0) = 0 for GELU / ReLU / SiLU and
+identity alike). Heads stay outside the backbone, one small module per task. A batch's rows carry task
+names; rows of one task must be contiguous (``TaskBank.forward`` sorts them) and each segment pays one
+down and one up matmul per layer whatever its task's branches are.
+
+The plain reference (``cpet.task_modules.load_task_modules`` of each task on its own copy of the
+backbone) stays; tests hold the bank to it. Training does not go through the bank: a task trains as
+plain ``Adapted`` branches and is loaded here to serve.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cpet.errors import CpetError
+from cpet.io import load_safetensors, read_json
+from cpet.layers import Adapted, wrap
+from cpet.models import ClassificationHead, SpanHead, get_arch
+from cpet.recovery import ACTIVATIONS
+from cpet.task_modules import is_language_model
+
+
+class Routing:
+    """The current batch's task segments [(slot, start row, end row)], read by every bank branch."""
+
+    def __init__(self):
+        self.segments: list[tuple[int, int, int]] | None = None
+
+
+class BankBranch(nn.Module):
+    """One wrapped layer's add-ons for every slot: W_down (S, R, in), W_up (S, out, R) as buffers."""
+
+    def __init__(self, in_features: int, out_features: int, routing: Routing, activation: str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.routing = routing
+        self.r_lora, self.r_rec = 0, 0
+        self.act = ACTIVATIONS[activation]()
+        self.register_buffer("down", torch.zeros(0, 0, in_features))
+        self.register_buffer("up", torch.zeros(0, out_features, 0))
+
+    def resize(self, slots: int, r_lora: int, r_rec: int) -> None:
+        """Grow (never shrink) to ``slots`` x (r_lora + r_rec); existing slots keep their values."""
+        S, rl, rr = max(slots, self.down.shape[0]), max(r_lora, self.r_lora), max(r_rec, self.r_rec)
+        if (S, rl, rr) == (self.down.shape[0], self.r_lora, self.r_rec):
+            return
+        down = self.down.new_zeros(S, rl + rr, self.in_features)
+        up = self.up.new_zeros(S, self.out_features, rl + rr)
+        n = self.down.shape[0]
+        down[:n, : self.r_lora], up[:n, :, : self.r_lora] = self.down[:, : self.r_lora], self.up[:, :, : self.r_lora]
+        down[:n, rl: rl + self.r_rec] = self.down[:, self.r_lora:]
+        up[:n, :, rl: rl + self.r_rec] = self.up[:, :, self.r_lora:]
+        self.down, self.up, self.r_lora, self.r_rec = down, up, rl, rr
+
+    def clear(self, slot: int) -> None:
+        self.down[slot].zero_()
+        self.up[slot].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segments = self.routing.segments
+        if segments is None:
+            raise CpetError("a bank-wrapped backbone ran without task routing: call it through TaskBank")
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        for slot, a, b in segments:
+            h = x[a:b] @ self.down[slot].T  # (n, ..., R)
+            if self.r_rec:
+                h = torch.cat([h[..., : self.r_lora], self.act(h[..., self.r_lora:])], dim=-1)
+            out[a:b] = h @ self.up[slot].T  # (n, ..., out)
+        return out
+
+
+@dataclass
+class LoadedTask:
+    name: str
+    slot: int
+    path: str
+    head_type: str  # classify | span | lm
+    labels: list[str]
+    head: nn.Module | None
+    bytes: int
+    backbone: dict | None
+    config: dict = field(default_factory=dict)
+    pinned: bool = False
+    in_use: int = 0
+
+
+class TaskBank:
+    """A shared (frozen, possibly compressed) backbone serving the tasks loaded into its slots.
+
+    ``fingerprint``: the backbone's identity (``compression.json``'s fingerprint hash for a cpet
+    compressed folder); a task folder that records another backbone is refused, naming both.
+    ``activation``: the recovery activation of every task in this bank (one per bank).
+    """
+
+    def __init__(self, backbone: nn.Module, fingerprint: str | None = None, activation: str = "gelu"):
+        if any(isinstance(m, Adapted) for m in backbone.modules()):
+            raise CpetError("TaskBank needs a bare backbone (this one already carries task branches)")
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.fingerprint, self.activation = fingerprint, activation
+        self.routing = Routing()
+        self.tasks: dict[str, LoadedTask] = {}
+        self.free: list[int] = []
+        self.slots = 0
+        self.branches: dict[str, BankBranch] = {}  # backbone module name -> its bank branch
+        self.lock = threading.RLock()
+        self.lm = is_language_model(backbone)
+
+    # ------------------------------------------------------------ loading
+    def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> LoadedTask:
+        """Copy the task folder at ``path`` into a free slot under ``name`` (replacing a task of that name)."""
+        p = Path(path)
+        fix = "the task folder is damaged: copy it again, or retrain the task"
+        cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
+        if not cfg_path.is_file() or not st_path.is_file():
+            raise CpetError(f"{p} is not a cpet task folder (needs task_config.json and task_modules.safetensors)")
+        desc = read_json(cfg_path, "task config", fix)
+        if not isinstance(desc, dict) or not str(desc.get("format", "")).startswith("cpet-task"):
+            raise CpetError(f"{cfg_path} is not a cpet task config (no 'format: cpet-task-v1'); {fix}")
+        recorded = (desc.get("backbone") or {}).get("fingerprint")
+        if recorded and self.fingerprint and recorded != self.fingerprint:
+            raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
+                            f" not on this one ({self.fingerprint}); load it on its own backbone")
+        rec = desc.get("recovery")
+        if rec and rec["activation"] != self.activation:
+            raise CpetError(f"{p}: recovery activation {rec['activation']!r}, but this bank serves "
+                            f"{self.activation!r} recovery modules (one activation per bank)")
+        head_type = desc.get("head", "classify")
+        if (head_type == "lm") != self.lm:
+            raise CpetError(f"{p} is a {'text-to-text' if head_type == 'lm' else 'task-head'} task; this bank's "
+                            f"backbone {'is' if self.lm else 'is not'} a language model")
+        state = load_safetensors(st_path, "task modules", fix)
+        with self.lock:
+            if name in self.tasks:
+                self.unload(name)
+            slot = self.free.pop() if self.free else self._new_slot()
+            try:
+                head = self._install(slot, desc, state, p)
+            except Exception:
+                self._clear(slot)
+                self.free.append(slot)
+                raise
+            task = LoadedTask(name, slot, str(p), head_type, list(desc.get("labels") or []), head,
+                              sum(v.numel() * v.element_size() for v in state.values()), desc.get("backbone"),
+                              desc, pin)
+            self.tasks[name] = task
+        return task
+
+    def _new_slot(self) -> int:
+        self.slots += 1
+        for br in self.branches.values():
+            br.resize(self.slots, 0, 0)
+        return self.slots - 1
+
+    def _branch(self, name: str) -> BankBranch:
+        if name not in self.branches:
+            wrapped = wrap(self.backbone, name)
+            br = BankBranch(wrapped.in_features, wrapped.out_features, self.routing, self.activation)
+            br.resize(self.slots, 0, 0)
+            wrapped.bank = br
+            self.branches[name] = br
+        return self.branches[name]
+
+    @torch.no_grad()
+    def _install(self, slot: int, desc: dict, state: dict[str, torch.Tensor], p: Path) -> nn.Module | None:
+        prefix = "backbone."
+        lora, rec = desc.get("lora"), desc.get("recovery")
+        names = set((lora or {}).get("modules", [])) | set((rec or {}).get("modules", []))
+        for full in sorted(names):
+            name = full[len(prefix):] if full.startswith(prefix) else full
+            try:
+                self.backbone.get_submodule(name)
+            except AttributeError:
+                raise CpetError(f"{p}: module {name!r} is not in this backbone; was the task trained on another "
+                                "architecture or compression plan?") from None
+            br = self._branch(name)
+            has_l = lora is not None and full in lora["modules"]
+            has_r = rec is not None and full in rec["modules"]
+            br.resize(self.slots, lora["r"] if has_l else 0, rec["r"] if has_r else 0)
+            if has_l:
+                A, B = state[f"{full}.lora.A"], state[f"{full}.lora.B"]  # (r, in), (out, r)
+                self._check(p, full, A, (lora["r"], br.in_features)), self._check(p, full, B, (br.out_features, lora["r"]))
+                br.down[slot, : lora["r"]] = A
+                br.up[slot, :, : lora["r"]] = B * (lora["alpha"] / lora["r"])
+            if has_r:
+                D, U = state[f"{full}.recovery.D"], state[f"{full}.recovery.U"]
+                self._check(p, full, D, (rec["r"], br.in_features)), self._check(p, full, U, (br.out_features, rec["r"]))
+                br.down[slot, br.r_lora: br.r_lora + rec["r"]] = D
+                br.up[slot, :, br.r_lora: br.r_lora + rec["r"]] = U
+        head_type = desc.get("head", "classify")
+        if head_type == "lm":
+            return None
+        hidden = self.backbone.config.hidden_size if hasattr(self.backbone.config, "hidden_size") \
+            else self.backbone.config.d_model
+        head = SpanHead(hidden) if head_type == "span" else \
+            ClassificationHead(hidden, desc["num_labels"], desc["pooling"] or get_arch(self.backbone).pooling)
+        hs = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        try:
+            head.load_state_dict(hs)
+        except RuntimeError as e:
+            raise CpetError(f"{p}: the task head does not fit ({str(e).splitlines()[0]})") from None
+        return head.eval()
+
+    @staticmethod
+    def _check(p: Path, name: str, t: torch.Tensor, shape: tuple) -> None:
+        if tuple(t.shape) != tuple(shape):
+            raise CpetError(f"{p}: {name} has shape {tuple(t.shape)} but this backbone's layer needs {shape}; "
+                            "was it trained on another backbone or compression plan?")
+
+    def _clear(self, slot: int) -> None:
+        for br in self.branches.values():
+            br.clear(slot)
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            task = self.tasks.pop(name, None)
+            if task is None:
+                raise CpetError(f"task {name!r} is not loaded (loaded: {sorted(self.tasks)})")
+            self._clear(task.slot)
+            self.free.append(task.slot)
+
+    # ------------------------------------------------------------ running
+    @contextmanager
+    def route(self, segments: list[tuple[int, int, int]]):
+        """Run the backbone with rows [a, b) of the batch on the task in ``slot``, per segment."""
+        with self.lock:
+            self.routing.segments = segments
+            try:
+                yield
+            finally:
+                self.routing.segments = None
+
+    def segments(self, tasks: list[str]) -> list[tuple[int, int, int]]:
+        """Contiguous runs of the same task in a batch's per-row task names -> (slot, start, end)."""
+        unknown = sorted({t for t in tasks if t not in self.tasks})
+        if unknown:
+            raise CpetError(f"task(s) {unknown} not loaded (loaded: {sorted(self.tasks)})")
+        out, start = [], 0
+        for i in range(1, len(tasks) + 1):
+            if i == len(tasks) or tasks[i] != tasks[start]:
+                out.append((self.tasks[tasks[start]].slot, start, i))
+                start = i
+        return out
+
+    @torch.no_grad()
+    def hidden(self, tasks: list[str], **inputs) -> torch.Tensor:
+        """Last hidden states (N, T, H) of a batch whose row i runs task ``tasks[i]``."""
+        with self.route(self.segments(tasks)):
+            return self.backbone(**inputs).last_hidden_state
+
+    @torch.no_grad()
+    def scores(self, tasks: list[str], input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
+        """Per row, its task head's output (classify: (C,) logits; span: (T, 2)), for task-head banks."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and get_arch(self.backbone).kind == "encoder":
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.hidden(tasks, **kwargs)
+        out: list[torch.Tensor] = []
+        for slot, a, b in self.segments(tasks):
+            head = self.tasks[tasks[a]].head
+            out += list(head(hidden[a:b], attention_mask[a:b]))
+        return out
+
+    def view(self, name: str) -> "BankTaskView":
+        """One loaded task as a TaskModel-like module (formats' predict / evaluate run on it)."""
+        if name not in self.tasks:
+            raise CpetError(f"task {name!r} is not loaded (loaded: {sorted(self.tasks)})")
+        return BankTaskView(self, name)
+
+    @property
+    def task_bytes(self) -> int:
+        return sum(t.bytes for t in self.tasks.values())
+
+
+class BankTaskView(nn.Module):
+    """Every row on one task: what ``TaskModel`` / ``LMTaskModel`` return, read through the bank."""
+
+    def __init__(self, bank: TaskBank, name: str):
+        super().__init__()
+        self._bank, self.name = bank, name
+        task = bank.tasks[name]
+        self.head_type = task.head_type
+        self.backbone = bank.backbone
+        self.head = task.head
+        self.seq2seq = getattr(bank.backbone.config, "is_encoder_decoder", False)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices=None, **kw):
+        from cpet.models import LMTaskModel, TaskModel
+
+        n = input_ids.shape[0]
+        with self._bank.route([(self._bank.tasks[self.name].slot, 0, n)]):
+            if self.head_type == "lm":
+                return LMTaskModel.forward(self, input_ids, attention_mask, token_type_ids, num_choices, **kw)
+            return TaskModel.forward(self, input_ids, attention_mask, token_type_ids, num_choices)

@@ -1,0 +1,129 @@
+"""Many tasks in one bank on a shared compressed backbone, held to the plain one-task-per-copy reference."""
+
+import copy
+
+import pytest
+import torch
+
+from cpet.bank import TaskBank
+from cpet.compress import compress
+from cpet.config import LoraConfig, RecoveryConfig
+from cpet.errors import CpetError
+from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
+from tests.conftest import tiny_bert
+
+PLANS = {"UP+Q": [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}],
+         "M+Q": [{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0, "router_steps": 20},
+                 {"method": "int8"}],
+         "SP+Q": [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}]}
+
+
+def _calib():
+    from cpet.compress.calibration import Calibration
+
+    return Calibration(torch.randint(1000, 30000, (16, 16), generator=torch.Generator().manual_seed(0)))
+
+
+def _task(backbone, folder, seed, num_labels, lora=None, recovery=None, backbone_fp=None):
+    """A task with random (trained-looking) modules on its own copy of the backbone, saved to ``folder``."""
+    torch.manual_seed(seed)
+    m = build_task_model(copy.deepcopy(backbone), num_labels, lora=lora, recovery=recovery)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("lora.B", "recovery.U")) or n.startswith("head."):
+                p.normal_(0, 0.1)
+    extra = {"task": f"t{seed}", "labels": [str(i) for i in range(num_labels)]}
+    if backbone_fp:
+        extra["backbone"] = {"fingerprint": backbone_fp, "path": "elsewhere"}
+    save_task_modules(m, folder, extra=extra)
+    return folder
+
+
+@pytest.fixture(params=sorted(PLANS))
+def setup(request, tmp_path, batch):
+    bb = tiny_bert()
+    compress(bb, PLANS[request.param], calibration=_calib())
+    tasks = {
+        "a": _task(bb, tmp_path / "a", 1, 2, LoraConfig(r=2, targets=("q", "v")), RecoveryConfig(r=4)),
+        "b": _task(bb, tmp_path / "b", 2, 3, LoraConfig(r=4, targets=("q", "k", "v", "o"))),  # no recovery
+        "c": _task(bb, tmp_path / "c", 3, 2, None, RecoveryConfig(r=8, targets=("o", "ffn_in", "ffn_out"))),
+    }
+    return bb, tasks
+
+
+def _reference(bb, folder, inputs):
+    model = load_task_modules(copy.deepcopy(bb), folder).eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _rows(batch, idx):
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def test_mixed_batch_equals_each_task_alone_on_its_own_copy(setup, batch):
+    bb, tasks = setup
+    bank = TaskBank(copy.deepcopy(bb))
+    for name, folder in tasks.items():
+        bank.load(name, folder)
+    # 6 rows: the 3 sentences under task a, one under b, two under c (contiguous runs)
+    idx = torch.tensor([0, 1, 2, 1, 0, 2])
+    names = ["a", "a", "a", "b", "c", "c"]
+    mixed = bank.scores(names, **_rows(batch, idx))
+    for i, (row, task) in enumerate(zip(idx.tolist(), names)):
+        ref = _reference(bb, tasks[task], _rows(batch, torch.tensor([row])))[0]
+        assert torch.allclose(mixed[i], ref, atol=1e-5), (task, mixed[i], ref)
+        alone = bank.scores([task], **_rows(batch, torch.tensor([row])))[0]
+        assert torch.allclose(mixed[i], alone, atol=1e-5)  # batch-mates and padding do not matter
+
+
+def test_unload_frees_the_slot_and_leaves_the_others(setup, batch, tmp_path):
+    bb, tasks = setup
+    bank = TaskBank(copy.deepcopy(bb))
+    for name, folder in tasks.items():
+        bank.load(name, folder)
+    before = bank.scores(["a"] * 3, **batch)
+    slot_b = bank.tasks["b"].slot
+    bank.unload("b")
+    assert "b" not in bank.tasks and slot_b in bank.free
+    for br in bank.branches.values():
+        assert br.down[slot_b].abs().sum() == 0 and br.up[slot_b].abs().sum() == 0
+    bank.load("b2", tasks["b"])  # reuses the slot
+    assert bank.tasks["b2"].slot == slot_b and bank.slots == 3
+    assert all(torch.equal(x, y) for x, y in zip(before, bank.scores(["a"] * 3, **batch)))
+    with pytest.raises(CpetError, match="not loaded"):
+        bank.scores(["b"], **_rows(batch, torch.tensor([0])))
+
+
+def test_view_is_a_task_model(setup, batch):
+    bb, tasks = setup
+    bank = TaskBank(copy.deepcopy(bb))
+    bank.load("c", tasks["c"])
+    with torch.no_grad():
+        got = bank.view("c")(**batch).logits
+    assert torch.allclose(got, _reference(bb, tasks["c"], batch), atol=1e-5)
+
+
+def test_refusals(tmp_path, batch):
+    bb = tiny_bert()
+    compress(bb, PLANS["UP+Q"], calibration=_calib())
+    other = _task(bb, tmp_path / "o", 1, 2, LoraConfig(r=2), backbone_fp="0123456789abcdef")
+    bank = TaskBank(copy.deepcopy(bb), fingerprint="fedcba9876543210")
+    with pytest.raises(CpetError, match="0123456789abcdef.*fedcba9876543210"):
+        bank.load("o", other)
+    relu = _task(bb, tmp_path / "r", 2, 2, None, RecoveryConfig(r=2, activation="relu"))
+    with pytest.raises(CpetError, match="one activation per bank"):
+        bank.load("r", relu)
+    with pytest.raises(CpetError, match="not a cpet task folder"):
+        bank.load("x", tmp_path)
+    big = tiny_bert()  # another architecture size: shapes do not fit
+    from transformers import BertConfig, BertModel
+
+    big = BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128))
+    wrong = _task(big, tmp_path / "w", 3, 2, LoraConfig(r=2))
+    with pytest.raises(CpetError, match="shape"):
+        bank.load("w", wrong)
+    assert set(bank.tasks) == set() and len(bank.free) == bank.slots  # failed loads leave no slot behind
+    with pytest.raises(CpetError, match="bare backbone"):
+        TaskBank(build_task_model(copy.deepcopy(bb), 2, lora=LoraConfig()).backbone)
