@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from cpet.compress import load_compressed
 from cpet.errors import CpetError
+from cpet.fingerprint import model_digest
 from cpet.io import load_safetensors, read_json
 from cpet.layers import Adapted, wrap
-from cpet.models import ClassificationHead, SpanHead, get_arch
+from cpet.models import ClassificationHead, SpanHead, get_arch, load_backbone, resolve_model_path
 from cpet.recovery import ACTIVATIONS
 from cpet.task_modules import is_language_model
 
@@ -121,6 +123,21 @@ class TaskBank:
         self.branches: dict[str, BankBranch] = {}  # backbone module name -> its bank branch
         self.lock = threading.RLock()
         self.lm = is_language_model(backbone)
+
+    @classmethod
+    def open(cls, backbone: str | os.PathLike, activation: str = "gelu") -> tuple["TaskBank", object]:
+        """(bank, tokenizer) on a ``cpet compress`` folder, or on an uncompressed model (name or folder)
+        that base+PET tasks were trained on; the bank knows the backbone's fingerprint."""
+        p = Path(backbone)
+        if (p / "compression.json").is_file():
+            model, tokenizer, meta = load_compressed(p)
+            fp = (meta.get("fingerprint") or {}).get("hash")
+            if tokenizer is None:
+                raise CpetError(f"{p} has no tokenizer files; compress again with cpet compress")
+        else:
+            model, tokenizer = load_backbone(str(backbone))
+            fp = model_digest(resolve_model_path(str(backbone)))
+        return cls(model, fp, activation), tokenizer
 
     # ------------------------------------------------------------ loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> LoadedTask:

@@ -28,6 +28,9 @@ class ModelConfig:
     # how tasks are cast: head (a task head on the backbone) | text (text-to-text through the LM head,
     # verbalizers / generation) | auto (encoders head, T5 and decoder LMs text, as in the paper)
     formulation: str = "auto"
+    # an existing `cpet compress` folder made from this model: the CLM paradigms train on it (its plan
+    # replaces `compress`) instead of compressing again; it is only read, never written
+    compressed: str | None = None
 
     def __post_init__(self):
         coerce_fields(self, "model")

@@ -95,6 +95,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     main = state.is_main_process
     if not main:
         log = lambda s: None  # noqa: E731
+    if cfg.model.compressed:  # train on an existing compressed backbone: its plan is the run's plan
+        cfg = replace(cfg, compress=tuple(_shared_backbone_meta(cfg.model.compressed)["plan"]))
     layout = layout or RunLayout(Path(cfg.output_dir))
     out = layout.root
     if out.exists() and not out.is_dir():
@@ -107,12 +109,12 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     records_in, calibration, init_calib = _fingerprint_inputs(cfg, data, text, tokenizer)
     fps = {k: digest(v) for k, v in records_in.items()}
     pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS}
-    cdir = layout.backbone_dir(fps["compressed"])
+    cdir = Path(cfg.model.compressed) if cfg.model.compressed else layout.backbone_dir(fps["compressed"])
     clm = [p for p in cfg.paradigms if p != "base_pet"]
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:
             _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
-        if clm:
+        if clm and not cfg.model.compressed:
             _check_compressed(cdir, records_in["compressed"], fresh, log)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
@@ -146,7 +148,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         eval_s = time.perf_counter() - t0
         mmlu = run_mmlu(model, tokenizer, paradigm) if cfg.mmlu.enabled else None
         if main:
-            save_task_modules(model, pdir / "task", extra={"task": spec.name, "labels": list(spec.labels)})
+            save_task_modules(model, pdir / "task", extra={
+                "task": spec.name, "labels": list(spec.labels),
+                "backbone": backbone_record(cfg, paradigm, fps, records_in, cdir)})
         record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
                   "plan": plan_to_json(cfg.compress) if paradigm != "base_pet" else [],
                   "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
@@ -241,8 +245,17 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
             "examples": examples_digest(data.train, data.val, data.test)}
     base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, "lora": asdict(cfg.lora), "train": train,
             "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
-    compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
-                                           data_dir=cfg.task.data_dir)
+    if cfg.model.compressed:
+        meta = _shared_backbone_meta(cfg.model.compressed)
+        compressed, calib = meta["fingerprint"]["inputs"], None
+        if compressed.get("source") != model["weights"] or compressed.get("lm") != text:
+            raise CpetError(f"model.compressed={cfg.model.compressed} was made from {meta.get('source')!r}"
+                            f"{' with its LM head' if compressed.get('lm') else ''}, not from model.name="
+                            f"{cfg.model.name!r}{' with its LM head' if text else ''} (weights differ); set "
+                            "model.name to its source, or compress this model with cpet compress")
+    else:
+        compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
+                                               data_dir=cfg.task.data_dir)
     fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover for p in cfg.paradigms)
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
@@ -259,6 +272,26 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}
     return out, calib, init_calib
+
+
+def _shared_backbone_meta(folder: str) -> dict:
+    """compression.json of a ``model.compressed`` folder, which must carry its fingerprint."""
+    p = Path(folder)
+    if not (p / "compression.json").is_file():
+        raise CpetError(f"model.compressed={folder} is not a cpet compressed backbone (no compression.json); "
+                        "make one with cpet compress")
+    meta = read_json(p / "compression.json", "compressed backbone record", f"compress again into {p}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict) or "plan" not in meta:
+        raise CpetError(f"model.compressed={folder} has no fingerprint (made by an older cpet); compress again "
+                        "with cpet compress")
+    return meta
+
+
+def backbone_record(cfg: ExperimentConfig, paradigm: str, fps: dict, records_in: dict, cdir: Path) -> dict:
+    """What a task folder records about the backbone it was trained on (a bank refuses any other)."""
+    if paradigm == "base_pet":
+        return {"fingerprint": records_in["base_pet"]["model"]["weights"], "path": cfg.model.name, "plan": []}
+    return {"fingerprint": fps["compressed"], "path": str(cdir), "plan": plan_to_json(cfg.compress)}
 
 
 def fit_recovery_from(student, reference, with_pet: bool, calib, log) -> dict[str, float]:

@@ -127,3 +127,44 @@ def test_refusals(tmp_path, batch):
     assert set(bank.tasks) == set() and len(bank.free) == bank.slots  # failed loads leave no slot behind
     with pytest.raises(CpetError, match="bare backbone"):
         TaskBank(build_task_model(copy.deepcopy(bb), 2, lora=LoraConfig()).backbone)
+
+
+def test_tasks_trained_on_a_shared_compressed_folder_serve_from_it(tmp_path, data_dir, tiny_model_dir, batch):
+    """model.compressed trains on an existing cpet compress folder (never written), gives the same results
+    as compressing in the run, and its task folders record that backbone: a bank on it loads them, a bank
+    on another refuses them."""
+    from cpet.cli import main
+    from cpet.config import load_config
+    from cpet.experiments import run_experiment
+
+    cdir = tmp_path / "c"
+    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    before = {f.name: f.stat().st_mtime_ns for f in cdir.iterdir()}
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "compress=UP+Q",
+            "paradigms=[base_pet, clm_pet, clm_cpet]"]
+    own = {r["paradigm"]: r for r in run_experiment(load_config(None, [*args, f"output_dir={tmp_path / 'own'}"]),
+                                                     log=lambda s: None)}
+    shared = {r["paradigm"]: r for r in run_experiment(load_config(None, [
+        *args, f"model.compressed={cdir}", f"output_dir={tmp_path / 'shared'}"]), log=lambda s: None)}
+    assert {f.name: f.stat().st_mtime_ns for f in cdir.iterdir()} == before
+    assert not (tmp_path / "shared" / "backbone_compressed").exists()
+    for p in ("clm_pet", "clm_cpet"):
+        assert shared[p]["fingerprint"] == own[p]["fingerprint"] and shared[p]["test"] == own[p]["test"]
+
+    bank, tok = TaskBank.open(cdir)
+    bank.load("sst2", tmp_path / "shared" / "clm_cpet" / "task")
+    with pytest.raises(CpetError, match="trained on backbone"):
+        bank.load("teacher", tmp_path / "shared" / "base_pet" / "task")  # trained on the uncompressed model
+    plain, _ = TaskBank.open(tiny_model_dir)
+    plain.load("teacher", tmp_path / "shared" / "base_pet" / "task")
+    with pytest.raises(CpetError, match="trained on backbone"):
+        plain.load("sst2", tmp_path / "shared" / "clm_cpet" / "task")
+
+    other = tmp_path / "other-model"
+    from tests.conftest import save_tiny
+
+    save_tiny(tiny_bert(seed=5), tok, other)
+    with pytest.raises(CpetError, match="was made from"):
+        run_experiment(load_config(None, [*args, f"model.name={other}", f"model.compressed={cdir}",
+                                          f"output_dir={tmp_path / 'x'}"]), log=lambda s: None)
