@@ -42,6 +42,7 @@ class Routing:
 
     def __init__(self):
         self.segments: list[tuple[int, int, int]] | None = None
+        self.single: int | None = None  # every row on this slot, whatever the batch (generation)
 
 
 class BankBranch(nn.Module):
@@ -75,6 +76,8 @@ class BankBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segments = self.routing.segments
+        if self.routing.single is not None:
+            segments = [(self.routing.single, 0, x.shape[0])]
         if segments is None:
             raise CpetError("a bank-wrapped backbone ran without task routing: call it through TaskBank")
         out = x.new_zeros(*x.shape[:-1], self.out_features)
@@ -263,6 +266,18 @@ class TaskBank:
             finally:
                 self.routing.segments = None
 
+    @contextmanager
+    def only(self, name: str):
+        """Run the backbone with every row on task ``name`` (any batch shape: generation, formats)."""
+        if name not in self.tasks:
+            raise CpetError(f"task {name!r} is not loaded (loaded: {sorted(self.tasks)})")
+        with self.lock:
+            self.routing.single = self.tasks[name].slot
+            try:
+                yield
+            finally:
+                self.routing.single = None
+
     def segments(self, tasks: list[str]) -> list[tuple[int, int, int]]:
         """Contiguous runs of the same task in a batch's per-row task names -> (slot, start, end)."""
         unknown = sorted({t for t in tasks if t not in self.tasks})
@@ -324,8 +339,7 @@ class BankTaskView(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices=None, **kw):
         from cpet.models import LMTaskModel, TaskModel
 
-        n = input_ids.shape[0]
-        with self._bank.route([(self._bank.tasks[self.name].slot, 0, n)]):
+        with self._bank.only(self.name):
             if self.head_type == "lm":
                 return LMTaskModel.forward(self, input_ids, attention_mask, token_type_ids, num_choices, **kw)
             return TaskModel.forward(self, input_ids, attention_mask, token_type_ids, num_choices)

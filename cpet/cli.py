@@ -154,6 +154,43 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
     return 0
 
 
+def _predict(backbone: str, tasks: list[str], text: str | None, text_b: str | None, input_file: str | None,
+             out: str | None, max_length: int, batch_size: int) -> int:
+    from cpet.bank import TaskBank
+    from cpet.io import read_json
+    from cpet.predict import Item, predict, read_inputs, write_jsonl
+
+    if (text is None) == (input_file is None):
+        raise CpetError("give the input as --text TEXT (and --text-b for a pair) or --input FILE.jsonl|.csv")
+    items = [Item(text, text_b)] if text is not None else read_inputs(input_file)  # input errors first
+    named = []
+    for spec in tasks:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if not name:
+            cfg = Path(path) / "task_config.json"
+            desc = read_json(cfg, "task config", "copy the task folder again") if cfg.is_file() else {}
+            name = desc.get("task") if isinstance(desc, dict) and desc.get("task") else Path(path).name
+        named.append((name, path))
+    dup = sorted({n for n, _ in named if [m for m, _ in named].count(n) > 1})
+    if dup:
+        raise CpetError(f"two tasks are named {dup[0]!r}; name them: NAME=PATH")
+    activation = "gelu"
+    for _, path in named:  # the bank's recovery activation: the tasks' own (one per bank)
+        cfg = Path(path) / "task_config.json"
+        desc = read_json(cfg, "task config", "copy the task folder again") if cfg.is_file() else {}
+        if isinstance(desc, dict) and isinstance(desc.get("recovery"), dict):
+            activation = desc["recovery"].get("activation", activation)
+            break
+    bank, tokenizer = TaskBank.open(backbone, activation=activation)
+    for name, path in named:
+        bank.load(name, path)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if input_file else None
+    n = write_jsonl(predict(bank, tokenizer, items, max_length=max_length, batch_size=batch_size, log=log), out)
+    if out:
+        print(f"{n} predictions ({len(items)} inputs x tasks) -> {out}", file=sys.stderr)
+    return 0
+
+
 def _adapt(task_dir: str, compressed: str, out: str, r: int, activation: str, samples: int, max_length: int,
            data_dir: str | None) -> int:
     from cpet.adapt import adapt
@@ -219,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
     p.add_argument("--select", nargs="+", default=None, metavar="KEY",
                    help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation")
+    p = sub.add_parser("predict", help="predictions of trained tasks on new text (JSON lines), many tasks on one backbone")
+    p.add_argument("tasks", nargs="+", metavar="TASK", help="task folder, or NAME=FOLDER (name default: its task)")
+    p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on "
+                                                     "(or the uncompressed model for base+PET tasks)")
+    p.add_argument("--text", default=None, help="one input text")
+    p.add_argument("--text-b", default=None, help="its second text, for pair tasks (premise / hypothesis ...)")
+    p.add_argument("--input", default=None, help="JSONL (text, text_b, task, choices) or CSV with a header")
+    p.add_argument("-o", "--output", default=None, help="write JSONL here (default: stdout)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut and flagged)")
+    p.add_argument("--batch-size", type=int, default=32)
     p = sub.add_parser("adapt", help="move a task (cpet task folder or PEFT LoRA) trained on the uncompressed model "
                                      "onto a compressed backbone, with no task data (inherited modules + recovery "
                                      "fitted to the compression error)")
@@ -263,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
         if args.verb == "grid":
             return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
+        if args.verb == "predict":
+            return _predict(args.backbone, args.tasks, args.text, args.text_b, args.input, args.output,
+                            args.max_length, args.batch_size)
         if args.verb == "adapt":
             return _adapt(args.task_dir, args.compressed, args.output_dir, args.recovery_r, args.activation,
                           args.samples, args.max_length, args.data_dir)

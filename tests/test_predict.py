@@ -1,0 +1,58 @@
+"""cpet predict: trained task folders on new text, through the shared-backbone bank."""
+
+import json
+
+import pytest
+
+from cpet.cli import main
+from cpet.config import TaskConfig, load_config
+from cpet.experiments import run_experiment
+from cpet.tasks import load_task
+
+
+@pytest.fixture
+def trained(tmp_path, data_dir, tiny_model_dir):
+    cdir = tmp_path / "c"
+    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "train.epochs=2", "train.lr=0.01", "recovery.r=4", f"model.compressed={cdir}",
+            "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={tmp_path / 'run'}"]
+    records = {r["paradigm"]: r for r in run_experiment(load_config(None, args), log=lambda s: None)}
+    return cdir, tmp_path / "run", records
+
+
+def test_predictions_match_the_runs_own_test_evaluation(trained, tmp_path, data_dir, capsys):
+    cdir, run, records = trained
+    test = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16)).test
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": e.text_a}) + "\n" for e in test))
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", f"pet={run / 'clm_pet' / 'task'}", f"cpet={run / 'clm_cpet' / 'task'}",
+                 "--backbone", str(cdir), "--input", str(inp), "-o", str(out), "--max-length", "32",
+                 "--batch-size", "5"]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds) == 2 * len(test)
+    labels = json.loads((run / "clm_pet" / "task" / "task_config.json").read_text())["labels"]
+    for task, paradigm in (("pet", "clm_pet"), ("cpet", "clm_cpet")):
+        mine = [p for p in preds if p["task"] == task]
+        assert [p["id"] for p in mine] == list(range(len(test)))
+        acc = sum(labels.index(p["label"]) == e.label for p, e in zip(mine, test)) / len(test)
+        assert acc == pytest.approx(records[paradigm]["test"]["accuracy"])
+        assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in mine)
+
+    capsys.readouterr()
+    assert main(["predict", str(run / "clm_cpet" / "task"), "--backbone", str(cdir),
+                 "--text", "a truly great and moving film " * 5, "--max-length", "8"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["task"] == "sst2" and line["truncated"] is True and line["label"] in labels
+
+
+def test_predict_refusals(trained, tmp_path, tiny_model_dir):
+    cdir, run, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    assert main(["predict", str(run / "clm_pet" / "task"), "--backbone", str(cdir), "--input", str(bad)]) == 2
+    assert main(["predict", str(run / "clm_pet" / "task"), "--backbone", str(cdir)]) == 2  # no input
+    # a base+PET task was trained on the uncompressed model: not on this backbone
+    assert main(["predict", str(run / "base_pet" / "task"), "--backbone", str(cdir), "--text", "x"]) == 2
+    assert main(["predict", str(run / "base_pet" / "task"), "--backbone", tiny_model_dir, "--text", "x"]) == 0
