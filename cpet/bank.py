@@ -5,7 +5,8 @@
     W_down[s] = [A_s; D_s]  (R_l + R_r, in)     W_up[s] = [scaling_s B_s, U_s]  (out, R_l + R_r)
     act_R: identity on the first R_l (LoRA) columns, the recovery activation on the last R_r
 
-A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a free slot; ranks below the
+A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a new last slot (unloading
+moves the last slot into the hole and shrinks the tensors: memory is really freed); ranks below the
 bank's are zero-padded, which is exact (a zero row of W_down gives act(0) = 0 for GELU / ReLU / SiLU and
 identity alike). Heads stay outside the backbone, one small module per task. A batch's rows carry task
 names; rows of one task must be contiguous (``TaskBank.forward`` sorts them) and each segment pays one
@@ -74,6 +75,13 @@ class BankBranch(nn.Module):
         self.down[slot].zero_()
         self.up[slot].zero_()
 
+    def drop(self, slot: int) -> None:
+        """Remove ``slot``: the last slot moves into its place and the tensors shrink by one."""
+        last = self.down.shape[0] - 1
+        if slot != last:
+            self.down[slot], self.up[slot] = self.down[last], self.up[last]
+        self.down, self.up = self.down[:last].clone(), self.up[:last].clone()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segments = self.routing.segments
         if self.routing.single is not None:
@@ -121,7 +129,6 @@ class TaskBank:
         self.fingerprint, self.activation = fingerprint, activation
         self.routing = Routing()
         self.tasks: dict[str, LoadedTask] = {}
-        self.free: list[int] = []
         self.slots = 0
         self.branches: dict[str, BankBranch] = {}  # backbone module name -> its bank branch
         self.lock = threading.RLock()
@@ -144,7 +151,7 @@ class TaskBank:
 
     # ------------------------------------------------------------ loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> LoadedTask:
-        """Copy the task folder at ``path`` into a free slot under ``name`` (replacing a task of that name)."""
+        """Copy the task folder at ``path`` into a new slot under ``name`` (replacing a task of that name)."""
         p = Path(path)
         fix = "the task folder is damaged: copy it again, or retrain the task"
         cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
@@ -169,12 +176,13 @@ class TaskBank:
         with self.lock:
             if name in self.tasks:
                 self.unload(name)
-            slot = self.free.pop() if self.free else self._new_slot()
+            slot = self._new_slot()
             try:
                 head = self._install(slot, desc, state, p)
             except Exception:
-                self._clear(slot)
-                self.free.append(slot)
+                for br in self.branches.values():
+                    br.drop(slot)
+                self.slots -= 1
                 raise
             task = LoadedTask(name, slot, str(p), head_type, list(desc.get("labels") or []), head,
                               sum(v.numel() * v.element_size() for v in state.values()), desc.get("backbone"),
@@ -243,17 +251,18 @@ class TaskBank:
             raise CpetError(f"{p}: {name} has shape {tuple(t.shape)} but this backbone's layer needs {shape}; "
                             "was it trained on another backbone or compression plan?")
 
-    def _clear(self, slot: int) -> None:
-        for br in self.branches.values():
-            br.clear(slot)
-
     def unload(self, name: str) -> None:
         with self.lock:
             task = self.tasks.pop(name, None)
             if task is None:
                 raise CpetError(f"task {name!r} is not loaded (loaded: {sorted(self.tasks)})")
-            self._clear(task.slot)
-            self.free.append(task.slot)
+            last = self.slots - 1
+            for br in self.branches.values():
+                br.drop(task.slot)
+            for other in self.tasks.values():
+                if other.slot == last:
+                    other.slot = task.slot
+            self.slots = last
 
     # ------------------------------------------------------------ running
     @contextmanager

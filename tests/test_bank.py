@@ -82,17 +82,17 @@ def test_unload_frees_the_slot_and_leaves_the_others(setup, batch, tmp_path):
     bank = TaskBank(copy.deepcopy(bb))
     for name, folder in tasks.items():
         bank.load(name, folder)
-    before = bank.scores(["a"] * 3, **batch)
-    slot_b = bank.tasks["b"].slot
-    bank.unload("b")
-    assert "b" not in bank.tasks and slot_b in bank.free
-    for br in bank.branches.values():
-        assert br.down[slot_b].abs().sum() == 0 and br.up[slot_b].abs().sum() == 0
-    bank.load("b2", tasks["b"])  # reuses the slot
-    assert bank.tasks["b2"].slot == slot_b and bank.slots == 3
-    assert all(torch.equal(x, y) for x, y in zip(before, bank.scores(["a"] * 3, **batch)))
+    before = {t: bank.scores([t] * 3, **batch) for t in ("a", "c")}
+    size = sum(br.down.numel() + br.up.numel() for br in bank.branches.values())
+    bank.unload("a")  # the first slot: c's moves into it
+    assert "a" not in bank.tasks and bank.slots == 2 and sorted(t.slot for t in bank.tasks.values()) == [0, 1]
+    assert sum(br.down.numel() + br.up.numel() for br in bank.branches.values()) == size * 2 // 3  # freed
+    assert all(torch.equal(x, y) for x, y in zip(before["c"], bank.scores(["c"] * 3, **batch)))
+    bank.load("a2", tasks["a"])
+    assert bank.slots == 3
+    assert all(torch.equal(x, y) for x, y in zip(before["a"], bank.scores(["a2"] * 3, **batch)))
     with pytest.raises(CpetError, match="not loaded"):
-        bank.scores(["b"], **_rows(batch, torch.tensor([0])))
+        bank.scores(["a"], **_rows(batch, torch.tensor([0])))
 
 
 def test_view_is_a_task_model(setup, batch):
@@ -124,7 +124,8 @@ def test_refusals(tmp_path, batch):
     wrong = _task(big, tmp_path / "w", 3, 2, LoraConfig(r=2))
     with pytest.raises(CpetError, match="shape"):
         bank.load("w", wrong)
-    assert set(bank.tasks) == set() and len(bank.free) == bank.slots  # failed loads leave no slot behind
+    assert set(bank.tasks) == set() and bank.slots == 0  # failed loads leave no slot behind
+    assert all(br.down.shape[0] == 0 for br in bank.branches.values())
     with pytest.raises(CpetError, match="bare backbone"):
         TaskBank(build_task_model(copy.deepcopy(bb), 2, lora=LoraConfig()).backbone)
 
