@@ -156,38 +156,62 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
 
 def _predict(backbone: str, tasks: list[str], text: str | None, text_b: str | None, input_file: str | None,
              out: str | None, max_length: int, batch_size: int) -> int:
-    from cpet.bank import TaskBank
-    from cpet.io import read_json
     from cpet.predict import Item, predict, read_inputs, write_jsonl
 
     if (text is None) == (input_file is None):
         raise CpetError("give the input as --text TEXT (and --text-b for a pair) or --input FILE.jsonl|.csv")
     items = [Item(text, text_b)] if text is not None else read_inputs(input_file)  # input errors first
-    named = []
-    for spec in tasks:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        if not name:
-            cfg = Path(path) / "task_config.json"
-            desc = read_json(cfg, "task config", "copy the task folder again") if cfg.is_file() else {}
-            name = desc.get("task") if isinstance(desc, dict) and desc.get("task") else Path(path).name
-        named.append((name, path))
-    dup = sorted({n for n, _ in named if [m for m, _ in named].count(n) > 1})
-    if dup:
-        raise CpetError(f"two tasks are named {dup[0]!r}; name them: NAME=PATH")
-    activation = "gelu"
-    for _, path in named:  # the bank's recovery activation: the tasks' own (one per bank)
-        cfg = Path(path) / "task_config.json"
-        desc = read_json(cfg, "task config", "copy the task folder again") if cfg.is_file() else {}
-        if isinstance(desc, dict) and isinstance(desc.get("recovery"), dict):
-            activation = desc["recovery"].get("activation", activation)
-            break
-    bank, tokenizer = TaskBank.open(backbone, activation=activation)
-    for name, path in named:
-        bank.load(name, path)
+    bank, tokenizer = _open_bank(backbone, tasks)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if input_file else None
     n = write_jsonl(predict(bank, tokenizer, items, max_length=max_length, batch_size=batch_size, log=log), out)
     if out:
         print(f"{n} predictions ({len(items)} inputs x tasks) -> {out}", file=sys.stderr)
+    return 0
+
+
+def _open_bank(backbone: str, tasks: list[str]):
+    """(bank, tokenizer) with ``tasks`` (FOLDER or NAME=FOLDER) loaded; the bank's recovery activation is
+    the tasks' own."""
+    from cpet.bank import TaskBank
+    from cpet.io import read_json
+
+    named = []
+    for spec in tasks:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        cfg = Path(path) / "task_config.json"
+        desc = read_json(cfg, "task config", "copy the task folder again") if cfg.is_file() else {}
+        desc = desc if isinstance(desc, dict) else {}
+        named.append((name or desc.get("task") or Path(path).name, path, desc))
+    dup = sorted({n for n, _, _ in named if [m for m, _, _ in named].count(n) > 1})
+    if dup:
+        raise CpetError(f"two tasks are named {dup[0]!r}; name them: NAME=PATH")
+    activation = next((d["recovery"].get("activation", "gelu") for _, _, d in named
+                       if isinstance(d.get("recovery"), dict)), "gelu")
+    bank, tokenizer = TaskBank.open(backbone, activation=activation)
+    for name, path, _ in named:
+        bank.load(name, path)
+    return bank, tokenizer
+
+
+def _serve(backbone: str, tasks: list[str], host: str, port: int, task_root: str | None, max_batch: int,
+           max_wait_ms: float, max_task_bytes: int | None, max_length: int) -> int:
+    try:
+        import uvicorn
+
+        from cpet.serve.app import create_app
+    except ImportError as e:
+        raise CpetError(f"cpet serve needs the serve extra ({e.name} is missing): pip install 'cpet[serve]'") from None
+    from cpet.serve.engine import Engine
+
+    bank, tokenizer = _open_bank(backbone, tasks)
+    engine = Engine(bank, tokenizer, max_length=max_length, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                    max_task_bytes=max_task_bytes, task_root=task_root)
+    print(f"serving {len(bank.tasks)} task(s) on http://{host}:{port} (OpenAPI: /docs); backbone {backbone}",
+          flush=True)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
     return 0
 
 
@@ -266,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default=None, help="write JSONL here (default: stdout)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut and flagged)")
     p.add_argument("--batch-size", type=int, default=32)
+    p = sub.add_parser("serve", help="serve many tasks over HTTP from one shared backbone (pip install 'cpet[serve]')")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="task folders to load at start (FOLDER or NAME=FOLDER)")
+    p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--task-root", default=None, help="POST /v1/tasks/load may only load folders under this one")
+    p.add_argument("--max-batch", type=int, default=32, help="rows per model batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-task-bytes", type=int, default=None, help="LRU budget of loaded task modules")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut and flagged)")
     p = sub.add_parser("adapt", help="move a task (cpet task folder or PEFT LoRA) trained on the uncompressed model "
                                      "onto a compressed backbone, with no task data (inherited modules + recovery "
                                      "fitted to the compression error)")
@@ -310,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
         if args.verb == "grid":
             return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
+        if args.verb == "serve":
+            return _serve(args.backbone, args.tasks, args.host, args.port, args.task_root, args.max_batch,
+                          args.max_wait_ms, args.max_task_bytes, args.max_length)
         if args.verb == "predict":
             return _predict(args.backbone, args.tasks, args.text, args.text_b, args.input, args.output,
                             args.max_length, args.batch_size)

@@ -73,7 +73,7 @@ def read_inputs(path: str | Path) -> list[Item]:
     return items
 
 
-def _spec_of(bank: TaskBank, name: str):
+def spec_of(bank: TaskBank, name: str):
     task = bank.tasks[name]
     key = task.config.get("task")
     return TASKS.get(key) if isinstance(key, str) else None
@@ -92,7 +92,7 @@ def predict(bank: TaskBank, tokenizer, items: list[Item], max_length: int = 128,
     results: dict[tuple[int, str], dict] = {}
     results.update(_classify(bank, tokenizer, items, head, max_length, batch_size, log))
     for t in sorted({t for _, t in other}):
-        results.update(_by_format(bank, tokenizer, items, [i for i, u in other if u == t], t, max_length, batch_size))
+        results.update(predict_by_format(bank, tokenizer, items, [i for i, u in other if u == t], t, max_length, batch_size))
     for i, t in pairs:
         yield {"id": i, "task": t, **results[(i, t)]}
 
@@ -127,9 +127,9 @@ def _classify(bank, tokenizer, items, pairs, max_length, batch_size, log) -> dic
     return out
 
 
-def _by_format(bank, tokenizer, items, idx, name, max_length, batch_size) -> dict:
+def predict_by_format(bank, tokenizer, items, idx, name, max_length, batch_size) -> dict:
     """Predictions of one task through its format (choice, span, text-to-text); labels, no probabilities."""
-    spec = _spec_of(bank, name)
+    spec = spec_of(bank, name)
     if spec is None:
         raise CpetError(f"task {name}: its folder does not name a known task ('task' in task_config.json), "
                         "so its input format (choices, spans, prompts) is unknown")

@@ -1,0 +1,118 @@
+"""cpet serve: a real uvicorn server on loopback, driven by a real HTTP client (httpx)."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from cpet.cli import _open_bank, main
+from cpet.config import load_config
+from cpet.experiments import run_experiment
+from cpet.predict import Item, predict
+from cpet.serve.app import create_app
+from cpet.serve.engine import Engine
+
+SENTENCES = ["a great film", "a dull mess", "i loved it", "boring and long", "superb", "painfully bad " * 20]
+
+
+
+
+@pytest.fixture
+def server(tmp_path, data_dir, tiny_model_dir):
+    """Two trained tasks (CLM+PET, CLM+CPET on SST-2) on a compressed tiny BERT, served on a free port."""
+    cdir = tmp_path / "c"
+    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "train.epochs=1", "train.lr=0.01", "recovery.r=4", f"model.compressed={cdir}",
+            "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={tmp_path / 'tasks' / 'run'}"]
+    run_experiment(load_config(None, args), log=lambda s: None)
+    pet, cpet = tmp_path / "tasks" / "run" / "clm_pet" / "task", tmp_path / "tasks" / "run" / "clm_cpet" / "task"
+    bank, tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
+    engine = Engine(bank, tok, max_length=32, max_batch=8, max_wait_ms=20, task_root=str(tmp_path / "tasks"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    # the offline reference: cpet predict's answers on a separate bank
+    ref_bank, ref_tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
+    ref = {(r["id"], r["task"]): r for r in predict(ref_bank, ref_tok, [Item(s) for s in SENTENCES], max_length=32)}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client, ref, {"pet": pet, "cpet": cpet, "root": tmp_path / "tasks", "run": tmp_path / "tasks" / "run"}
+    srv.should_exit = True
+    th.join(timeout=10)
+    engine.close()
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got["label"] == want["label"] and got.get("truncated") == want.get("truncated")
+    for k, v in want["probabilities"].items():
+        assert abs(got["probabilities"][k] - v) < 1e-5
+
+
+def test_classify_matches_offline_predictions_and_mixes_tasks(server):
+    client, ref, _ = server
+    assert client.get("/health").json() == {"status": "ok", "tasks": 2}
+    r = client.post("/v1/classify", json={"task": ["pet", "cpet"], "input": SENTENCES})
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert len(res) == 2 * len(SENTENCES)
+    for x in res:
+        _same(x, ref[(x["input"], x["task"])])
+    assert res[-1]["truncated"] is True  # the long sentence was cut to 32 tokens, and says so
+
+    def one(i):  # concurrent single requests land in shared, mixed batches; each answer is its own
+        task = ["pet", "cpet"][i % 2]
+        out = client.post("/v1/classify", json={"task": task, "input": SENTENCES[i % len(SENTENCES)]})
+        return i, task, out.json()["results"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        for i, task, got in pool.map(one, range(24)):
+            _same(got, ref[(i % len(SENTENCES), task)])
+    metrics = client.get("/metrics").text
+    assert 'cpet_requests_total{route="classify",task="pet"}' in metrics and "cpet_batch_rows_bucket" in metrics
+    tasks = client.get("/v1/tasks").json()
+    assert {t["name"] for t in tasks["tasks"]} == {"pet", "cpet"} and all(t["bytes"] > 0 for t in tasks["tasks"])
+
+
+def test_bad_input_is_never_a_server_error(server, tmp_path):
+    client, ref, paths = server
+    r = client.post("/v1/classify", json={"task": "nope", "input": "x"})
+    assert r.status_code == 404 and "cpet" in r.json()["error"] and "pet" in r.json()["error"]
+    assert client.post("/v1/classify", json={"input": "x"}).status_code == 422
+    assert client.post("/v1/classify", content=b"{not json").status_code == 422
+    assert client.post("/v1/tasks/load", json={"name": "x", "path": str(tmp_path)}).status_code == 403
+    broken = paths["root"] / "broken"
+    broken.mkdir()
+    (broken / "task_config.json").write_text("{truncated")
+    (broken / "task_modules.safetensors").write_bytes(b"\x00" * 10)
+    r = client.post("/v1/tasks/load", json={"name": "broken", "path": str(broken)})
+    assert r.status_code == 400 and "task_config.json" in r.json()["error"]
+    r = client.post("/v1/tasks/load", json={"name": "teacher", "path": str(paths["run"] / "base_pet" / "task")})
+    assert r.status_code == 400 and "trained on backbone" in r.json()["error"]
+    assert client.post("/v1/extract", json={"task": "pet", "question": "q", "context": "c"}).status_code == 400
+    _same(client.post("/v1/classify", json={"task": "pet", "input": SENTENCES[0]}).json()["results"][0],
+          ref[(0, "pet")])  # still serving
+
+
+def test_unload_and_load_back(server):
+    client, ref, paths = server
+    assert client.post("/v1/tasks/unload", json={"name": "pet"}).json() == {"name": "pet", "unloaded": True}
+    assert client.post("/v1/classify", json={"task": "pet", "input": "x"}).status_code == 404
+    assert client.post("/v1/tasks/unload", json={"name": "pet"}).status_code == 404
+    _same(client.post("/v1/classify", json={"task": "cpet", "input": SENTENCES[1]}).json()["results"][0],
+          ref[(1, "cpet")])  # the other task moved slots and answers the same
+    r = client.post("/v1/tasks/load", json={"name": "pet2", "path": str(paths["pet"]), "pin": True})
+    assert r.status_code == 200 and r.json()["name"] == "pet2"
+    _same(client.post("/v1/classify", json={"task": "pet2", "input": SENTENCES[2]}).json()["results"][0],
+          ref[(2, "pet")])
