@@ -326,7 +326,17 @@ class TaskBank:
 
     @property
     def task_bytes(self) -> int:
+        """Bytes of the loaded tasks' own tensors (as saved)."""
         return sum(t.bytes for t in self.tasks.values())
+
+    @property
+    def bank_bytes(self) -> int:
+        """Bytes the slots take in the backbone's layers (ranks padded to the bank's largest) + heads."""
+        slots = sum(b.down.numel() * b.down.element_size() + b.up.numel() * b.up.element_size()
+                    for b in self.branches.values())
+        heads = sum(p.numel() * p.element_size() for t in self.tasks.values() if t.head is not None
+                    for p in t.head.parameters())
+        return slots + heads
 
 
 class BankTaskView(nn.Module):

@@ -169,3 +169,27 @@ def test_tasks_trained_on_a_shared_compressed_folder_serve_from_it(tmp_path, dat
     with pytest.raises(CpetError, match="was made from"):
         run_experiment(load_config(None, [*args, f"model.name={other}", f"model.compressed={cdir}",
                                           f"output_dir={tmp_path / 'x'}"]), log=lambda s: None)
+
+
+def test_engine_lru_evicts_idle_unpinned_tasks_by_bytes(tmp_path, batch, tokenizer):
+    from cpet.serve.engine import Engine, UnknownTask
+
+    bb = tiny_bert()
+    compress(bb, PLANS["UP+Q"], calibration=_calib())
+    folders = [_task(bb, tmp_path / n, i, 2, LoraConfig(r=2), RecoveryConfig(r=4)) for i, n in enumerate("abcd")]
+    bank = TaskBank(copy.deepcopy(bb))
+    engine = Engine(bank, tokenizer, max_length=16, max_batch=4, max_wait_ms=1)
+    try:
+        one = engine.load("a", str(folders[0]), pin=True).result(timeout=30)["bytes"]
+        engine.max_task_bytes = 2 * one  # room for two tasks
+        engine.load("b", str(folders[1])).result(timeout=30)
+        engine.classify(["b"], [("a fine film", None)]).result(timeout=30)  # b used last
+        assert engine.load("c", str(folders[2])).result(timeout=30)["evicted"] == ["b"]  # a is pinned
+        assert set(bank.tasks) == {"a", "c"}
+        with pytest.raises(UnknownTask):
+            engine.classify(["b"], [("x", None)])
+        assert engine.load("d", str(folders[3])).result(timeout=30)["evicted"] == ["c"]
+        assert engine.unload("d").result(timeout=30) == {"name": "d", "unloaded": True}
+        assert set(bank.tasks) == {"a"} and bank.slots == 1
+    finally:
+        engine.close()

@@ -105,7 +105,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/tasks")
     def tasks():
-        return {"backbone": engine.bank.fingerprint, "tasks": engine.describe()}
+        return {"backbone": engine.bank.fingerprint, "task_bytes": engine.bank.task_bytes,
+                "bank_bytes": engine.bank.bank_bytes, "tasks": engine.describe()}
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):

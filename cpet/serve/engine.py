@@ -204,6 +204,10 @@ class Engine:
         return evicted
 
     # ------------------------------------------------------------ the worker
+    def scores(self, tasks: list[str], **batch) -> list[torch.Tensor]:
+        """Per row, its task head's output: the bank's fused path (a baseline may override this)."""
+        return self.bank.scores(tasks, **batch)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             item = self.q.get()
@@ -266,7 +270,7 @@ class Engine:
             chunk = flat[s: s + self.max_batch]
             try:
                 batch = pad_rows([r.enc[i][0] for r, i, _ in chunk], self.tokenizer.pad_token_id)
-                scores = self.bank.scores([t for _, _, t in chunk], **batch)
+                scores = self.scores([t for _, _, t in chunk], **batch)
             except BaseException as e:  # noqa: BLE001 - every request in the chunk gets the error
                 for r, _, _ in chunk:
                     failed[id(r)] = e
