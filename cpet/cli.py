@@ -27,7 +27,16 @@ def _run(config_path, overrides: list[str], output_dir: str | None, fresh: bool 
         return 0
     print()
     print(results_table(records))
-    print(f"\nresults: {Path(cfg.output_dir).resolve()} (one result.json per paradigm, results.md)")
+    out = Path(cfg.output_dir)
+    print(f"\nresults: {out.resolve()} (one result.json per paradigm, results.md)")
+    served = [r["paradigm"] for r in records if r["paradigm"] != "base_pet"]
+    backbone = cfg.model.compressed or str(out / "backbone_compressed")
+    if served and records[0].get("formulation") == "head":
+        task = out / ("clm_cpet" if "clm_cpet" in served else served[0]) / "task"
+        print(f"\nuse it on new text:\n  cpet predict {task} --backbone {backbone} --text \"a gripping, funny film\""
+              f"\n  cpet serve {task} --backbone {backbone}   # then: curl -s 127.0.0.1:8000/v1/classify "
+              f"-H 'content-type: application/json' -d '{{\"task\": \"{records[0]['task']}\", \"input\": "
+              f"\"a gripping, funny film\"}}'")
     return 0
 
 
