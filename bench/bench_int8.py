@@ -13,8 +13,6 @@ import contextlib
 import copy
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,23 +22,9 @@ from cpet.compress import compress
 from cpet.compress import int8
 from cpet.compress.int8 import Int8Linear
 from cpet.models import load_backbone
+from cpet.timing import interleaved
 
 OUT = Path(__file__).parent / "results"
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per callable, timed round-robin (one call of each per round), so a machine whose
-    speed drifts during the run slows every variant alike."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _per_tensor(x, packed, bias):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from cpet.timing import interleaved
+
 OUT = Path(__file__).parent / "results"
 SENTENCES = [
     "a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés from start to finish",
@@ -52,7 +54,6 @@ def make_tasks(root: Path, n: int, plan: str) -> tuple[Path, list[Path], Path]:
     from cpet.cli import main as cli
     from cpet.compress import load_compressed
     from cpet.config import LoraConfig, RecoveryConfig
-    from cpet.fingerprint import digest
     from cpet.task_modules import build_task_model, save_task_modules
 
     cdir = root / "backbone"
@@ -81,19 +82,6 @@ def make_tasks(root: Path, n: int, plan: str) -> tuple[Path, list[Path], Path]:
 
 
 # ---------------------------------------------------------------- the fused path vs CLM+PET (in-process)
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def path_latency(cdir: Path, cpet_dir: Path, pet_dir: Path, repeats: int) -> dict:
     from cpet.bank import TaskBank
     from cpet.compress import load_compressed
@@ -344,7 +332,7 @@ def main() -> None:
             f"open-loop Poisson load at {rate} req/s (70% of one task's closed-loop capacity), "
             f"{args.requests} single-sentence requests per run, loopback HTTP. Tasks: same-shape random "
             "CLM+CPET modules (LoRA r8 q,v + recovery r32 on every linear + head).\n\n" + table(records) + "\n\n"
-            f"32 tasks mixed vs one task: " + ", ".join(
+            "32 tasks mixed vs one task: " + ", ".join(
                 f"{r['popularity']} {r['req_per_s'] / single['req_per_s']:.2f}x" for r in mixed) + " of the "
             "single-task throughput.\n\n"
             "Fused add-on path (one down/up pair per layer), in-process median latency (ms) on the same "

@@ -180,3 +180,20 @@ def train_steps(model, batch, labels, steps: int = 2, lr: float = 1e-2) -> set[s
         opt.step()
         opt.zero_grad()
     return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def train_on_shared_backbone(tmp_path, data_dir, model_dir, out, epochs: int = 1):
+    """A tiny BERT compressed once (UP+Q, cpet compress), then base+PET, CLM+PET and CLM+CPET on SST-2
+    trained on that folder (model.compressed); returns (compressed folder, run folder, records)."""
+    from cpet.cli import main
+    from cpet.config import load_config
+    from cpet.experiments import run_experiment
+
+    cdir = tmp_path / "c"
+    assert main(["compress", model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    args = [f"model.name={model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", f"train.epochs={epochs}", "train.lr=0.01", "recovery.r=4",
+            f"model.compressed={cdir}", "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={out}"]
+    records = {r["paradigm"]: r for r in run_experiment(load_config(None, args), log=lambda s: None)}
+    return cdir, out, records
+

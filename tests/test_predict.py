@@ -5,20 +5,14 @@ import json
 import pytest
 
 from cpet.cli import main
-from cpet.config import TaskConfig, load_config
-from cpet.experiments import run_experiment
+from cpet.config import TaskConfig
 from cpet.tasks import load_task
+from tests.conftest import train_on_shared_backbone
 
 
 @pytest.fixture
 def trained(tmp_path, data_dir, tiny_model_dir):
-    cdir = tmp_path / "c"
-    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
-    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
-            "task.val_size=16", "train.epochs=2", "train.lr=0.01", "recovery.r=4", f"model.compressed={cdir}",
-            "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={tmp_path / 'run'}"]
-    records = {r["paradigm"]: r for r in run_experiment(load_config(None, args), log=lambda s: None)}
-    return cdir, tmp_path / "run", records
+    return train_on_shared_backbone(tmp_path, data_dir, tiny_model_dir, tmp_path / "run", epochs=2)
 
 
 def test_predictions_match_the_runs_own_test_evaluation(trained, tmp_path, data_dir, capsys):

@@ -1,6 +1,5 @@
 """cpet serve: a real uvicorn server on loopback, driven by a real HTTP client (httpx)."""
 
-import json
 import socket
 import threading
 import time
@@ -10,12 +9,11 @@ import httpx
 import pytest
 import uvicorn
 
-from cpet.cli import _open_bank, main
-from cpet.config import load_config
-from cpet.experiments import run_experiment
+from cpet.cli import _open_bank
 from cpet.predict import Item, predict
 from cpet.serve.app import create_app
 from cpet.serve.engine import Engine
+from tests.conftest import train_on_shared_backbone
 
 SENTENCES = ["a great film", "a dull mess", "i loved it", "boring and long", "superb", "painfully bad " * 20]
 
@@ -25,13 +23,8 @@ SENTENCES = ["a great film", "a dull mess", "i loved it", "boring and long", "su
 @pytest.fixture
 def server(tmp_path, data_dir, tiny_model_dir):
     """Two trained tasks (CLM+PET, CLM+CPET on SST-2) on a compressed tiny BERT, served on a free port."""
-    cdir = tmp_path / "c"
-    assert main(["compress", tiny_model_dir, "--plan", "UP+Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
-    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
-            "task.val_size=16", "train.epochs=1", "train.lr=0.01", "recovery.r=4", f"model.compressed={cdir}",
-            "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={tmp_path / 'tasks' / 'run'}"]
-    run_experiment(load_config(None, args), log=lambda s: None)
-    pet, cpet = tmp_path / "tasks" / "run" / "clm_pet" / "task", tmp_path / "tasks" / "run" / "clm_cpet" / "task"
+    cdir, run, _ = train_on_shared_backbone(tmp_path, data_dir, tiny_model_dir, tmp_path / "tasks" / "run")
+    pet, cpet = run / "clm_pet" / "task", run / "clm_cpet" / "task"
     bank, tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
     engine = Engine(bank, tok, max_length=32, max_batch=8, max_wait_ms=20, task_root=str(tmp_path / "tasks"))
     with socket.socket() as s:
