@@ -281,6 +281,60 @@ def capacity(cdir: Path, folder: Path) -> float:
         proc.wait(timeout=20)
 
 
+def soak(cdir: Path, folders: list[Path], seconds: float, rate: float) -> dict:
+    """``seconds`` of open-loop load on 8 tasks while another client unloads and reloads one of them
+    every 2 s: every request must get an answer (200, or 404 while its task is away), never a 5xx."""
+    import httpx
+
+    port = free_port()
+    named = [f"t{i:02d}={f}" for i, f in enumerate(folders[:8])]
+    proc = start([sys.executable, "-m", "cpet.cli", "serve", "--backbone", str(cdir), *named, "--port", str(port),
+                  "--task-root", str(folders[0].parent)], port)
+    counts = {"sent": 0, "ok": 0, "not_loaded": 0, "5xx": 0, "other": 0, "lost": 0, "reloads": 0}
+
+    async def run() -> None:
+        rng = random.Random(2)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     limits=httpx.Limits(max_connections=256)) as client:
+            stop = time.perf_counter() + seconds
+
+            async def one(i: int):
+                task = f"t{rng.randrange(8):02d}"
+                try:
+                    r = await client.post("/v1/classify", json={"task": task, "input": SENTENCES[i % len(SENTENCES)]})
+                    key = "ok" if r.status_code == 200 else "not_loaded" if r.status_code == 404 else \
+                        "5xx" if r.status_code >= 500 else "other"
+                    counts[key] += 1
+                except httpx.HTTPError:
+                    counts["lost"] += 1
+
+            async def churn():
+                k = 0
+                while time.perf_counter() < stop:
+                    await asyncio.sleep(2)
+                    name = f"t{1 + k % 7:02d}"
+                    await client.post("/v1/tasks/unload", json={"name": name})
+                    await asyncio.sleep(0.2)
+                    r = await client.post("/v1/tasks/load", json={"name": name, "path": str(folders[1 + k % 7])})
+                    counts["reloads"] += r.status_code == 200
+                    k += 1
+
+            pending, i = [asyncio.create_task(churn())], 0
+            while time.perf_counter() < stop:
+                await asyncio.sleep(rng.expovariate(rate))
+                pending.append(asyncio.create_task(one(i)))
+                counts["sent"] += 1
+                i += 1
+            await asyncio.gather(*pending)
+    try:
+        asyncio.run(run())
+        counts["rss_mb"] = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return {"seconds": seconds, "rate": rate, **counts}
+
+
 def table(records: list[dict]) -> str:
     head = ["tasks", "popularity", "server", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "RSS MB",
             "task MB", "bank MB"]
@@ -304,6 +358,7 @@ def main() -> None:
     ap.add_argument("--plan", default="UP+Q")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--work", default=None, help="where backbone and task folders go (default: a temp folder)")
+    ap.add_argument("--soak", type=float, default=300, help="seconds of load with hot unload / load (0 = skip)")
     args = ap.parse_args()
     root = Path(args.work or tempfile.mkdtemp(prefix="cpet-bench-serve-"))
     cdir, folders, pet_dir = make_tasks(root, 32, args.plan)
@@ -319,13 +374,16 @@ def main() -> None:
                 rec = run_one(server, cdir, folders[:n], pop, args.requests, rate, args.max_seconds)
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
+    soaked = soak(cdir, folders, args.soak, rate) if args.soak else None
+    if soaked:
+        print(json.dumps(soaked), flush=True)
     single = next(r for r in records if r["tasks"] == 1)
     env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "plan": args.plan, "rate": rate,
            "requests": args.requests}
     OUT.mkdir(exist_ok=True)
     (OUT / "serve.json").write_text(json.dumps({"records": records, "cpet_vs_clm_pet_latency": round(ratio, 3),
-                                                "path_latency_ms": paths, "env": env}, indent=1))
+                                                "path_latency_ms": paths, "soak": soaked, "env": env}, indent=1))
     mixed = [r for r in records if r["tasks"] == 32 and r["server"] == "cpet"]
     text = (f"# Serving many tasks from one compressed MiniLM ({args.plan})\n\n"
             f"Measured {env['date']} on {env['cpu']}, torch {env['torch']}, {env['threads']} threads; "
@@ -339,7 +397,11 @@ def main() -> None:
             "batches; CLM+PET = LoRA on q,v only:\n\n| batch | CLM+PET | CLM+CPET fused | CLM+CPET unfused |\n"
             "|---|---|---|---|\n" + "\n".join(f"| {k} | {v['clm_pet']} | {v['clm_cpet_fused']} | "
                                              f"{v['clm_cpet_unfused']} |" for k, v in paths.items())
-            + f"\n\nCLM+CPET / CLM+PET latency (fused): {ratio:.2f}x (target <= 1.10x).\n")
+            + f"\n\nCLM+CPET / CLM+PET latency (fused): {ratio:.2f}x (target <= 1.10x).\n"
+            + (f"\nSoak: {soaked['seconds']:.0f} s at {rate} req/s on 8 tasks, one task unloaded and reloaded every "
+               f"2 s ({soaked['reloads']} reloads): {soaked['sent']} requests, {soaked['ok']} answered 200, "
+               f"{soaked['not_loaded']} 404 (task away), {soaked['5xx']} 5xx, {soaked['other']} other, "
+               f"{soaked['lost']} lost; server RSS after {soaked['rss_mb']} MB.\n" if soaked else ""))
     (OUT / "serve.md").write_text(text)
     print(text)
 

@@ -127,8 +127,10 @@ def _classify(bank, tokenizer, items, pairs, max_length, batch_size, log) -> dic
     return out
 
 
-def predict_by_format(bank, tokenizer, items, idx, name, max_length, batch_size) -> dict:
-    """Predictions of one task through its format (choice, span, text-to-text); labels, no probabilities."""
+def predict_by_format(bank, tokenizer, items, idx, name, max_length, batch_size, generate: bool = False,
+                      max_new_tokens: int | None = None) -> dict:
+    """Predictions of one task through its format (choice, span, text-to-text); labels, no probabilities.
+    ``generate``: free text greedily generated from the task's prompt (language models), whatever its format."""
     spec = spec_of(bank, name)
     if spec is None:
         raise CpetError(f"task {name}: its folder does not name a known task ('task' in task_config.json), "
@@ -141,14 +143,19 @@ def predict_by_format(bank, tokenizer, items, idx, name, max_length, batch_size)
         raise CpetError(f"task {name} is extractive QA: give each input a question as 'text' and the "
                         "context as 'text_b'")
     fmt = TextFormat(spec, view.seq2seq) if view.head_type == "lm" else get_format(spec, view)
+    generate = generate or spec.format == "generate"
+    if generate and view.head_type != "lm":
+        raise CpetError(f"task {name} has a task head: generation needs a text-to-text task on a language model")
+    if max_new_tokens is not None:
+        fmt.max_new_tokens = max_new_tokens
     with bank.only(name):
-        if spec.format == "generate":  # free text: greedy generation from the task's prompt
+        if generate:  # free text: greedy generation from the task's prompt
             preds = fmt.generate(view, tokenizer, examples, max_length, batch_size)
         else:
             preds = fmt.predict(view, tokenizer, examples, max_length, batch_size)
     out = {}
     for i, e, p in zip(idx, examples, preds):
-        if spec.format == "generate":
+        if generate:
             out[(i, name)] = {"text": p}
         elif spec.format == "span":
             out[(i, name)] = {"answer": p}

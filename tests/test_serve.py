@@ -109,3 +109,45 @@ def test_unload_and_load_back(server):
     assert r.status_code == 200 and r.json()["name"] == "pet2"
     _same(client.post("/v1/classify", json={"task": "pet2", "input": SENTENCES[2]}).json()["results"][0],
           ref[(2, "pet")])
+
+
+def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, data_dir, tokenizer):
+    """A tiny causal LM trained text-to-text (CLM+PET on SST-2): cpet predict reproduces the run's test
+    accuracy through the bank; the server answers /v1/classify (verbalizers) and /v1/generate."""
+    from cpet.config import TaskConfig, load_config
+    from cpet.experiments import run_experiment
+    from cpet.tasks import load_task
+    from tests.conftest import save_tiny, tiny_llama_lm
+
+    path = save_tiny(tiny_llama_lm(), tokenizer, tmp_path / "lm")
+    out = tmp_path / "run"
+    rec = run_experiment(load_config(None, [
+        f"model.name={path}", "model.max_length=64", "task.name=sst2", f"task.data_dir={data_dir}", "task.val_size=16",
+        "train.epochs=1", "train.batch_size=8", "compress=[{method: int8}]", "paradigms=[clm_pet]",
+        f"output_dir={out}"]), log=lambda s: None)[0]
+    bank, tok = _open_bank(str(out / "backbone_compressed"), [f"s={out / 'clm_pet' / 'task'}"])
+    test = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16)).test
+    preds = list(predict(bank, tok, [Item(e.text_a) for e in test], max_length=64))
+    labels = list(bank.tasks["s"].labels)
+    acc = sum(labels.index(p["label"]) == e.label for p, e in zip(preds, test)) / len(test)
+    assert acc == pytest.approx(rec["test"]["accuracy"])
+
+    engine = Engine(bank, tok, max_length=64, max_batch=8, max_wait_ms=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            r = c.post("/v1/classify", json={"task": "s", "input": [e.text_a for e in test[:3]]})
+            assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == [p["label"] for p in preds[:3]]
+            r = c.post("/v1/generate", json={"task": "s", "input": "a fine film"})
+            assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str)
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        engine.close()

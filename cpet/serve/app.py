@@ -43,6 +43,7 @@ class ExtractRequest(BaseModel):
 class GenerateRequest(BaseModel):
     task: str
     input: Union[str, list[str]]
+    max_tokens: int = Field(default=32, ge=1, le=512)
 
 
 class LoadRequest(BaseModel):
@@ -115,23 +116,37 @@ def create_app(engine: Engine) -> FastAPI:
         inputs = _inputs(req.input)
         if not names or not inputs:
             fail("classify", 422, "give at least one task and one input")
+        unknown = sorted({n for n in names if n not in engine.bank.tasks})
+        if unknown:
+            fail("classify", 404, f"task(s) {unknown} not loaded (loaded: {sorted(engine.bank.tasks)})")
+        heads = [n for n in names if engine.bank.tasks[n].head_type != "lm"]
+        texts = [n for n in names if engine.bank.tasks[n].head_type == "lm"]  # text-to-text: verbalizers
+        futs = []
         try:
-            fut = engine.classify(names, inputs)
+            if heads:
+                futs.append(engine.classify(heads, inputs))
+            futs += [engine.by_format(n, [Item(a, b) for a, b in inputs], "classify") for n in texts]
         except UnknownTask as e:
             fail("classify", 404, str(e))
         except CpetError as e:
             fail("classify", 400, str(e))
-        results = await wait("classify", fut)
+        got = {}
+        outs = [await wait("classify", f) for f in futs]
+        if heads:
+            got.update({(r["input"], r["task"]): r for r in outs.pop(0)})
+        for n, out in zip(texts, outs):
+            got.update({(i, n): {"input": i, "task": n, **out[(i, n)]} for i in range(len(inputs))})
+        results = [got[(i, n)] for i in range(len(inputs)) for n in names]
         dt = time.perf_counter() - t0
         for n in names:
             requests.labels("classify", n).inc()
             latency.labels("classify", n).observe(dt)
         return {"results": results}
 
-    async def by_format(route: str, task: str, items: list[Item]):
+    async def by_format(route: str, task: str, items: list[Item], max_new_tokens: int | None = None):
         t0 = time.perf_counter()
         try:
-            fut = engine.by_format(task, items, route)
+            fut = engine.by_format(task, items, route, max_new_tokens)
         except UnknownTask as e:
             fail(route, 404, str(e))
         except CpetError as e:
@@ -154,7 +169,7 @@ def create_app(engine: Engine) -> FastAPI:
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts:
             fail("generate", 422, "give at least one input")
-        return await by_format("generate", req.task, [Item(t) for t in texts])
+        return await by_format("generate", req.task, [Item(t) for t in texts], req.max_tokens)
 
     @app.post("/v1/tasks/load")
     async def load(req: LoadRequest):

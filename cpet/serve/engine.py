@@ -87,8 +87,8 @@ class Engine:
                             len(full["input_ids"]) > self.max_length))
             for t in tasks:
                 if self.bank.tasks[t].head_type != "classify":
-                    raise CpetError(f"task {t!r} is a {self.bank.tasks[t].head_type} task, not a classifier; "
-                                    "use /v1/extract or /v1/generate")
+                    raise CpetError(f"task {t!r} is a {self.bank.tasks[t].head_type} task, not a classifier head; "
+                                    "use /v1/extract or /v1/generate (text-to-text classifiers: classify_text)")
         except BaseException:
             self._release(tasks)
             raise
@@ -97,7 +97,7 @@ class Engine:
         fut.add_done_callback(lambda _: self._release(tasks))
         return fut
 
-    def by_format(self, task: str, items: list[Item], route: str) -> Future:
+    def by_format(self, task: str, items: list[Item], route: str, max_new_tokens: int | None = None) -> Future:
         """Predictions of one task through its format, run by the worker: ``route`` ``extract`` needs an
         extractive-QA task, ``generate`` a text-to-text task on a language model."""
         self._acquire([task])
@@ -108,11 +108,14 @@ class Engine:
             why = "is not an extractive QA (span) task"
         if route == "generate" and loaded.head_type != "lm":
             why = f"is a {loaded.head_type} task on an encoder, not text-to-text on a language model"
+        if route == "classify" and (loaded.head_type != "lm" or spec is None or spec.format != "classify"):
+            why = "is not a text-to-text classification task"
         if why:
             self._release([task])
             raise CpetError(f"task {task!r} {why}; use {'/v1/classify' if loaded.head_type == 'classify' else 'its route'}")
         fut = self.run(lambda: predict_by_format(self.bank, self.tokenizer, items, list(range(len(items))), task,
-                                          self.max_length, self.max_batch), kind="predict")
+                                                 self.max_length, self.max_batch, generate=route == "generate",
+                                                 max_new_tokens=max_new_tokens), kind="predict")
         fut.add_done_callback(lambda _: self._release([task]))
         return fut
 
