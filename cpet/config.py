@@ -114,14 +114,15 @@ class DistillConfig:
     """loss = task + alpha * MSE(teacher, student) on the chosen outputs."""
 
     alpha: float = 0.05
-    outputs: tuple[str, ...] = ("hidden",)  # hidden (last hidden states, real tokens) and/or logits
+    # hidden (last hidden states, real tokens), layers (every layer's hidden states, averaged), logits
+    outputs: tuple[str, ...] = ("hidden",)
     cache_teacher: bool = True
 
     def __post_init__(self):
         coerce_fields(self, "distill")
-        bad = [o for o in self.outputs if o not in ("hidden", "logits")]
+        bad = [o for o in self.outputs if o not in ("hidden", "layers", "logits")]
         if bad or not self.outputs:
-            raise CpetError(f"distill.outputs={list(self.outputs)}: choose from ['hidden', 'logits']")
+            raise CpetError(f"distill.outputs={list(self.outputs)}: choose from ['hidden', 'layers', 'logits']")
         require(self.alpha >= 0, "distill.alpha", self.alpha, ">= 0")
 
 

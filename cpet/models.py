@@ -279,6 +279,7 @@ class TaskOutput:
     hidden: torch.Tensor  # (N, T, H) last hidden states of every row (N = B, or B * choices)
     scores: torch.Tensor  # (N, out) the head's output per row (== logits except for multiple choice)
     mask: torch.Tensor | None = None  # (N, T) which hidden positions are real tokens
+    layers: tuple[torch.Tensor, ...] | None = None  # every layer's hidden states (N, T, H), with output_layers
 
 
 class TaskModel(nn.Module):
@@ -301,15 +302,19 @@ class TaskModel(nn.Module):
             self.head = ClassificationHead(hidden, num_labels, pooling or get_arch(backbone).pooling, dropout)
         self.head_type = head
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None) -> TaskOutput:
-        """Rows are examples, or (multiple choice, head of size 1) ``num_choices`` consecutive rows per example."""
+    def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None,
+                output_layers: bool = False) -> TaskOutput:
+        """Rows are examples, or (multiple choice, head of size 1) ``num_choices`` consecutive rows per example.
+        ``output_layers``: also return every layer's hidden states (layer-wise distillation)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and get_arch(self.backbone).kind == "encoder":
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
+        out = self.backbone(**kwargs, **({"output_hidden_states": True} if output_layers else {}))
+        hidden = out.last_hidden_state  # (N, T, H)
         scores = self.head(hidden, attention_mask)  # (N, out) or (N, T, 2)
         logits = scores.view(-1, num_choices) if num_choices else scores  # (B, C)
-        return TaskOutput(logits, hidden, scores, attention_mask)
+        return TaskOutput(logits, hidden, scores, attention_mask,
+                          tuple(out.hidden_states[1:]) if output_layers else None)
 
 
 class LMTaskModel(TaskModel):
@@ -330,17 +335,18 @@ class LMTaskModel(TaskModel):
         return self.backbone.config
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices: int | None = None,
-                decoder_input_ids=None, decoder_attention_mask=None, logits_to_keep=None) -> TaskOutput:
+                decoder_input_ids=None, decoder_attention_mask=None, logits_to_keep=None,
+                output_layers: bool = False) -> TaskOutput:
         """``logits_to_keep`` (decoders): project only those positions onto the vocabulary (evaluation)."""
         if self.seq2seq:
             if decoder_input_ids is None:
                 raise CpetError("a T5 text-to-text row needs decoder_input_ids (the shifted target)")
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                                 decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, use_cache=False)
-            hidden, mask = out.decoder_hidden_states[-1], decoder_attention_mask
+            hidden, mask, layers = out.decoder_hidden_states[-1], decoder_attention_mask, out.decoder_hidden_states[1:]
         else:
             extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                                 use_cache=False, **extra)
-            hidden, mask = out.hidden_states[-1], attention_mask
-        return TaskOutput(out.logits, hidden, out.logits, mask)
+            hidden, mask, layers = out.hidden_states[-1], attention_mask, out.hidden_states[1:]
+        return TaskOutput(out.logits, hidden, out.logits, mask, tuple(layers) if output_layers else None)

@@ -117,6 +117,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     teach = Teacher(teacher.to(device), cache=distill.cache_teacher, outputs=distill.outputs) \
         if teacher is not None else None
 
+    layer_outputs = {"output_layers": True} if teach is not None and "layers" in distill.outputs else {}
     fmt = fmt or get_format(spec, model)
     features = fmt.encode(tokenizer, train_set, max_length, train=True)
     val_features = fmt.encode(tokenizer, val_set, max_length, train=False)
@@ -198,7 +199,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         running, seen = 0.0, 0
         for b in range(pos, len(batches)):
             batch = fmt.collate(features, batches[b], tokenizer.pad_token_id)
-            out = prepared(**model_inputs(batch, device))
+            out = prepared(**model_inputs(batch, device), **layer_outputs)
             loss = fmt.loss(out, batch)
             if teach is not None and distill.alpha > 0:
                 loss = loss + distill.alpha * distill_loss(teach(batch), out, distill.outputs)

@@ -61,15 +61,17 @@ def test_teacher_cache_equals_fresh_teacher(data_dir, tokenizer):
     fmt = HeadFormat(data.spec)
     enc = fmt.encode(tokenizer, data.train, 32)
     teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig())
-    both = ("hidden", "logits")
-    cached, fresh = Teacher(teacher, cache=True, outputs=both), Teacher(teacher, cache=False, outputs=both)
+    every = ("hidden", "layers", "logits")
+    cached, fresh = Teacher(teacher, cache=True, outputs=every), Teacher(teacher, cache=False, outputs=every)
     b1 = fmt.collate(enc, [0, 1, 2, 3], 0)
     b2 = fmt.collate(enc, [3, 9, 1, 20], 0)  # overlaps b1, different padding
     cached(b1)
     for b in (b1, b2):
-        (h1, z1), (h2, z2) = cached(b), fresh(b)
+        (h1, z1, l1), (h2, z2, l2) = cached(b), fresh(b)
         torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(z1, z2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        assert l1.shape[:2] == (4, 2) and torch.equal(l1[:, -1], h1)  # 2 layers; the last is the hidden state
     assert len(cached._hidden) == 6
 
 
@@ -82,10 +84,14 @@ def test_distill_loss_zero_for_identical_models(data_dir, tokenizer):
     model = build_task_model(tiny_bert(), 2, lora=LoraConfig()).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     out = model(**inputs)
-    t = Teacher(copy.deepcopy(model), outputs=("hidden", "logits"))(batch)
-    assert distill_loss(t, out, ("hidden", "logits")).item() < 1e-10
+    every = ("hidden", "layers", "logits")
+    t = Teacher(copy.deepcopy(model), outputs=every)(batch)
+    assert distill_loss(t, model(**inputs, output_layers=True), every).item() < 1e-10
     other = build_task_model(tiny_bert(seed=1), 2, lora=LoraConfig()).eval()
     assert distill_loss(t, other(**inputs), ("hidden",)).item() > 1e-3
+    assert distill_loss(t, other(**inputs, output_layers=True), ("layers",)).item() > 1e-3
+    with pytest.raises(ValueError, match="output_layers"):
+        distill_loss(t, other(**inputs), ("layers",))
 
 
 def test_pipeline_end_to_end_tiny(tmp_path, data_dir, tiny_model_dir):
@@ -151,8 +157,8 @@ def test_multiple_choice_rows_and_logits(data_dir, tokenizer):
     assert out.logits.shape == (3, 2) and out.scores.shape == (6, 1) and out.hidden.shape[0] == 6
     # the teacher caches per row and reassembles scores for the distillation loss
     teacher = Teacher(copy.deepcopy(model), outputs=("hidden", "logits"))
-    h, z = teacher(batch)
-    assert z.shape == (6, 1) and distill_loss((h, z), out, ("hidden", "logits")) < 1e-10
+    h, z, _ = teacher(batch)
+    assert z.shape == (6, 1) and distill_loss((h, z, None), out, ("hidden", "logits")) < 1e-10
 
 
 def test_multiple_choice_pipeline_tiny(tmp_path, data_dir, tiny_model_dir):
@@ -163,3 +169,20 @@ def test_multiple_choice_pipeline_tiny(tmp_path, data_dir, tiny_model_dir):
     records = run_experiment(cfg, log=lambda s: None)
     assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
     assert all(0 <= r["test"]["accuracy"] <= 1 for r in records)
+
+
+def test_layerwise_distillation_trains_end_to_end(tmp_path, data_dir, tiny_model_dir, tokenizer):
+    from conftest import tiny_llama_lm
+
+    from cpet.models import LMTaskModel
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2",
+                             f"task.data_dir={data_dir}", "task.val_size=16", "train.epochs=1", "recovery.r=4",
+                             "distill.outputs=[layers]", "paradigms=[base_pet, clm_cpet]", "compress=Q",
+                             f"output_dir={tmp_path / 'out'}"])
+    records = run_experiment(cfg, log=lambda s: None)
+    assert tuple(records[-1]["config"]["distill"]["outputs"]) == ("layers",)
+    lm = LMTaskModel(tiny_llama_lm())
+    ids = tokenizer(["a fine film"], return_tensors="pt")["input_ids"]
+    out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), output_layers=True)
+    assert len(out.layers) == 2 and torch.equal(out.layers[-1], out.hidden)
