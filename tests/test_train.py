@@ -83,7 +83,6 @@ def test_distill_loss_zero_for_identical_models(data_dir, tokenizer):
     batch = fmt.collate(fmt.encode(tokenizer, data.train, 32), [0, 1, 2], 0)
     model = build_task_model(tiny_bert(), 2, lora=LoraConfig()).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    out = model(**inputs)
     every = ("hidden", "layers", "logits")
     t = Teacher(copy.deepcopy(model), outputs=every)(batch)
     assert distill_loss(t, model(**inputs, output_layers=True), every).item() < 1e-10
