@@ -133,7 +133,19 @@ def tables(rows: list[dict]) -> str:
     for r in rows:
         if main_metric.get(r["task"]) == r["metric"]:
             by[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
-    variants = sorted({k[0] for k in by})
+    def parts(v: str) -> set[str]:
+        return {p for p in v.split(", ") if p}
+
+    def get(variant: str, plan: str, paradigm: str, task: str) -> dict:
+        """A paradigm's values in a variant section; a paradigm that does not depend on some of the
+        section's axes (base+PET on the recovery settings, say) shows its runs without them."""
+        if (variant, plan, paradigm, task) in by:
+            return by[(variant, plan, paradigm, task)]
+        own = ", ".join(p for p in variant.split(", ") if p and depends_on(paradigm, p.split("=", 1)[0]))
+        return by.get((own, plan, paradigm, task), {})
+
+    found = {k[0] for k in by}
+    variants = sorted(v for v in found if not any(parts(v) < parts(w) for w in found))  # the widest sections
     plans = sorted({k[1] for k in by if k[1] != "none"})
     out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
            + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n).", ""]
@@ -142,10 +154,11 @@ def tables(rows: list[dict]) -> str:
             out += [f"### {variant}", ""]
         head = ["plan", "paradigm", *tasks, "avg"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        present = sorted({k[2] for k in by if k[0] == variant and k[2] != "base_pet"}, key=ORDER.get)
+        present = sorted({k[2] for k in by if k[2] != "base_pet" and (k[0] == variant or (
+            parts(k[0]) <= parts(variant) and get(variant, k[1], k[2], k[3])))}, key=ORDER.get)
         keys = [("none", "base_pet")] + [(p, par) for p in plans for par in present]
         for plan, paradigm in keys:
-            vals = [list(by.get((variant, plan, paradigm, t), {}).values()) for t in tasks]
+            vals = [list(get(variant, plan, paradigm, t).values()) for t in tasks]
             if not any(vals):
                 continue
             means = [scale[t] * statistics.fmean(v) for t, v in zip(tasks, vals) if v]
@@ -158,8 +171,8 @@ def tables(rows: list[dict]) -> str:
         for plan in plans:
             cells, shares = [], []
             for t in tasks:
-                pet, cpet = by.get((variant, plan, "clm_pet", t), {}), by.get((variant, plan, "clm_cpet", t), {})
-                base = by.get((variant, "none", "base_pet", t), {})
+                pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
+                base = get(variant, "none", "base_pet", t)
                 seeds = sorted(set(pet) & set(cpet))
                 if not seeds:
                     cells.append("")

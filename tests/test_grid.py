@@ -126,3 +126,22 @@ def test_hyper_parameters_are_chosen_on_validation_never_on_test():
     assert depends_on("clm_cpet", "recovery.init") and not depends_on("clm_pet", "recovery.init")
     assert not depends_on("base_pet", "compress") and not depends_on("clm_cpet", "paradigms")
     assert depends_on("base_pet", "train.lr") and depends_on("clm_distill", "distill.alpha")
+
+
+def test_sections_show_shared_baselines_beside_each_variant():
+    """clm_cpet in two recovery variants; base+PET and CLM+PET (which do not depend on recovery) appear
+    in both sections, and the gap recovered is computed in each."""
+    from cpet.report import tables
+
+    rows = []
+    def add(paradigm, plan, variant, acc):
+        rows.extend({"task": "mnli", "plan": plan, "paradigm": paradigm, "seed": 1, "variant": variant, "cell": "c",
+                     "fingerprint": "f", "metric": m, "value": acc} for m in ("accuracy", "val_accuracy"))
+    add("base_pet", "none", "", 0.50)
+    add("clm_pet", "Q", "", 0.40)
+    add("clm_cpet", "Q", "recovery.init=fit", 0.48)
+    add("clm_cpet", "Q", "recovery.init=zero", 0.42)
+    text = tables(rows)
+    assert "### recovery.init=fit" in text and "### recovery.init=zero" in text and "\n### \n" not in text
+    assert "80% of 10.00" in text and "20% of 10.00" in text
+    assert text.count("| — | base+PET | 50.00") == 2
