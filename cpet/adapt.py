@@ -29,6 +29,7 @@ from cpet.pet.peft_io import import_peft
 from cpet.recovery import apply as add_recovery
 from cpet.recovery import fit_recovery
 from cpet.task_modules import describe, is_language_model, load_task_modules, save_task_modules
+from cpet.tasks import TASKS
 
 
 def _teacher(task_dir: Path, source: str, lm: bool) -> tuple[TaskModel, dict]:
@@ -51,9 +52,11 @@ def _teacher(task_dir: Path, source: str, lm: bool) -> tuple[TaskModel, dict]:
 
 def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
           recovery: RecoveryConfig = RecoveryConfig(), max_length: int = 128, data_dir: str | None = None,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, task: str | None = None) -> Path:
     """Write a task folder for the compressed backbone in ``compressed_dir`` from the task in ``task_dir``
-    (trained on the backbone the compressed one was made from), with no task data; returns its path."""
+    (trained on the backbone the compressed one was made from), with no task data; returns its path.
+    ``task``: the cpet task it solves (a PEFT adapter does not say; text-to-text prediction needs its
+    prompt and verbalizers)."""
     task_dir, out = Path(task_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
@@ -66,6 +69,10 @@ def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_di
         raise CpetError(f"{compressed_dir} has no tokenizer files; compress again with cpet compress")
     lm = is_language_model(student_bb)
     teacher, extra = _teacher(task_dir, meta["source"], lm)
+    if task is not None:
+        if task not in TASKS:
+            raise CpetError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+        extra = {**extra, "task": task, "labels": list(TASKS[task].labels)}
     desc = describe(teacher)
     if lm:
         student = LMTaskModel(student_bb)

@@ -214,7 +214,8 @@ def _serve(backbone: str, tasks: list[str], host: str, port: int, task_root: str
 
     bank, tokenizer = _open_bank(backbone, tasks)
     engine = Engine(bank, tokenizer, max_length=max_length, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                    max_task_bytes=max_task_bytes, task_root=task_root)
+                    max_task_bytes=max_task_bytes, task_root=task_root,
+                    backbone_dir=backbone if (Path(backbone) / "compression.json").is_file() else None)
     print(f"serving {len(bank.tasks)} task(s) on http://{host}:{port} (OpenAPI: /docs); backbone {backbone}",
           flush=True)
     try:
@@ -225,13 +226,13 @@ def _serve(backbone: str, tasks: list[str], host: str, port: int, task_root: str
 
 
 def _adapt(task_dir: str, compressed: str, out: str, r: int, activation: str, samples: int, max_length: int,
-           data_dir: str | None) -> int:
+           data_dir: str | None, task: str | None = None) -> int:
     from cpet.adapt import adapt
     from cpet.config import RecoveryConfig
 
     rec = RecoveryConfig(r=r, activation=activation, init="fit", init_samples=samples)
     path = adapt(task_dir, compressed, out, rec, max_length=max_length, data_dir=data_dir,
-                 log=lambda s: print(s, flush=True))
+                 log=lambda s: print(s, flush=True), task=task)
     print(f"task folder: {path.resolve()}")
     return 0
 
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=64, help="calibration windows for the fit")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration window")
     p.add_argument("--data-dir", default=None, help="data folder holding alpaca/ (default $CPET_DATA, ../shared/data)")
+    p.add_argument("--task", default=None, help="the cpet task it solves (a PEFT adapter does not say), e.g. sst2")
     p = sub.add_parser("compress", help="compress a backbone once and save it (safetensors + plan)")
     p.add_argument("model", help="HF id, local folder, or minilm")
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.max_length, args.batch_size)
         if args.verb == "adapt":
             return _adapt(args.task_dir, args.compressed, args.output_dir, args.recovery_r, args.activation,
-                          args.samples, args.max_length, args.data_dir)
+                          args.samples, args.max_length, args.data_dir, args.task)
         if args.verb == "report":
             return _report(args.dir, args.output_dir, args.bench, args.select)
         if args.verb == "compress":

@@ -123,8 +123,8 @@ def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, da
     out = tmp_path / "run"
     rec = run_experiment(load_config(None, [
         f"model.name={path}", "model.max_length=64", "task.name=sst2", f"task.data_dir={data_dir}", "task.val_size=16",
-        "train.epochs=1", "train.batch_size=8", "compress=[{method: int8}]", "paradigms=[clm_pet]",
-        f"output_dir={out}"]), log=lambda s: None)[0]
+        "train.epochs=1", "train.batch_size=8", "compress=[{method: int8}]", "paradigms=[base_pet, clm_pet]",
+        f"output_dir={out}"]), log=lambda s: None)[1]
     bank, tok = _open_bank(str(out / "backbone_compressed"), [f"s={out / 'clm_pet' / 'task'}"])
     test = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16)).test
     preds = list(predict(bank, tok, [Item(e.text_a) for e in test], max_length=64))
@@ -132,7 +132,14 @@ def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, da
     acc = sum(labels.index(p["label"]) == e.label for p, e in zip(preds, test)) / len(test)
     assert acc == pytest.approx(rec["test"]["accuracy"])
 
-    engine = Engine(bank, tok, max_length=64, max_batch=8, max_wait_ms=5)
+    engine = Engine(bank, tok, max_length=64, max_batch=8, max_wait_ms=5, backbone_dir=str(out / "backbone_compressed"),
+                    adapt_rank=4)
+    from cpet.models import load_backbone
+    from cpet.pet.peft_io import export_peft
+    from cpet.task_modules import load_task_modules
+
+    teacher = load_task_modules(load_backbone(path, lm=True)[0], out / "base_pet" / "task")
+    export_peft(teacher, tmp_path / "peft", base_model_name_or_path=path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -145,8 +152,13 @@ def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, da
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             r = c.post("/v1/classify", json={"task": "s", "input": [e.text_a for e in test[:3]]})
             assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == [p["label"] for p in preds[:3]]
-            r = c.post("/v1/generate", json={"task": "s", "input": "a fine film"})
+            r = c.post("/v1/generate", json={"task": "s", "input": "a fine film", "max_tokens": 4})
             assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str)
+            # a PEFT LoRA of the uncompressed model loads as a task (inherited + fitted recovery, no data)
+            r = c.post("/v1/tasks/load", json={"name": "peft", "path": str(tmp_path / "peft"), "task": "sst2"})
+            assert r.status_code == 200 and r.json()["adapted_from_peft"] is True
+            r = c.post("/v1/classify", json={"task": "peft", "input": [e.text_a for e in test[:2]]})
+            assert r.status_code == 200 and all(x["label"] in labels for x in r.json()["results"])
     finally:
         srv.should_exit = True
         th.join(timeout=10)

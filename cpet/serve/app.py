@@ -50,6 +50,7 @@ class LoadRequest(BaseModel):
     name: str = Field(min_length=1)
     path: str
     pin: bool = False
+    task: str | None = Field(default=None, description="for a PEFT adapter: the cpet task it solves (e.g. sst2)")
 
 
 class UnloadRequest(BaseModel):
@@ -174,7 +175,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/tasks/load")
     async def load(req: LoadRequest):
         try:
-            fut = engine.load(req.name, req.path, req.pin)
+            fut = engine.load(req.name, req.path, req.pin, req.task)
         except Forbidden as e:
             fail("load", 403, str(e))
         return await wait("load", fut)

@@ -6,13 +6,17 @@
 Only the worker thread runs the model, so a batch never meets a half-loaded or half-unloaded task:
 loads and unloads are queued jobs too, run between batches. A task in use by queued requests is not
 unloaded until they finish (its reference count); an LRU over task bytes evicts the least recently
-used unpinned, idle task when ``max_task_bytes`` would be exceeded. A request's output does not depend
-on its batch-mates (per-token int8, per-segment add-ons).
+used unpinned, idle task when ``max_task_bytes`` would be exceeded. A PEFT LoRA folder loads as a task
+too: inherited onto the compressed backbone with recovery fitted to its compression error, no task data
+(``cpet adapt``). A request's output does not depend on its batch-mates (per-token int8, per-segment
+add-ons).
 """
 
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +27,9 @@ from typing import Callable
 
 import torch
 
+from cpet.adapt import adapt
 from cpet.bank import TaskBank
+from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.formats import pad_rows
 from cpet.predict import Item, predict_by_format, spec_of
@@ -59,12 +65,14 @@ class _Job:
 class Engine:
     def __init__(self, bank: TaskBank, tokenizer, max_length: int = 128, max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_task_bytes: int | None = None, task_root: str | None = None,
-                 on_batch: Callable[[int, dict[str, int]], None] | None = None):
+                 on_batch: Callable[[int, dict[str, int]], None] | None = None, backbone_dir: str | None = None,
+                 adapt_rank: int = 32):
         self.bank, self.tokenizer = bank, tokenizer
         self.max_length, self.max_batch, self.max_wait = max_length, max_batch, max_wait_ms / 1000
         self.max_task_bytes = max_task_bytes
         self.task_root = Path(task_root).resolve() if task_root else None
         self.on_batch = on_batch
+        self.backbone_dir, self.adapt_rank = backbone_dir, adapt_rank  # PEFT folders: adapted onto this backbone
         self.q: queue.Queue = queue.Queue()
         self.refs: dict[str, int] = {}  # task -> queued requests using it
         self.lru: OrderedDict[str, None] = OrderedDict((t, None) for t in bank.tasks)
@@ -119,11 +127,11 @@ class Engine:
         fut.add_done_callback(lambda _: self._release([task]))
         return fut
 
-    def load(self, name: str, path: str, pin: bool = False) -> Future:
+    def load(self, name: str, path: str, pin: bool = False, task: str | None = None) -> Future:
         p = Path(path).resolve()
         if self.task_root is not None and not p.is_relative_to(self.task_root):
             raise Forbidden(f"{path} is outside the task root {self.task_root}; only folders under it load")
-        return self.run(lambda: self._load(name, str(p), pin))
+        return self.run(lambda: self._load(name, str(p), pin, task))
 
     def unload(self, name: str) -> Future:
         with self.refs_lock:
@@ -165,15 +173,27 @@ class Engine:
                 if not self.refs[t]:
                     del self.refs[t]
 
-    def _load(self, name: str, path: str, pin: bool) -> dict:
+    def _load(self, name: str, path: str, pin: bool, task: str | None = None) -> dict:
         if name in self.bank.tasks:
             self._wait_idle(name)
+        adapted = None
+        if (Path(path) / "adapter_config.json").is_file():  # a PEFT LoRA: moved onto this backbone, no data
+            if self.backbone_dir is None:
+                raise CpetError("a PEFT adapter loads onto a cpet compress folder (start the server with one)")
+            adapted = Path(tempfile.mkdtemp(prefix="cpet-adapted-")) / name
+            adapt(path, self.backbone_dir, adapted, RecoveryConfig(r=self.adapt_rank, init="fit",
+                                                                    activation=self.bank.activation),
+                  max_length=self.max_length, log=lambda s: None, task=task)
+            path = str(adapted)
         task = self.bank.load(name, path, pin=pin)
         with self.refs_lock:
             self.lru[name] = None
             self.lru.move_to_end(name)
         evicted = self._evict(keep=name)
-        return {"name": name, "bytes": task.bytes, "evicted": evicted}
+        if adapted is not None:  # the bank holds copies of its tensors: the temporary folder can go
+            shutil.rmtree(adapted.parent, ignore_errors=True)
+        return {"name": name, "bytes": task.bytes, "evicted": evicted,
+                **({"adapted_from_peft": True} if adapted is not None else {})}
 
     def _unload(self, name: str) -> dict:
         try:
