@@ -50,3 +50,32 @@ def test_predict_refusals(trained, tmp_path, tiny_model_dir):
     # a base+PET task was trained on the uncompressed model: not on this backbone
     assert main(["predict", str(run / "base_pet" / "task"), "--backbone", str(cdir), "--text", "x"]) == 2
     assert main(["predict", str(run / "base_pet" / "task"), "--backbone", tiny_model_dir, "--text", "x"]) == 0
+
+
+def test_extractive_qa_answers_through_the_bank_equal_the_plain_model(tmp_path, data_dir, tiny_model_dir):
+    from cpet.cli import main as cli
+    from cpet.compress import load_compressed
+    from cpet.config import load_config
+    from cpet.experiments import run_experiment
+    from cpet.formats import get_format
+    from cpet.task_modules import load_task_modules
+
+    cdir = tmp_path / "c"
+    assert cli(["compress", tiny_model_dir, "--plan", "Q", "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+
+    run_experiment(load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=64", "task.name=squad",
+                                      f"task.data_dir={data_dir}", "task.val_size=6", "task.max_test=6",
+                                      "train.epochs=1", f"model.compressed={cdir}", "paradigms=[clm_pet]",
+                                      f"output_dir={tmp_path / 'run'}"]), log=lambda s: None)
+    task = tmp_path / "run" / "clm_pet" / "task"
+    data = load_task(TaskConfig(name="squad", data_dir=str(data_dir), val_size=6, max_test=6))
+    test = data.test
+    inp = tmp_path / "q.jsonl"
+    inp.write_text("".join(json.dumps({"text": e.text_a, "text_b": e.text_b}) + "\n" for e in test))
+    out = tmp_path / "a.jsonl"
+    assert cli(["predict", str(task), "--backbone", str(cdir), "--input", str(inp), "-o", str(out),
+                "--max-length", "64"]) == 0
+    got = [json.loads(line)["answer"] for line in out.read_text().splitlines()]
+    plain = load_task_modules(load_compressed(cdir)[0], task)
+    fmt = get_format(data.spec, plain)
+    assert got == fmt.predict(plain, load_compressed(cdir)[1], test, 64)
