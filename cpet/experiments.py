@@ -260,11 +260,12 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
     clm = {**base, "compressed": digest(compressed), "train": {**train, "lr": cfg.train.clm_lr or cfg.train.lr}}
+    assembled = {**base, "compressed": digest(compressed)}  # no training: clm_lr plays no part
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
     out = {"base_pet": base, "compressed": compressed}
     for name, how in PARADIGM_SPECS.items():
         if how.compressed:
-            out[name] = {**clm, "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
+            out[name] = {**(clm if how.trains else assembled), "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
                                         **({} if how.trains else {"trains": False})},
                          **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
                          **({"recovery_init_data": tensor_digest(init_calib.input_ids)}

@@ -62,7 +62,7 @@ def depends_on(paradigm: str, key: str) -> bool:
     spec = PARADIGM_SPECS[paradigm]
     section = key.split(".")[0]
     if key == "train.clm_lr":
-        return spec.compressed
+        return spec.compressed and spec.trains
     return section in ("model", "task", "lora", "train", "mmlu") or (section == "compress" and spec.compressed) \
         or (section == "recovery" and spec.recover) or (section == "distill" and spec.distill)
 
