@@ -2,13 +2,12 @@
 
     every wrapped linear:  y = base(x) + per task segment s of the batch:
                                act_R( x W_down[s]^T ) W_up[s]^T          (one fused down / up pair)
-    W_down[s] = [A_s; D_s]  (R_l + R_r, in)     W_up[s] = [scaling_s B_s, U_s]  (out, R_l + R_r)
-    act_R: identity on the first R_l (LoRA) columns, the recovery activation on the last R_r
+    W_down[s] = [A_s; D_s]  (r_l + r_r, in)     W_up[s] = [scaling_s B_s, U_s]  (out, r_l + r_r)
+    act_R: identity on the first r_l (LoRA) columns, the recovery activation on the last r_r
 
-A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a new last slot (unloading
-moves the last slot into the hole and shrinks the tensors: memory is really freed); ranks below the
-bank's are zero-padded, which is exact (a zero row of W_down gives act(0) = 0 for GELU / ReLU / SiLU and
-identity alike). Heads stay outside the backbone, one small module per task. A batch's rows carry task
+A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a new last slot: per wrapped
+layer one fused pair of its own ranks (unloading deletes them and moves the last slot into the hole, so
+memory is really freed). Heads stay outside the backbone, one small module per task. A batch's rows carry task
 names; rows of one task must be contiguous (``TaskBank.forward`` sorts them) and each segment pays one
 down and one up matmul per layer whatever its task's branches are.
 
@@ -47,54 +46,62 @@ class Routing:
 
 
 class BankBranch(nn.Module):
-    """One wrapped layer's add-ons for every slot: W_down (S, R, in), W_up (S, out, R) as buffers."""
+    """One wrapped layer's add-ons for every slot: per slot one fused pair, W_down (r_l + r_r, in) and
+    W_up (out, r_l + r_r), each of its task's own ranks (no padding; a slot whose task has no branch on
+    this layer is None and costs nothing). Loading appends tensors, unloading deletes them: nothing is
+    reallocated, so memory follows the loaded tasks."""
 
     def __init__(self, in_features: int, out_features: int, routing: Routing, activation: str):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.routing = routing
-        self.r_lora, self.r_rec = 0, 0
         self.act = ACTIVATIONS[activation]()
-        self.register_buffer("down", torch.zeros(0, 0, in_features))
-        self.register_buffer("up", torch.zeros(0, out_features, 0))
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []  # per slot: (down, up, r_lora)
 
-    def resize(self, slots: int, r_lora: int, r_rec: int) -> None:
-        """Grow (never shrink) to ``slots`` x (r_lora + r_rec); existing slots keep their values."""
-        S, rl, rr = max(slots, self.down.shape[0]), max(r_lora, self.r_lora), max(r_rec, self.r_rec)
-        if (S, rl, rr) == (self.down.shape[0], self.r_lora, self.r_rec):
-            return
-        down = self.down.new_zeros(S, rl + rr, self.in_features)
-        up = self.up.new_zeros(S, self.out_features, rl + rr)
-        n = self.down.shape[0]
-        down[:n, : self.r_lora], up[:n, :, : self.r_lora] = self.down[:, : self.r_lora], self.up[:, :, : self.r_lora]
-        down[:n, rl: rl + self.r_rec] = self.down[:, self.r_lora:]
-        up[:n, :, rl: rl + self.r_rec] = self.up[:, :, self.r_lora:]
-        self.down, self.up, self.r_lora, self.r_rec = down, up, rl, rr
+    def grow(self, slots: int) -> None:
+        self.pairs += [None] * (slots - len(self.pairs))
 
-    def clear(self, slot: int) -> None:
-        self.down[slot].zero_()
-        self.up[slot].zero_()
+    def set(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, D: torch.Tensor | None,
+            U: torch.Tensor | None) -> None:
+        """The slot's LoRA (A (r, in), B already scaled (out, r)) and recovery (D (k, in), U (out, k))."""
+        downs = [t for t in (A, D) if t is not None]
+        ups = [t for t in (B, U) if t is not None]
+        self.pairs[slot] = (torch.cat(downs).contiguous(), torch.cat(ups, dim=1).contiguous(),
+                            0 if A is None else A.shape[0]) if downs else None
 
     def drop(self, slot: int) -> None:
-        """Remove ``slot``: the last slot moves into its place and the tensors shrink by one."""
-        last = self.down.shape[0] - 1
-        if slot != last:
-            self.down[slot], self.up[slot] = self.down[last], self.up[last]
-        self.down, self.up = self.down[:last].clone(), self.up[:last].clone()
+        """Remove ``slot``: the last slot moves into its place."""
+        last = self.pairs.pop()
+        if slot < len(self.pairs):
+            self.pairs[slot] = last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def nbytes(self) -> int:
+        return sum(d.numel() * d.element_size() + u.numel() * u.element_size() for d, u, _ in filter(None, self.pairs))
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base layer's output on ``x``) plus each segment's add-ons, accumulated in place
+        (inference: one GEMM down, the activation on the recovery columns, one GEMM-accumulate up)."""
         segments = self.routing.segments
         if self.routing.single is not None:
             segments = [(self.routing.single, 0, x.shape[0])]
         if segments is None:
             raise CpetError("a bank-wrapped backbone ran without task routing: call it through TaskBank")
-        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled() or not y.is_contiguous():
+            y = y.clone(memory_format=torch.contiguous_format)  # never write into a tensor autograd may need
         for slot, a, b in segments:
-            h = x[a:b] @ self.down[slot].T  # (n, ..., R)
-            if self.r_rec:
-                h = torch.cat([h[..., : self.r_lora], self.act(h[..., self.r_lora:])], dim=-1)
-            out[a:b] = h @ self.up[slot].T  # (n, ..., out)
-        return out
+            pair = self.pairs[slot]
+            if pair is None:
+                continue
+            down, up, r_lora = pair
+            whole = a == 0 and b == x.shape[0]
+            xs = (x if whole else x[a:b]).reshape(-1, self.in_features)  # (n*T, in)
+            h = xs @ down.T  # (n*T, r_l + r_r)
+            if r_lora < down.shape[0]:  # recovery columns through the activation
+                h[:, r_lora:] = self.act(h[:, r_lora:])
+            ys = (y if whole else y[a:b]).view(-1, self.out_features)  # rows of y are contiguous
+            ys.addmm_(h, up.T)
+        return y
 
 
 @dataclass
@@ -193,14 +200,14 @@ class TaskBank:
     def _new_slot(self) -> int:
         self.slots += 1
         for br in self.branches.values():
-            br.resize(self.slots, 0, 0)
+            br.grow(self.slots)
         return self.slots - 1
 
     def _branch(self, name: str) -> BankBranch:
         if name not in self.branches:
             wrapped = wrap(self.backbone, name)
             br = BankBranch(wrapped.in_features, wrapped.out_features, self.routing, self.activation)
-            br.resize(self.slots, 0, 0)
+            br.grow(self.slots)
             wrapped.bank = br
             self.branches[name] = br
         return self.branches[name]
@@ -218,19 +225,17 @@ class TaskBank:
                 raise CpetError(f"{p}: module {name!r} is not in this backbone; was the task trained on another "
                                 "architecture or compression plan?") from None
             br = self._branch(name)
-            has_l = lora is not None and full in lora["modules"]
-            has_r = rec is not None and full in rec["modules"]
-            br.resize(self.slots, lora["r"] if has_l else 0, rec["r"] if has_r else 0)
-            if has_l:
+            A = B = D = U = None
+            if lora is not None and full in lora["modules"]:
                 A, B = state[f"{full}.lora.A"], state[f"{full}.lora.B"]  # (r, in), (out, r)
-                self._check(p, full, A, (lora["r"], br.in_features)), self._check(p, full, B, (br.out_features, lora["r"]))
-                br.down[slot, : lora["r"]] = A
-                br.up[slot, :, : lora["r"]] = B * (lora["alpha"] / lora["r"])
-            if has_r:
+                self._check(p, full, A, (lora["r"], br.in_features))
+                self._check(p, full, B, (br.out_features, lora["r"]))
+                B = B * (lora["alpha"] / lora["r"])
+            if rec is not None and full in rec["modules"]:
                 D, U = state[f"{full}.recovery.D"], state[f"{full}.recovery.U"]
-                self._check(p, full, D, (rec["r"], br.in_features)), self._check(p, full, U, (br.out_features, rec["r"]))
-                br.down[slot, br.r_lora: br.r_lora + rec["r"]] = D
-                br.up[slot, :, br.r_lora: br.r_lora + rec["r"]] = U
+                self._check(p, full, D, (rec["r"], br.in_features))
+                self._check(p, full, U, (br.out_features, rec["r"]))
+            br.set(slot, A, B, D, U)
         head_type = desc.get("head", "classify")
         if head_type == "lm":
             return None
@@ -331,9 +336,8 @@ class TaskBank:
 
     @property
     def bank_bytes(self) -> int:
-        """Bytes the slots take in the backbone's layers (ranks padded to the bank's largest) + heads."""
-        slots = sum(b.down.numel() * b.down.element_size() + b.up.numel() * b.up.element_size()
-                    for b in self.branches.values())
+        """Bytes the slots take in the backbone's layers + the heads (= the tasks' own bytes: no padding)."""
+        slots = sum(b.nbytes for b in self.branches.values())
         heads = sum(p.numel() * p.element_size() for t in self.tasks.values() if t.head is not None
                     for p in t.head.parameters())
         return slots + heads

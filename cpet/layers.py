@@ -36,7 +36,7 @@ class Adapted(nn.Module):
         for kind in BRANCH_KINDS:
             branch = self._modules.get(kind)
             if branch is not None:
-                y = y + branch(x)
+                y = branch.add_to(y, x) if kind == "bank" else y + branch(x)  # the bank accumulates in place
         return y
 
 

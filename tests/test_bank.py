@@ -83,10 +83,12 @@ def test_unload_frees_the_slot_and_leaves_the_others(setup, batch, tmp_path):
     for name, folder in tasks.items():
         bank.load(name, folder)
     before = {t: bank.scores([t] * 3, **batch) for t in ("a", "c")}
-    size = sum(br.down.numel() + br.up.numel() for br in bank.branches.values())
+    sizes = {t: bank.tasks[t].bytes - sum(p.numel() * 4 for p in bank.tasks[t].head.parameters()) for t in "abc"}
+    assert bank.bank_bytes == bank.task_bytes  # no padding: the slots hold exactly the tasks' tensors
     bank.unload("a")  # the first slot: c's moves into it
     assert "a" not in bank.tasks and bank.slots == 2 and sorted(t.slot for t in bank.tasks.values()) == [0, 1]
-    assert sum(br.down.numel() + br.up.numel() for br in bank.branches.values()) == size * 2 // 3  # freed
+    assert sum(br.nbytes for br in bank.branches.values()) == sizes["b"] + sizes["c"]  # a's memory is freed
+    assert all(len(br.pairs) == 2 for br in bank.branches.values())
     assert all(torch.equal(x, y) for x, y in zip(before["c"], bank.scores(["c"] * 3, **batch)))
     bank.load("a2", tasks["a"])
     assert bank.slots == 3
@@ -125,7 +127,7 @@ def test_refusals(tmp_path, batch):
     with pytest.raises(CpetError, match="shape"):
         bank.load("w", wrong)
     assert set(bank.tasks) == set() and bank.slots == 0  # failed loads leave no slot behind
-    assert all(br.down.shape[0] == 0 for br in bank.branches.values())
+    assert all(not br.pairs for br in bank.branches.values())
     with pytest.raises(CpetError, match="bare backbone"):
         TaskBank(build_task_model(copy.deepcopy(bb), 2, lora=LoraConfig()).backbone)
 
