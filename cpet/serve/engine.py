@@ -14,6 +14,7 @@ add-ons).
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import shutil
 import tempfile
@@ -33,6 +34,15 @@ from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.formats import pad_rows
 from cpet.predict import Item, predict_by_format, spec_of
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS after a load or unload (glibc; a no-op elsewhere): a task's
+    small tensors and its read-in copy would otherwise stay in the process's resident memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class UnknownTask(CpetError):
@@ -192,6 +202,7 @@ class Engine:
         evicted = self._evict(keep=name)
         if adapted is not None:  # the bank holds copies of its tensors: the temporary folder can go
             shutil.rmtree(adapted.parent, ignore_errors=True)
+        _trim_heap()
         return {"name": name, "bytes": task.bytes, "evicted": evicted,
                 **({"adapted_from_peft": True} if adapted is not None else {})}
 
@@ -199,6 +210,7 @@ class Engine:
         try:
             self._wait_idle(name)
             self.bank.unload(name)
+            _trim_heap()
         finally:
             with self.refs_lock:
                 self.lru.pop(name, None)
