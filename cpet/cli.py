@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--task-root", default=None, help="POST /v1/tasks/load may only load folders under this one")
+    p.add_argument("--task-root", default=None, help="POST /v1/tasks/load may load folders under this one (without it, loading over HTTP is off)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per model batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-task-bytes", type=int, default=None, help="LRU budget of loaded task modules")

@@ -180,7 +180,7 @@ def test_engine_lru_evicts_idle_unpinned_tasks_by_bytes(tmp_path, batch, tokeniz
     compress(bb, PLANS["UP+Q"], calibration=_calib())
     folders = [_task(bb, tmp_path / n, i, 2, LoraConfig(r=2), RecoveryConfig(r=4)) for i, n in enumerate("abcd")]
     bank = TaskBank(copy.deepcopy(bb))
-    engine = Engine(bank, tokenizer, max_length=16, max_batch=4, max_wait_ms=1)
+    engine = Engine(bank, tokenizer, max_length=16, max_batch=4, max_wait_ms=1, task_root=str(tmp_path))
     try:
         one = engine.load("a", str(folders[0]), pin=True).result(timeout=30)["bytes"]
         engine.max_task_bytes = 2 * one  # room for two tasks

@@ -133,7 +133,7 @@ def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, da
     assert acc == pytest.approx(rec["test"]["accuracy"])
 
     engine = Engine(bank, tok, max_length=64, max_batch=8, max_wait_ms=5, backbone_dir=str(out / "backbone_compressed"),
-                    adapt_rank=4)
+                    adapt_rank=4, task_root=str(tmp_path))
     from cpet.models import load_backbone
     from cpet.pet.peft_io import export_peft
     from cpet.task_modules import load_task_modules

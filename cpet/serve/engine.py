@@ -139,7 +139,10 @@ class Engine:
 
     def load(self, name: str, path: str, pin: bool = False, task: str | None = None) -> Future:
         p = Path(path).resolve()
-        if self.task_root is not None and not p.is_relative_to(self.task_root):
+        if self.task_root is None:
+            raise Forbidden("loading tasks over HTTP is off: start the server with --task-root DIR (folders under "
+                            "it may load)")
+        if not p.is_relative_to(self.task_root):
             raise Forbidden(f"{path} is outside the task root {self.task_root}; only folders under it load")
         return self.run(lambda: self._load(name, str(p), pin, task))
 
