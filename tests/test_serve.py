@@ -1,6 +1,7 @@
 """cpet serve: a real uvicorn server on loopback, driven by a real HTTP client (httpx)."""
 
 import socket
+from contextlib import contextmanager
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +21,9 @@ SENTENCES = ["a great film", "a dull mess", "i loved it", "boring and long", "su
 
 
 
-@pytest.fixture
-def server(tmp_path, data_dir, tiny_model_dir):
-    """Two trained tasks (CLM+PET, CLM+CPET on SST-2) on a compressed tiny BERT, served on a free port."""
-    cdir, run, _ = train_on_shared_backbone(tmp_path, data_dir, tiny_model_dir, tmp_path / "tasks" / "run")
-    pet, cpet = run / "clm_pet" / "task", run / "clm_cpet" / "task"
-    bank, tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
-    engine = Engine(bank, tok, max_length=32, max_batch=8, max_wait_ms=20, task_root=str(tmp_path / "tasks"))
+@contextmanager
+def serving(engine: Engine, timeout: float = 30):
+    """A real uvicorn server for ``engine`` on a free loopback port, and an httpx client to it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -37,14 +34,27 @@ def server(tmp_path, data_dir, tiny_model_dir):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        engine.close()
+
+
+@pytest.fixture
+def server(tmp_path, data_dir, tiny_model_dir):
+    """Two trained tasks (CLM+PET, CLM+CPET on SST-2) on a compressed tiny BERT, served on a free port."""
+    cdir, run, _ = train_on_shared_backbone(tmp_path, data_dir, tiny_model_dir, tmp_path / "tasks" / "run")
+    pet, cpet = run / "clm_pet" / "task", run / "clm_cpet" / "task"
+    bank, tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
+    engine = Engine(bank, tok, max_length=32, max_batch=8, max_wait_ms=20, task_root=str(tmp_path / "tasks"))
     # the offline reference: cpet predict's answers on a separate bank
     ref_bank, ref_tok = _open_bank(str(cdir), [f"pet={pet}", f"cpet={cpet}"])
     ref = {(r["id"], r["task"]): r for r in predict(ref_bank, ref_tok, [Item(s) for s in SENTENCES], max_length=32)}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with serving(engine) as client:
         yield client, ref, {"pet": pet, "cpet": cpet, "root": tmp_path / "tasks", "run": tmp_path / "tasks" / "run"}
-    srv.should_exit = True
-    th.join(timeout=10)
-    engine.close()
 
 
 def _same(got: dict, want: dict) -> None:
@@ -140,26 +150,13 @@ def test_a_language_model_classifies_and_generates_from_one_process(tmp_path, da
 
     teacher = load_task_modules(load_backbone(path, lm=True)[0], out / "base_pet" / "task")
     export_peft(teacher, tmp_path / "peft", base_model_name_or_path=path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            r = c.post("/v1/classify", json={"task": "s", "input": [e.text_a for e in test[:3]]})
-            assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == [p["label"] for p in preds[:3]]
-            r = c.post("/v1/generate", json={"task": "s", "input": "a fine film", "max_tokens": 4})
-            assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str)
-            # a PEFT LoRA of the uncompressed model loads as a task (inherited + fitted recovery, no data)
-            r = c.post("/v1/tasks/load", json={"name": "peft", "path": str(tmp_path / "peft"), "task": "sst2"})
-            assert r.status_code == 200 and r.json()["adapted_from_peft"] is True
-            r = c.post("/v1/classify", json={"task": "peft", "input": [e.text_a for e in test[:2]]})
-            assert r.status_code == 200 and all(x["label"] in labels for x in r.json()["results"])
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
-        engine.close()
+    with serving(engine, timeout=60) as c:
+        r = c.post("/v1/classify", json={"task": "s", "input": [e.text_a for e in test[:3]]})
+        assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == [p["label"] for p in preds[:3]]
+        r = c.post("/v1/generate", json={"task": "s", "input": "a fine film", "max_tokens": 4})
+        assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str)
+        # a PEFT LoRA of the uncompressed model loads as a task (inherited + fitted recovery, no data)
+        r = c.post("/v1/tasks/load", json={"name": "peft", "path": str(tmp_path / "peft"), "task": "sst2"})
+        assert r.status_code == 200 and r.json()["adapted_from_peft"] is True
+        r = c.post("/v1/classify", json={"task": "peft", "input": [e.text_a for e in test[:2]]})
+        assert r.status_code == 200 and all(x["label"] in labels for x in r.json()["results"])
