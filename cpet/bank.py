@@ -30,11 +30,11 @@ import torch.nn as nn
 from cpet.compress import load_compressed
 from cpet.errors import CpetError
 from cpet.fingerprint import model_digest
-from cpet.io import load_safetensors, read_json
 from cpet.layers import Adapted, wrap
-from cpet.models import ClassificationHead, SpanHead, get_arch, load_backbone, resolve_model_path
+from cpet.models import (ClassificationHead, LMTaskModel, SpanHead, TaskModel, get_arch, load_backbone,
+                         resolve_model_path)
 from cpet.recovery import ACTIVATIONS
-from cpet.task_modules import is_language_model
+from cpet.task_modules import is_language_model, read_task_folder
 
 
 class Routing:
@@ -116,7 +116,6 @@ class LoadedTask:
     backbone: dict | None
     config: dict = field(default_factory=dict)
     pinned: bool = False
-    in_use: int = 0
 
 
 class TaskBank:
@@ -160,13 +159,7 @@ class TaskBank:
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> LoadedTask:
         """Copy the task folder at ``path`` into a new slot under ``name`` (replacing a task of that name)."""
         p = Path(path)
-        fix = "the task folder is damaged: copy it again, or retrain the task"
-        cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
-        if not cfg_path.is_file() or not st_path.is_file():
-            raise CpetError(f"{p} is not a cpet task folder (needs task_config.json and task_modules.safetensors)")
-        desc = read_json(cfg_path, "task config", fix)
-        if not isinstance(desc, dict) or not str(desc.get("format", "")).startswith("cpet-task"):
-            raise CpetError(f"{cfg_path} is not a cpet task config (no 'format: cpet-task-v1'); {fix}")
+        desc, state = read_task_folder(p)
         recorded = (desc.get("backbone") or {}).get("fingerprint")
         if recorded and self.fingerprint and recorded != self.fingerprint:
             raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
@@ -179,7 +172,6 @@ class TaskBank:
         if (head_type == "lm") != self.lm:
             raise CpetError(f"{p} is a {'text-to-text' if head_type == 'lm' else 'task-head'} task; this bank's "
                             f"backbone {'is' if self.lm else 'is not'} a language model")
-        state = load_safetensors(st_path, "task modules", fix)
         with self.lock:
             if name in self.tasks:
                 self.unload(name)
@@ -360,8 +352,6 @@ class BankTaskView(nn.Module):
         return self.backbone.config
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices=None, **kw):
-        from cpet.models import LMTaskModel, TaskModel
-
         with self._bank.only(self.name):
             if self.head_type == "lm":
                 return LMTaskModel.forward(self, input_ids, attention_mask, token_type_ids, num_choices, **kw)

@@ -77,8 +77,9 @@ def save_task_modules(model: TaskModel, out_dir: str | os.PathLike, extra: dict 
     return out
 
 
-def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel:
-    """Rebuild the saved task's modules on ``backbone`` and load their exact tensors."""
+def read_task_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(task config, task tensors) of a saved task folder; a missing, foreign or damaged folder is a
+    CpetError naming the file."""
     p = Path(path)
     cfg_path, st_path = p / "task_config.json", p / "task_modules.safetensors"
     if not cfg_path.is_file() or not st_path.is_file():
@@ -87,6 +88,13 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
     desc = read_json(cfg_path, "task config", fix)
     if not isinstance(desc, dict) or not str(desc.get("format", "")).startswith("cpet-task"):
         raise CpetError(f"{cfg_path} is not a cpet task config (no 'format: cpet-task-v1'); {fix}")
+    return desc, load_safetensors(st_path, "task modules", fix)
+
+
+def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel:
+    """Rebuild the saved task's modules on ``backbone`` and load their exact tensors."""
+    p = Path(path)
+    desc, state = read_task_folder(p)
     head = desc.get("head", "classify")
     if (head == "lm") != is_language_model(backbone):
         raise CpetError(f"{p} was trained {'text-to-text on a language model' if head == 'lm' else 'with a task head'}"
@@ -100,7 +108,7 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
         d = desc["recovery"]
         cfg = RecoveryConfig(r=d["r"], activation=d["activation"], dropout=d["dropout"])
         recovery_mod.add_recovery_to(model, d["modules"], cfg)
-    load_into(model, load_safetensors(st_path, "task modules", fix), what=str(p))
+    load_into(model, state, what=str(p))
     return model
 
 
