@@ -73,6 +73,28 @@ def read_inputs(path: str | Path) -> list[Item]:
     return items
 
 
+def encode_inputs(tokenizer, texts: list[tuple[str, str | None]], max_length: int) -> list[tuple[dict, bool]]:
+    """Per (text, text_b): its model rows' token ids (cut to ``max_length``) and whether it was cut. Texts
+    that fit are tokenized once; only over-long ones a second time, truncated."""
+    out = []
+    for a, b in texts:
+        enc = tokenizer(a, b, truncation=False)
+        cut = len(enc["input_ids"]) > max_length
+        if cut:
+            enc = tokenizer(a, b, truncation=True, max_length=max_length)
+        out.append(({k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}, cut))
+    return out
+
+
+def label_record(scores: torch.Tensor, labels: list[str], truncated: bool) -> dict:
+    """A classifier row's answer: the best label and every label's probability (softmax of the head)."""
+    probs = torch.softmax(scores.float(), -1).tolist()
+    labels = labels or [str(k) for k in range(len(probs))]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return {"label": labels[best], "probabilities": dict(zip(labels, (round(p, 6) for p in probs))),
+            **({"truncated": True} if truncated else {})}
+
+
 def spec_of(bank: TaskBank, name: str):
     task = bank.tasks[name]
     key = task.config.get("task")
@@ -102,12 +124,8 @@ def _classify(bank, tokenizer, items, pairs, max_length, batch_size, log) -> dic
     contiguous task segments with little padding."""
     if not pairs:
         return {}
-    enc = {}
-    for i in sorted({i for i, _ in pairs}):
-        full = tokenizer(items[i].text, items[i].text_b, truncation=False)
-        cut = tokenizer(items[i].text, items[i].text_b, truncation=True, max_length=max_length)
-        enc[i] = ({k: cut[k] for k in ("input_ids", "token_type_ids") if k in cut},
-                  len(full["input_ids"]) > max_length)
+    used = sorted({i for i, _ in pairs})
+    enc = dict(zip(used, encode_inputs(tokenizer, [(items[i].text, items[i].text_b) for i in used], max_length)))
     order = sorted(pairs, key=lambda p: (p[1], len(enc[p[0]][0]["input_ids"])))
     out, t0 = {}, time.perf_counter()
     n_batches = (len(order) + batch_size - 1) // batch_size
@@ -116,11 +134,7 @@ def _classify(bank, tokenizer, items, pairs, max_length, batch_size, log) -> dic
         batch = pad_rows([enc[i][0] for i, _ in chunk], tokenizer.pad_token_id)
         scores = bank.scores([t for _, t in chunk], **batch)
         for (i, t), z in zip(chunk, scores):
-            probs = torch.softmax(z.float(), -1).tolist()
-            labels = bank.tasks[t].labels or [str(k) for k in range(len(probs))]
-            k = max(range(len(probs)), key=probs.__getitem__)
-            out[(i, t)] = {"label": labels[k], "probabilities": dict(zip(labels, (round(p, 6) for p in probs))),
-                           **({"truncated": True} if enc[i][1] else {})}
+            out[(i, t)] = label_record(z, bank.tasks[t].labels, enc[i][1])
         if log and (b % 10 == 0 or b == n_batches):
             el = time.perf_counter() - t0
             log(f"  {b}/{n_batches} batches, {el:.0f}s, ETA {el / b * (n_batches - b):.0f}s")

@@ -33,7 +33,7 @@ from cpet.bank import TaskBank
 from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.formats import pad_rows
-from cpet.predict import Item, predict_by_format, spec_of
+from cpet.predict import Item, encode_inputs, label_record, predict_by_format, spec_of
 
 
 def _trim_heap() -> None:
@@ -97,12 +97,7 @@ class Engine:
         """Every input on every task: a future of [{input, task, label, probabilities, truncated?}]."""
         self._acquire(tasks)
         try:
-            enc = []
-            for a, b in inputs:
-                full = self.tokenizer(a, b, truncation=False)
-                cut = self.tokenizer(a, b, truncation=True, max_length=self.max_length)
-                enc.append(({k: cut[k] for k in ("input_ids", "token_type_ids") if k in cut},
-                            len(full["input_ids"]) > self.max_length))
+            enc = encode_inputs(self.tokenizer, inputs, self.max_length)
             for t in tasks:
                 if self.bank.tasks[t].head_type != "classify":
                     raise CpetError(f"task {t!r} is a {self.bank.tasks[t].head_type} task, not a classifier head; "
@@ -319,12 +314,8 @@ class Engine:
                     counts[t] = counts.get(t, 0) + 1
                 self.on_batch(len(chunk), counts)
             for (r, i, t), z in zip(chunk, scores):
-                probs = torch.softmax(z.float(), -1).tolist()
-                labels = self.bank.tasks[t].labels or [str(k) for k in range(len(probs))]
-                k = max(range(len(probs)), key=probs.__getitem__)
-                results[id(r)][(i, t)] = {"input": i, "task": t, "label": labels[k],
-                                          "probabilities": dict(zip(labels, (round(p, 6) for p in probs))),
-                                          **({"truncated": True} if r.enc[i][1] else {})}
+                results[id(r)][(i, t)] = {"input": i, "task": t,
+                                          **label_record(z, self.bank.tasks[t].labels, r.enc[i][1])}
         for r in reqs:
             if id(r) in failed:
                 r.future.set_exception(failed[id(r)])
