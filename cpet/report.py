@@ -331,9 +331,10 @@ def _split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
 
 def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], str]:
     """Hyper-parameters chosen on validation only: for each (task, plan, paradigm and the other axes),
-    the values of ``keys`` with the best validation mean over seeds; returns those rows (the selected
-    keys moved out of the variant) and a markdown table of the search (every candidate's validation
-    mean, the chosen one marked, its test mean beside it only for the chosen)."""
+    the values of ``keys`` with the best validation mean over seeds (paradigms with a teacher keep the
+    values chosen for base+PET, their teacher); returns those rows (the selected keys moved out of the
+    variant) and a markdown table of the search (every candidate's validation mean, the chosen one
+    marked, its test mean beside it only for the chosen)."""
     main_metric, scale = main_metrics(rows)
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -341,13 +342,23 @@ def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[
         groups[(r["task"], r["plan"], r["paradigm"], rest)][chosen].append(r)
     out, lines = [], ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test |",
                       "|---|---|---|---|---|---|---|"]
-    for (task, plan, paradigm, rest), cands in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ORDER.get(kv[0][2], 99), kv[0][3])):
+    teacher: dict[str, set[str]] = {}  # task -> base+PET's chosen "key=value" parts
+    # base+PET first: a paradigm that inherits from or distils it uses the teacher chosen for it, so its
+    # candidates keep base+PET's chosen values of the keys they share (a teacher's lr is not theirs to pick)
+    for (task, plan, paradigm, rest), cands in sorted(groups.items(), key=lambda kv: (kv[0][2] != "base_pet", kv[0][0], kv[0][1], ORDER.get(kv[0][2], 99), kv[0][3])):
         metric = main_metric.get(task)
+        if PARADIGM_SPECS[paradigm].needs_teacher and task in teacher:
+            base_keys = {p.split("=", 1)[0]: p for p in teacher[task]}
+            kept = {c: rs for c, rs in cands.items()
+                    if all(base_keys.get(p.split("=", 1)[0], p) == p for p in c.split(", ") if p)}
+            cands = kept or cands
         val = {c: [float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"] for c, rs in cands.items()}
         scored = {c: statistics.fmean(v) for c, v in val.items() if v}
         if not scored:
             continue
         best = max(sorted(scored), key=lambda c: scored[c])  # ties: the first in sorted order
+        if paradigm == "base_pet":
+            teacher[task] = {p for p in best.split(", ") if p}
         out += [{**r, "variant": rest} for r in cands[best]]
         test = [float(r["value"]) for r in cands[best] if r["metric"] == metric]
         lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {rest or '—'} | " + "; ".join(

@@ -145,3 +145,19 @@ def test_sections_show_shared_baselines_beside_each_variant():
     assert "### recovery.init=fit" in text and "### recovery.init=zero" in text and "\n### \n" not in text
     assert "80% of 10.00" in text and "20% of 10.00" in text
     assert text.count("| — | base+PET | 50.00") == 2
+
+
+def test_a_paradigm_with_a_teacher_keeps_the_teachers_chosen_lr():
+    from cpet.report import select_on_validation
+
+    rows = []
+    def add(paradigm, plan, lr, val):
+        base = {"task": "qnli", "plan": plan, "paradigm": paradigm, "seed": 1, "variant": f"train.lr={lr}",
+                "cell": "c", "fingerprint": "f"}
+        rows.extend([{**base, "metric": "val_accuracy", "value": val}, {**base, "metric": "accuracy", "value": val}])
+    add("base_pet", "none", "0.005", 0.65)
+    add("base_pet", "none", "0.001", 0.54)
+    add("clm_inherit_zero", "Q", "0.005", 0.540)  # the worse teacher happens to do better here
+    add("clm_inherit_zero", "Q", "0.001", 0.544)
+    chosen, _ = select_on_validation(rows, ("train.lr",))
+    assert {r["value"] for r in chosen if r["paradigm"] == "clm_inherit_zero"} == {0.540}
