@@ -120,8 +120,9 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     For each wrapped layer, over calibration tokens: X = the student layer's input, R = what the
     reference (uncompressed) layer outputs on X - what the student layer outputs on X (LoRA on both
     sides; for a MoE FFN the reference's dense FFN). Each layer so fixes its own error only (fitting
-    the error carried in from earlier layers as well, all layers at once, corrects it twice: measured,
-    it made MiniLM's hidden states worse). The rank-r M minimising ||R - M X||: with C = X^T X = Q L Q^T
+    the error carried in from earlier layers as well, all layers at once, corrects it twice: on MiniLM
+    it made the last hidden state's error 1.08 -> 1.15 under 2:4 + int8, where this fit gives 0.67).
+    The rank-r M minimising ||R - M X||: with C = X^T X = Q L Q^T
     (damped by ``damp`` x its mean diagonal) and G = R^T X, M = trunc_r(G Q L^-1/2) L^-1/2 Q^T; when
     R = (W - W')X this is EoRA's eigenspace projection. A linear module (``activation: identity``) gets
     M = U D; a nonlinear one spends its rank on pairs, act(xA^T)B^T - act(-xA^T)B^T = (xA^T)B^T exactly
