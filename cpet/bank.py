@@ -55,7 +55,7 @@ class BankBranch(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.routing = routing
-        self.act = ACTIVATIONS[activation]()
+        self.act = ACTIVATIONS[activation]().forward  # the bound function: no module-call overhead
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []  # per slot: (down, up, r_lora)
 
     def grow(self, slots: int) -> None:
@@ -66,8 +66,12 @@ class BankBranch(nn.Module):
         """The slot's LoRA (A (r, in), B already scaled (out, r)) and recovery (D (k, in), U (out, k))."""
         downs = [t for t in (A, D) if t is not None]
         ups = [t for t in (B, U) if t is not None]
-        self.pairs[slot] = (torch.cat(downs).contiguous(), torch.cat(ups, dim=1).contiguous(),
-                            0 if A is None else A.shape[0]) if downs else None
+        if not downs:
+            self.pairs[slot] = None
+            return
+        # stored as the GEMMs read them: down (in, r), up (r, out), both contiguous
+        down, up = torch.cat(downs).t().contiguous(), torch.cat(ups, dim=1).t().contiguous()
+        self.pairs[slot] = (down, up, 0 if A is None else A.shape[0])
 
     def drop(self, slot: int) -> None:
         """Remove ``slot``: the last slot moves into its place."""
@@ -82,25 +86,29 @@ class BankBranch(nn.Module):
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` (the base layer's output on ``x``) plus each segment's add-ons, accumulated in place
         (inference: one GEMM down, the activation on the recovery columns, one GEMM-accumulate up)."""
-        segments = self.routing.segments
-        if self.routing.single is not None:
-            segments = [(self.routing.single, 0, x.shape[0])]
+        routing, n = self.routing, x.shape[0]
+        segments = ((routing.single, 0, n),) if routing.single is not None else routing.segments
         if segments is None:
             raise CpetError("a bank-wrapped backbone ran without task routing: call it through TaskBank")
         if torch.is_grad_enabled() or not y.is_contiguous():
             y = y.clone(memory_format=torch.contiguous_format)  # never write into a tensor autograd may need
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (n*T, in), (n*T, out)
+        per_row = x2.shape[0] // n
         for slot, a, b in segments:
             pair = self.pairs[slot]
             if pair is None:
                 continue
             down, up, r_lora = pair
-            whole = a == 0 and b == x.shape[0]
-            xs = (x if whole else x[a:b]).reshape(-1, self.in_features)  # (n*T, in)
-            h = xs @ down.T  # (n*T, r_l + r_r)
-            if r_lora < down.shape[0]:  # recovery columns through the activation
+            if a == 0 and b == n:
+                xs, ys = x2, y2
+            else:
+                xs, ys = x2[a * per_row:b * per_row], y2[a * per_row:b * per_row]
+            h = torch.mm(xs, down)  # (rows, r_l + r_r)
+            if r_lora == 0:
+                h = self.act(h)
+            elif r_lora < h.shape[1]:  # recovery columns through the activation
                 h[:, r_lora:] = self.act(h[:, r_lora:])
-            ys = (y if whole else y[a:b]).view(-1, self.out_features)  # rows of y are contiguous
-            ys.addmm_(h, up.T)
+            ys.addmm_(h, up)
         return y
 
 

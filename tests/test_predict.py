@@ -79,3 +79,46 @@ def test_extractive_qa_answers_through_the_bank_equal_the_plain_model(tmp_path, 
     plain = load_task_modules(load_compressed(cdir)[0], task)
     fmt = get_format(data.spec, plain)
     assert got == fmt.predict(plain, load_compressed(cdir)[1], test, 64)
+
+
+def test_an_encoder_decoder_lm_serves_through_the_bank(tmp_path, data_dir, tokenizer):
+    """A tiny T5 trained text-to-text (CLM+PET and CLM+CPET, recovery on encoder and decoder linears,
+    cross-attention included): the bank reproduces each run's test accuracy, and greedy generation
+    through the bank equals the plain model's (each task on its own copy of the backbone)."""
+    from cpet.bank import TaskBank
+    from cpet.compress import load_compressed
+    from cpet.config import load_config
+    from cpet.experiments import run_experiment
+    from cpet.formats import TextFormat
+    from cpet.predict import Item, predict, predict_by_format
+    from cpet.task_modules import load_task_modules
+    from cpet.tasks import TASKS
+    from tests.conftest import save_tiny, tiny_t5_lm
+
+    path = save_tiny(tiny_t5_lm(), tokenizer, tmp_path / "t5")
+    out = tmp_path / "run"
+    records = {r["paradigm"]: r for r in run_experiment(load_config(None, [
+        f"model.name={path}", "model.max_length=48", "task.name=sst2", f"task.data_dir={data_dir}",
+        "task.val_size=16", "task.max_test=24", "train.epochs=1", "train.batch_size=8", "recovery.r=4",
+        "compress=[{method: int8}]", "paradigms=[base_pet, clm_pet, clm_cpet]", f"output_dir={out}"]),
+        log=lambda s: None)}
+    cdir = out / "backbone_compressed"
+    bank, _ = TaskBank.open(cdir)
+    for name in ("clm_pet", "clm_cpet"):
+        bank.load(name, out / name / "task")
+    assert any("decoder" in n and "EncDecAttention" in n for n in bank.branches)  # cross-attention served too
+    test = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16, max_test=24)).test
+    items = [Item(e.text_a) for e in test]
+    preds = list(predict(bank, tokenizer, items, max_length=48, batch_size=5))
+    labels = TASKS["sst2"].labels
+    for name in ("clm_pet", "clm_cpet"):
+        mine = [p for p in preds if p["task"] == name]
+        acc = sum(labels.index(p["label"]) == e.label for p, e in zip(mine, test)) / len(test)
+        assert acc == pytest.approx(records[name]["test"]["accuracy"])
+
+    got = predict_by_format(bank, tokenizer, items[:4], range(4), "clm_cpet", 48, 2, generate=True, max_new_tokens=3)
+    plain = load_task_modules(load_compressed(cdir)[0], out / "clm_cpet" / "task").eval()
+    fmt = TextFormat(TASKS["sst2"], True)
+    fmt.max_new_tokens = 3
+    ref = fmt.generate(plain, tokenizer, test[:4], 48, 2)
+    assert [got[(i, "clm_cpet")]["text"] for i in range(4)] == ref
