@@ -170,10 +170,18 @@ class Paradigm:
     recover: bool = False
     distill: bool = False
     trains: bool = True  # False: evaluated as assembled, no task data (the zero-data case of Figure 3)
+    # which task modules: "pet" (the lora config, + the recovery config when recover) or one of Table 4's
+    # parameter-controlled sets, sized to CLM+CPET's task parameters (cpet.experiments.paradigm_modules)
+    modules: str = "pet"
 
     @property
     def needs_teacher(self) -> bool:
         return self.inherit or self.distill
+
+    @property
+    def sized_by_recovery(self) -> bool:
+        """Its modules depend on the recovery settings (it has recovery modules, or matches CPET's size)."""
+        return self.recover or self.modules != "pet"
 
 
 # The paradigms (Table 2) and the ablations of Table 3: every on/off combination of inheritance (I),
@@ -192,6 +200,20 @@ PARADIGM_SPECS: dict[str, Paradigm] = {
                                     inherit=True, distill=True),
     "clm_recover_distill": Paradigm("CLM+R+D", "ablation: fresh PET + recovery, task + distillation",
                                     recover=True, distill=True),
+    # Table 4: fresh modules as many task parameters as CLM+CPET's (LoRA + recovery), task loss only: does
+    # adding parameters alone close the gap? (Each is CLM+PET at CPET's size; the paper's settings, with the
+    # rank chosen to equal CPET's parameters rather than doubling, since the two coincide only in its set-up.)
+    "clm_lora_lora": Paradigm("CLM+LoRA+LoRA", "Table 4: fresh PET plus a second, linear low-rank path of rank "
+                              "recovery.r on every recovery target in place of the recovery modules; task loss only",
+                              recover=True, modules="lora+lora"),
+    "clm_large_lora": Paradigm("CLM+Large LoRA", "Table 4: fresh LoRA on lora.targets alone, its rank raised to "
+                               "CLM+CPET's task parameters; task loss only", modules="large_lora"),
+    "clm_rec_rec": Paradigm("CLM+Rec+Rec", "Table 4: recovery modules in place of LoRA: recovery modules alone on "
+                            "every recovery target, their rank raised to CLM+CPET's task parameters; task loss only",
+                            recover=True, modules="rec+rec"),
+    "clm_large_rec": Paradigm("CLM+Large Rec", "Table 4: recovery modules alone on lora.targets (where LoRA sat), "
+                              "their rank raised to CLM+CPET's task parameters; task loss only",
+                              recover=True, modules="large_rec"),
     "clm_cpet_zero": Paradigm("CLM+I+R, no data", "base+PET's modules moved onto the compressed backbone plus "
                               "recovery modules fitted to the compression error on calibration text "
                               "(recovery.init=fit), no task training", inherit=True, recover=True, trains=False),

@@ -23,14 +23,14 @@ import torch
 from cpet.compress import (compress, compression_inputs, load_compressed, plan_to_json, save_compressed,
                            written_by_cpet)
 from cpet.compress.calibration import make_calibration
-from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig
+from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig, LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
 from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
 from cpet.io import atomic_write_json, read_json
-from cpet.models import load_backbone, resolve_model_path
+from cpet.models import load_backbone, resolve_model_path, target_modules
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
@@ -159,8 +159,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                   "eval_seconds": round(eval_s, 2),
                   "trainable_params": n_params,
                   **({"mmlu": mmlu} if mmlu else {}),
-                  "config": {"lora": asdict(cfg.lora), "train": asdict(tc),
-                             **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {}),
+                  "config": {**_modules_record(cfg, paradigm, model), "train": asdict(tc),
                              **({"distill": asdict(cfg.distill)} if PARADIGM_SPECS[paradigm].distill else {})},
                   "fingerprint": fp, "provenance": {**provenance(), "data": records_in[paradigm]["task"]["examples"],
                                                     "backbone_weights": records_in[paradigm]["model"]["weights"]}}
@@ -217,11 +216,12 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                 how = PARADIGM_SPECS[paradigm]
                 compressed, _, _ = load_compressed(cdir)
                 torch.manual_seed(tc.seed)
-                student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=cfg.lora,
-                                           recovery=cfg.recovery if how.recover else None, head=head)
+                lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, compressed)
+                student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=lora_cfg,
+                                           recovery=rec_cfg, head=head)
                 if how.inherit:
                     inherit(student, teacher)
-                if how.recover and cfg.recovery.init == "fit":
+                if rec_cfg is not None and rec_cfg.init == "fit":
                     fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
                                       init_calib, log)
                 rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
@@ -256,7 +256,8 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     else:
         compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
                                                data_dir=cfg.task.data_dir)
-    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover for p in cfg.paradigms)
+    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover and PARADIGM_SPECS[p].modules == "pet"
+                                              for p in cfg.paradigms)
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
     clm = {**base, "compressed": digest(compressed), "train": {**train, "lr": cfg.train.clm_lr or cfg.train.lr}}
@@ -266,13 +267,51 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     for name, how in PARADIGM_SPECS.items():
         if how.compressed:
             out[name] = {**(clm if how.trains else assembled), "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
-                                        **({} if how.trains else {"trains": False})},
-                         **({"recovery": asdict(cfg.recovery)} if how.recover else {}),
+                                        **({} if how.trains else {"trains": False}),
+                                        **({} if how.modules == "pet" else {"modules": how.modules})},
+                         **({"recovery": asdict(cfg.recovery)} if how.sized_by_recovery else {}),
                          **({"recovery_init_data": tensor_digest(init_calib.input_ids)}
-                            if how.recover and init_calib is not None else {}),
+                            if how.recover and how.modules == "pet" and init_calib is not None else {}),
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}
     return out, calib, init_calib
+
+
+def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[LoraConfig | None,
+                                                                             RecoveryConfig | None]:
+    """The (LoRA, recovery) configs a paradigm's task modules are built from on ``backbone`` (the one it
+    trains on: structured pruning changes the widths). Table 4's sets take CLM+CPET's task parameters
+    (LoRA on lora.targets + recovery on recovery.targets) and spend them otherwise, each fresh
+    (recovery.init=zero)."""
+    how = PARADIGM_SPECS[paradigm]
+    if how.modules == "pet":
+        return cfg.lora, (cfg.recovery if how.recover else None)
+
+    def width(roles) -> int:  # sum of (in + out) over the layers playing ``roles``: parameters per unit of rank
+        return sum(backbone.get_submodule(n).in_features + backbone.get_submodule(n).out_features
+                   for n in target_modules(backbone, roles))
+
+    cpet = cfg.lora.r * width(cfg.lora.targets) + cfg.recovery.r * width(cfg.recovery.targets)
+    fresh = replace(cfg.recovery, init="zero")
+    sized = lambda roles: max(1, round(cpet / width(roles)))  # noqa: E731
+    if how.modules == "lora+lora":
+        return cfg.lora, replace(fresh, activation="identity")
+    if how.modules == "large_lora":
+        r = sized(cfg.lora.targets)
+        return replace(cfg.lora, r=r, alpha=cfg.lora.alpha * r / cfg.lora.r), None  # alpha / r kept
+    if how.modules == "rec+rec":
+        return None, replace(fresh, r=sized(cfg.recovery.targets))
+    if how.modules == "large_rec":
+        return None, replace(fresh, r=sized(cfg.lora.targets), targets=cfg.lora.targets)
+    raise CpetError(f"paradigm {paradigm}: unknown module set {how.modules!r}")
+
+
+def _modules_record(cfg: ExperimentConfig, paradigm: str, model) -> dict:
+    """The lora / recovery configs a result was trained with (Table 4's as resized)."""
+    if PARADIGM_SPECS[paradigm].modules == "pet":
+        return {"lora": asdict(cfg.lora), **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {})}
+    lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, model)
+    return {**({"lora": asdict(lora_cfg)} if lora_cfg else {}), **({"recovery": asdict(rec_cfg)} if rec_cfg else {})}
 
 
 def _shared_backbone_meta(folder: str) -> dict:

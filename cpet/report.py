@@ -64,7 +64,7 @@ def depends_on(paradigm: str, key: str) -> bool:
     if key == "train.clm_lr":
         return spec.compressed and spec.trains
     return section in ("model", "task", "lora", "train", "mmlu") or (section == "compress" and spec.compressed) \
-        or (section == "recovery" and spec.recover) or (section == "distill" and spec.distill)
+        or (section == "recovery" and spec.sized_by_recovery) or (section == "distill" and spec.distill)
 
 
 def long_rows(results: list[dict]) -> list[dict]:
