@@ -31,6 +31,9 @@ class ModelConfig:
     # an existing `cpet compress` folder made from this model: the CLM paradigms train on it (its plan
     # replaces `compress`) instead of compressing again; it is only read, never written
     compressed: str | None = None
+    # a smaller uncompressed sibling (HF id or folder) for the small_pet paradigm: the paper's "T5-base +
+    # PET" row, a small model of about the compressed one's size tuned the ordinary way
+    small: str | None = None
 
     def __post_init__(self):
         coerce_fields(self, "model")
@@ -173,6 +176,7 @@ class Paradigm:
     # which task modules: "pet" (the lora config, + the recovery config when recover) or one of Table 4's
     # parameter-controlled sets, sized to CLM+CPET's task parameters (cpet.experiments.paradigm_modules)
     modules: str = "pet"
+    small: bool = False  # on model.small (the smaller sibling) instead of model.name
 
     @property
     def needs_teacher(self) -> bool:
@@ -188,6 +192,8 @@ class Paradigm:
 # recovery (R) and distillation (D) on the compressed backbone.
 PARADIGM_SPECS: dict[str, Paradigm] = {
     "base_pet": Paradigm("base+PET", "PET (+ task head) on the uncompressed backbone; CPET's teacher", compressed=False),
+    "small_pet": Paradigm("small+PET", "PET (+ task head) on model.small, a smaller uncompressed sibling (the "
+                          "paper's T5-base + PET row)", compressed=False, small=True),
     "clm_pet": Paradigm("CLM+PET", "fresh PET on the compressed backbone, task loss only"),
     "clm_cpet": Paradigm("CLM+CPET", "inherited PET + recovery modules, task + alpha * distillation loss",
                          inherit=True, recover=True, distill=True),
@@ -271,6 +277,9 @@ class ExperimentConfig:
         if "clm_cpet_zero" in self.paradigms and self.recovery.init != "fit":
             raise CpetError("paradigms: clm_cpet_zero adds recovery modules with no training; with "
                             "recovery.init=zero they are no-ops (that is clm_inherit_zero): set recovery.init=fit")
+        if "small_pet" in self.paradigms and not self.model.small:
+            raise CpetError("paradigms: small_pet tunes PET on a smaller sibling backbone: set model.small "
+                            "(an HF id or folder, e.g. a T5-base beside a T5-3B)")
         if len(set(self.paradigms)) != len(self.paradigms):
             raise CpetError(f"paradigms: {list(self.paradigms)} names a paradigm twice")
         from cpet.compress import plan_to_json  # validates methods and their fields

@@ -108,9 +108,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
     records_in, calibration, init_calib = _fingerprint_inputs(cfg, data, text, tokenizer)
     fps = {k: digest(v) for k, v in records_in.items()}
-    pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS}
+    pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS if p in fps}
     cdir = Path(cfg.model.compressed) if cfg.model.compressed else layout.backbone_dir(fps["compressed"])
-    clm = [p for p in cfg.paradigms if p != "base_pet"]
+    clm = [p for p in cfg.paradigms if PARADIGM_SPECS[p].compressed]
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:
             _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
@@ -126,7 +126,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     fmt_of = lambda model: get_format(spec, model, cfg.task.doc_stride)  # noqa: E731
     common["formulation"] = "text" if text else "head"
 
-    def run_paradigm(paradigm: str, model, teacher=None) -> dict:
+    def run_paradigm(paradigm: str, model, teacher=None, tokenizer=tokenizer) -> dict:
         pdir, fp = pdirs[paradigm], fps[paradigm]
         if main:
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
@@ -135,7 +135,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                                          if PARADIGM_SPECS[paradigm].trains else
                                          f"{n_params:,} task parameters, evaluated as assembled (no task data)"))
         if PARADIGM_SPECS[paradigm].trains:
-            ptc = tc if paradigm == "base_pet" else replace(tc, lr=tc.clm_lr or tc.lr)
+            ptc = replace(tc, lr=tc.clm_lr or tc.lr) if PARADIGM_SPECS[paradigm].compressed else tc
             res = train(model, tokenizer, spec, data.train, data.val, ptc, max_len, out_dir=pdir,
                         teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
                         fmt=fmt_of(model), fingerprint=fp,
@@ -152,7 +152,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                 "task": spec.name, "labels": list(spec.labels),
                 "backbone": backbone_record(cfg, paradigm, fps, records_in, cdir)})
         record = {"paradigm": paradigm, "label": LABELS[paradigm], **common,
-                  "plan": plan_to_json(cfg.compress) if paradigm != "base_pet" else [],
+                  "plan": plan_to_json(cfg.compress) if PARADIGM_SPECS[paradigm].compressed else [],
                   "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
                   "history": res.history, "curve": res.curve, "steps": res.steps,
                   "train_seconds": round(res.train_seconds, 2),
@@ -200,6 +200,15 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             rec = run_paradigm("base_pet", teacher)
         else:
             teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
+        records.append(rec)
+
+    if "small_pet" in cfg.paradigms:
+        rec = done("small_pet")
+        if rec is None:
+            small, small_tok = load_backbone(cfg.model.small, lm=text)
+            torch.manual_seed(tc.seed)
+            rec = run_paradigm("small_pet", build_task_model(small, spec.head_size, cfg.model.pooling, lora=cfg.lora,
+                                                             head=head), tokenizer=small_tok)
         records.append(rec)
 
     if clm:
@@ -264,6 +273,9 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     assembled = {**base, "compressed": digest(compressed)}  # no training: clm_lr plays no part
     distill = {k: v for k, v in asdict(cfg.distill).items() if k != "cache_teacher"}
     out = {"base_pet": base, "compressed": compressed}
+    if cfg.model.small:
+        out["small_pet"] = {**base, "model": {**model, "name": cfg.model.small,
+                                              "weights": model_digest(resolve_model_path(cfg.model.small))}}
     for name, how in PARADIGM_SPECS.items():
         if how.compressed:
             out[name] = {**(clm if how.trains else assembled), "how": {"inherit": how.inherit, "recover": how.recover, "distill": how.distill,
@@ -329,8 +341,9 @@ def _shared_backbone_meta(folder: str) -> dict:
 
 def backbone_record(cfg: ExperimentConfig, paradigm: str, fps: dict, records_in: dict, cdir: Path) -> dict:
     """What a task folder records about the backbone it was trained on (a bank refuses any other)."""
-    if paradigm == "base_pet":
-        return {"fingerprint": records_in["base_pet"]["model"]["weights"], "path": cfg.model.name, "plan": []}
+    if not PARADIGM_SPECS[paradigm].compressed:
+        m = records_in[paradigm]["model"]
+        return {"fingerprint": m["weights"], "path": m["name"], "plan": []}
     return {"fingerprint": fps["compressed"], "path": str(cdir), "plan": plan_to_json(cfg.compress)}
 
 

@@ -73,7 +73,7 @@ def long_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         cfg = r["cell_config"]
-        plan = plan_name(cfg["compress"]) if r["paradigm"] != "base_pet" else "none"
+        plan = plan_name(cfg["compress"]) if PARADIGM_SPECS[r["paradigm"]].compressed else "none"
         variant = ", ".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())
                             if k not in ("task.name", "compress", "train.seed") and depends_on(r["paradigm"], k))
         base = {"task": r["task"], "plan": plan, "paradigm": r["paradigm"], "seed": cfg["train"]["seed"],
@@ -154,16 +154,16 @@ def tables(rows: list[dict]) -> str:
             out += [f"### {variant}", ""]
         head = ["plan", "paradigm", *tasks, "avg"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        present = sorted({k[2] for k in by if k[2] != "base_pet" and (k[0] == variant or (
+        present = sorted({k[2] for k in by if PARADIGM_SPECS[k[2]].compressed and (k[0] == variant or (
             parts(k[0]) <= parts(variant) and get(variant, k[1], k[2], k[3])))}, key=ORDER.get)
-        keys = [("none", "base_pet")] + [(p, par) for p in plans for par in present]
+        keys = [("none", "base_pet"), ("none", "small_pet")] + [(p, par) for p in plans for par in present]
         for plan, paradigm in keys:
             vals = [list(get(variant, plan, paradigm, t).values()) for t in tasks]
             if not any(vals):
                 continue
             means = [scale[t] * statistics.fmean(v) for t, v in zip(tasks, vals) if v]
             avg = f"{statistics.fmean(means):.2f}" if len(means) == len(tasks) else ""
-            out.append("| " + " | ".join([plan if paradigm != "base_pet" else "—", LABELS.get(paradigm, paradigm),
+            out.append("| " + " | ".join([plan if plan != "none" else "—", LABELS.get(paradigm, paradigm),
                                           *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), avg]) + " |")
         out += ["", "Paired by seed: CLM+CPET − CLM+PET, and the share of the compression gap CLM+CPET recovers "
                 "((CPET − PET) / (base − PET) on seed means).", "",

@@ -10,7 +10,7 @@ from cpet.config import PARADIGM_SPECS, load_config
 from cpet.errors import CpetError
 from cpet.experiments import run_experiment
 
-ALL = ["base_pet", *[p for p in PARADIGM_SPECS if p != "base_pet"]]
+ALL = ["base_pet", *[p for p in PARADIGM_SPECS if p != "base_pet" and not PARADIGM_SPECS[p].small]]
 
 
 def test_every_ablation_starts_and_trains_as_its_name_says(tmp_path, data_dir, tiny_model_dir, monkeypatch):
@@ -39,7 +39,7 @@ def test_every_ablation_starts_and_trains_as_its_name_says(tmp_path, data_dir, t
     b_key = next(k for k in teacher if k.endswith("lora.B"))
     assert teacher[b_key].abs().sum() > 0
     for name, spec in PARADIGM_SPECS.items():
-        if name == "base_pet":
+        if name == "base_pet" or spec.small:  # (small_pet: its own test below)
             continue
         saved = load_file(str(tmp_path / "o" / name / "task" / "task_modules.safetensors"))
         assert any(".recovery." in k for k in saved) == spec.recover, name
@@ -124,3 +124,38 @@ def test_table4_sets_take_cpets_task_parameters_and_spend_them_as_named(tmp_path
             assert head > 0
             # a saved variant loads back like any task, on the backbone it was trained on
             load_task_modules(load_compressed(out / "backbone_compressed")[0], out / name / "task")
+
+
+def test_small_pet_tunes_the_smaller_sibling_and_reports_beside_base_pet(tmp_path, data_dir, tiny_model_dir, tokenizer):
+    """small+PET (the paper's T5-base + PET row): PET on model.small, uncompressed, with its own tokenizer;
+    its task folder names that backbone; the report lists it beside base+PET; without model.small it is
+    refused before anything runs."""
+    from transformers import BertConfig, BertModel
+
+    from cpet.cli import main
+    from cpet.task_modules import load_task_modules, read_task_folder
+    from cpet.models import load_backbone
+
+    small = tmp_path / "smaller"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    with pytest.raises(CpetError, match="set model.small"):
+        load_config(None, ["paradigms=[base_pet, small_pet]"])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"base:\n  model: {{name: {tiny_model_dir}, small: {small}, max_length: 32}}\n"
+                    f"  task: {{name: sst2, data_dir: {data_dir}, val_size: 16, max_test: 16}}\n"
+                    "  train: {epochs: 1, batch_size: 16}\n  recovery: {r: 4}\n  compress: Q\n"
+                    f"axes:\n  paradigms: [[base_pet, small_pet, clm_pet]]\noutput_dir: {tmp_path / 'g'}\n")
+    assert main(["grid", str(grid)]) == 0
+    (folder,) = (tmp_path / "g" / "paradigms").glob("small_pet-*")
+    result = json.loads((folder / "result.json").read_text())
+    (base,) = (tmp_path / "g" / "paradigms").glob("base_pet-*")
+    assert result["plan"] == [] and result["trainable_params"] < json.loads((base / "result.json").read_text())[
+        "trainable_params"]
+    desc, _ = read_task_folder(folder / "task")
+    assert desc["backbone"]["path"] == str(small) and desc["backbone"]["plan"] == []
+    load_task_modules(load_backbone(str(small))[0], folder / "task")
+    assert main(["report", str(tmp_path / "g")]) == 0
+    md = (tmp_path / "g" / "results.md").read_text()
+    assert "| — | base+PET |" in md and "| — | small+PET |" in md and "| Q | CLM+PET |" in md
