@@ -237,7 +237,8 @@ def _adapt(task_dir: str, compressed: str, out: str, r: int, activation: str, sa
     return 0
 
 
-def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool, retry_failed: bool) -> int:
+def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool, retry_failed: bool,
+          executor: str = "local", workers: int = 2) -> int:
     from cpet.grid import describe, load_grid, run_grid
 
     grid = load_grid(path, overrides, output_dir)  # every cell validated before anything runs
@@ -245,7 +246,7 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
     if dry_run:
         describe(grid, log)
         return 0
-    records = run_grid(grid, log, retry_failed=retry_failed)
+    records = run_grid(grid, log, retry_failed=retry_failed, executor=executor, workers=workers)
     failed = sum(1 for r in records if r and r.get("status") == "failed")
     print(f"\nresults: {grid.root.resolve()} (cpet report {grid.root} makes the tables)")
     return 1 if failed else 0
@@ -284,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output-dir", default=None)
     p.add_argument("--dry-run", action="store_true", help="list the cells, their status and the time left")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one cell after another in this process; ray: cells as Ray tasks (pip install "
+                        "'cpet[ray]'; a local Ray instance, or the cluster RAY_ADDRESS names)")
+    p.add_argument("--workers", type=int, default=2, help="with --executor ray: cells at a time")
     p = sub.add_parser("report", help="tables (markdown), long CSV and plots from a grid folder")
     p.add_argument("dir", help="the output_dir of cpet grid")
     p.add_argument("-o", "--output-dir", default=None, help="where to write (default: the grid folder)")
@@ -354,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run":
             return _run(None if args.config == "-" else args.config, args.overrides, args.output_dir, args.fresh)
         if args.verb == "grid":
-            return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed)
+            return _grid(args.grid, args.overrides, args.output_dir, args.dry_run, args.retry_failed,
+                         args.executor, args.workers)
         if args.verb == "serve":
             return _serve(args.backbone, args.tasks, args.host, args.port, args.task_root, args.max_batch,
                           args.max_wait_ms, args.max_task_bytes, args.max_length)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from cpet.formats import get_format
 from cpet.inherit import inherit
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
-from cpet.io import atomic_write_json, read_json
+from cpet.io import atomic_write_json, folder_lock, read_json
 from cpet.models import load_backbone, resolve_model_path, target_modules
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
@@ -111,11 +112,18 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     pdirs = {p: layout.paradigm_dir(p, fps[p]) for p in PARADIGMS if p in fps}
     cdir = Path(cfg.model.compressed) if cfg.model.compressed else layout.backbone_dir(fps["compressed"])
     clm = [p for p in cfg.paradigms if PARADIGM_SPECS[p].compressed]
+
+    def making(folder: Path):
+        """Exclusive while ``folder`` is checked or made, so concurrent runs on one store make it once
+        (only the main process makes folders; the others follow it)."""
+        return folder_lock(folder, out / ".locks", log) if main else nullcontext()
+
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:
             _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
         if clm and not cfg.model.compressed:
-            _check_compressed(cdir, records_in["compressed"], fresh, log)
+            with making(cdir):  # (not while another run is writing it)
+                _check_compressed(cdir, records_in["compressed"], fresh, log)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     log(f"task {spec.name}: {len(data.train)} train / {len(data.val)} val (held out of train) / "
@@ -193,47 +201,52 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     records = []
     teacher = None
     if "base_pet" in cfg.paradigms:
-        rec = done("base_pet")
-        if rec is None:
-            torch.manual_seed(tc.seed)
-            teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
-            rec = run_paradigm("base_pet", teacher)
-        else:
-            teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
+        with making(pdirs["base_pet"]):
+            rec = done("base_pet")
+            if rec is None:
+                torch.manual_seed(tc.seed)
+                teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
+                rec = run_paradigm("base_pet", teacher)
+            else:
+                teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
         records.append(rec)
 
     if "small_pet" in cfg.paradigms:
-        rec = done("small_pet")
-        if rec is None:
-            small, small_tok = load_backbone(cfg.model.small, lm=text)
-            torch.manual_seed(tc.seed)
-            rec = run_paradigm("small_pet", build_task_model(small, spec.head_size, cfg.model.pooling, lora=cfg.lora,
-                                                             head=head), tokenizer=small_tok)
+        with making(pdirs["small_pet"]):
+            rec = done("small_pet")
+            if rec is None:
+                small, small_tok = load_backbone(cfg.model.small, lm=text)
+                torch.manual_seed(tc.seed)
+                rec = run_paradigm("small_pet", build_task_model(small, spec.head_size, cfg.model.pooling,
+                                                                 lora=cfg.lora, head=head), tokenizer=small_tok)
         records.append(rec)
 
     if clm:
-        if main and not (cdir / "compression.json").is_file():
-            log(f"compressing with plan {plan_to_json(cfg.compress)}")
-            fresh_backbone, _ = load_backbone(cfg.model.name, lm=text)
-            compress(fresh_backbone, cfg.compress, calibration=calibration)
-            save_compressed(fresh_backbone, tokenizer, cdir, cfg.compress, cfg.model.name,
-                            fingerprint=records_in["compressed"])
+        if main and not cfg.model.compressed:
+            with making(cdir):
+                if not (cdir / "compression.json").is_file():
+                    log(f"compressing with plan {plan_to_json(cfg.compress)}")
+                    fresh_backbone, _ = load_backbone(cfg.model.name, lm=text)
+                    compress(fresh_backbone, cfg.compress, calibration=calibration)
+                    save_compressed(fresh_backbone, tokenizer, cdir, cfg.compress, cfg.model.name,
+                                    fingerprint=records_in["compressed"])
         state.wait_for_everyone()
         for paradigm in clm:
-            rec = done(paradigm)
-            if rec is None:
-                how = PARADIGM_SPECS[paradigm]
-                compressed, _, _ = load_compressed(cdir)
-                torch.manual_seed(tc.seed)
-                lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, compressed)
-                student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=lora_cfg,
-                                           recovery=rec_cfg, head=head)
-                if how.inherit:
-                    inherit(student, teacher)
-                if rec_cfg is not None and rec_cfg.init == "fit":
-                    fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
-                                      init_calib, log)
-                rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
+            with making(pdirs[paradigm]):
+                rec = done(paradigm)
+                if rec is None:
+                    how = PARADIGM_SPECS[paradigm]
+                    compressed, _, _ = load_compressed(cdir)
+                    torch.manual_seed(tc.seed)
+                    lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, compressed)
+                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=lora_cfg,
+                                               recovery=rec_cfg, head=head)
+                    if how.inherit:
+                        inherit(student, teacher)
+                    if rec_cfg is not None and rec_cfg.init == "fit":
+                        fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
+                                          init_calib, log)
+                    rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
             records.append(rec)
     if main and not layout.shared:  # the config of the last completed run (each paradigm's inputs: fingerprint.json)
         atomic_write_json(out / "config.json", cfg.to_dict())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -181,47 +182,112 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     return rows
 
 
-def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False) -> list[dict]:
-    """Run every cell not yet done (in order); returns the cell records. A cell that raises is recorded
-    as failed with its error and the next one runs; ``retry_failed`` runs failed cells again."""
-    layout = StoreLayout(grid.root)
-    records, done = [], []
+def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False,
+             executor: str = "local", workers: int = 2) -> list[dict]:
+    """Run every cell not yet done; returns the cell records (grid order). A cell that raises is recorded
+    as failed with its error and the others go on; ``retry_failed`` runs failed cells again.
+
+    ``executor``: ``local`` runs the cells one after another in this process; ``ray`` runs them as Ray
+    tasks, ``workers`` at a time (a local Ray instance, or the cluster ``RAY_ADDRESS`` names; the store
+    must be a folder every worker sees). Cells that need the same compressed backbone or teacher make it
+    once: the first takes its folder's lock, the others wait for it (``cpet.io.folder_lock``)."""
     recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
     skip = ("done",) if retry_failed else ("done", "failed")
-    todo = [c.id for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
+    todo = [c for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
     shared: set = set()
     priors = {c.id: prior_seconds(c, shared) for c in grid.cells}
-    log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded")
-    for n, cell in enumerate(grid.cells, 1):
-        if cell.id not in todo:
-            records.append(recorded[cell.id])
-            continue
-        where = "  ".join(f"{k}={v}" for k, v in cell.labels.items())
-        log(f"cell {n}/{len(grid.cells)} {cell.id}: {where}")
-        t0 = time.perf_counter()
-        base = {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
-        try:
-            results = run_experiment(cell.config, log=lambda s: log("  " + s), layout=layout)
-            rec = {**base, "status": "done", "seconds": round(time.perf_counter() - t0, 1),
-                   "results": {r["paradigm"]: r["fingerprint"] for r in results}}
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure is recorded with its cause; the grid goes on
-            rec = {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 1),
-                   "error": f"{type(e).__name__}: {e}",
-                   **({} if isinstance(e, CpetError) else {"traceback": traceback.format_exc()})}
-            log(f"  cell {cell.id} failed: {rec['error']}")
+    log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded"
+        + (f"; {len(todo)} to run on Ray, {workers} at a time" if executor == "ray" and todo else ""))
+    done: list[tuple[float, float]] = []
+    left = [c.id for c in todo]
+
+    def finished(cell: Cell, rec: dict) -> None:
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
-        records.append(rec)
+        recorded[cell.id] = rec
         if rec["status"] == "done":
             done.append((rec["seconds"], priors[cell.id]))
-        rest = todo[todo.index(cell.id) + 1:]
-        log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {len(rest)} cells left, "
-            f"{_eta(sum(priors[c] for c in rest), done)}")
+        else:
+            log(f"  cell {cell.id} failed: {rec['error']}")
+        left.remove(cell.id)
+        par = workers if executor == "ray" else 1
+        log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {len(left)} cells left, "
+            f"{_eta(sum(priors[c] for c in left) / par, done)}")
+
+    if executor == "ray":
+        _run_on_ray(grid, todo, workers, finished, log)
+    elif executor == "local":
+        for cell in todo:
+            n = grid.cells.index(cell) + 1
+            log(f"cell {n}/{len(grid.cells)} {cell.id}: " + "  ".join(f"{k}={v}" for k, v in cell.labels.items()))
+            finished(cell, run_cell(cell, grid.root, log=lambda s: log("  " + s)))
+    else:
+        raise CpetError(f"executor {executor!r}: use local or ray")
+    records = [recorded[c.id] for c in grid.cells]
     failed = [r for r in records if r and r["status"] == "failed"]
     if failed:
         log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")
     return records
+
+
+def run_cell(cell: Cell, root: Path, log: Callable[[str], None] = print) -> dict:
+    """Run one cell on the store at ``root``; its record (done with its results' fingerprints, or failed
+    with the cause). Not written here: the caller records it."""
+    t0 = time.perf_counter()
+    base = {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
+    try:
+        results = run_experiment(cell.config, log=log, layout=StoreLayout(Path(root)))
+        return {**base, "status": "done", "seconds": round(time.perf_counter() - t0, 1),
+                "results": {r["paradigm"]: r["fingerprint"] for r in results}}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure is recorded with its cause; the grid goes on
+        return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 1),
+                "error": f"{type(e).__name__}: {e}",
+                **({} if isinstance(e, CpetError) else {"traceback": traceback.format_exc()})}
+
+
+def _ray_cell(cell: Cell, root: str, threads: int) -> dict:
+    """A cell as a Ray task: torch on its share of the cores; log lines prefixed with the cell id."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_cell(cell, Path(root), log=lambda s: print(f"[{cell.id}] {s}", flush=True))
+
+
+def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished, log) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise CpetError("--executor ray needs Ray: pip install 'cpet[ray]'") from None
+    if workers < 1:
+        raise CpetError(f"--workers {workers}: use 1 or more")
+    if not todo:
+        return
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, **({} if address else {"num_cpus": workers, "include_dashboard": False}),
+                 logging_level="WARNING")
+    try:
+        threads = max(1, (os.cpu_count() or workers) // workers)
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_cell)
+        pending = {task.remote(c, str(Path(grid.root).resolve()), threads): c for c in todo}
+        for c in todo:
+            log(f"queued cell {grid.cells.index(c) + 1}/{len(grid.cells)} {c.id}: "
+                + "  ".join(f"{k}={v}" for k, v in c.labels.items()))
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            try:
+                rec = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - a worker that died: recorded like any failure
+                rec = {"cell": cell.id, "values": cell.values, "labels": cell.labels,
+                       "config": cell.config.to_dict(), "status": "failed", "seconds": 0.0,
+                       "error": f"Ray worker: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            finished(cell, rec)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def results_of(root: Path) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from cpet.errors import CpetError
@@ -60,3 +61,27 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         return p
     p = Path(DEFAULT_DATA_DIR)
     return p if p.is_dir() else None
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, locks: str | os.PathLike, log=None):
+    """Hold an exclusive lock on ``folder`` (a paradigm or backbone folder of a run) while making it, so
+    concurrent runs on one store (``cpet grid --executor ray``, two shells) make it once: the second
+    waits, then finds it done. The lock is ``<locks>/<folder name>.lock``, held with flock: it is
+    released when its holder exits or dies, so a crashed run never leaves it stuck."""
+    import fcntl
+
+    folder = Path(folder)
+    lock_path = Path(locks) / f"{folder.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another run making {folder}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -161,3 +161,28 @@ def test_a_paradigm_with_a_teacher_keeps_the_teachers_chosen_lr():
     add("clm_inherit_zero", "Q", "0.001", 0.544)
     chosen, _ = select_on_validation(rows, ("train.lr",))
     assert {r["value"] for r in chosen if r["paradigm"] == "clm_inherit_zero"} == {0.540}
+
+
+def test_ray_executor_runs_cells_side_by_side_and_makes_shared_work_once(tmp_path, data_dir, tiny_model_dir, capsys):
+    """cpet grid --executor ray on a local Ray instance with 2 workers: the two cells of a seed run at once
+    and need the same teacher, so one trains it while the other waits on its lock; everything matches
+    the in-process executor (same results, same fingerprints)."""
+    pytest.importorskip("ray")
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  task.name: [sst2]\n  train.seed: [1, 2]\n  compress: [Q, UP]\n")
+    assert main(["grid", g, "--executor", "ray", "--workers", "2"]) == 0
+    root = tmp_path / "g"
+    cells = {c["cell"]: c for c in (json.loads(f.read_text()) for f in (root / "cells").glob("*.json"))}
+    assert len(cells) == 4 and all(c["status"] == "done" for c in cells.values())
+    folders = sorted(p.name.split("-")[0] for p in (root / "paradigms").iterdir())
+    assert folders.count("base_pet") == 2 and folders.count("clm_cpet") == 4  # one teacher per seed
+    assert len(list((root / "backbones").iterdir())) == 2
+    assert main(["grid", g, "--executor", "ray"]) == 0 and "4 already recorded" in capsys.readouterr().out
+
+    assert main(["grid", g, "-o", str(tmp_path / "local")]) == 0
+    local = {c["cell"]: c for c in (json.loads(f.read_text()) for f in (tmp_path / "local" / "cells").glob("*.json"))}
+    assert {k: c["results"] for k, c in local.items()} == {k: c["results"] for k, c in cells.items()}
+    for c in cells.values():
+        for paradigm, fp in c["results"].items():
+            a = json.loads((root / "paradigms" / f"{paradigm}-{fp}" / "result.json").read_text())["test"]
+            b = json.loads((tmp_path / "local" / "paradigms" / f"{paradigm}-{fp}" / "result.json").read_text())["test"]
+            assert a == pytest.approx(b, abs=1e-6), paradigm
