@@ -117,7 +117,8 @@ def _convert_gguf(gguf: str | None, out: str | None, force: bool) -> int:
 
 
 def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: str | None, out: str | None,
-          limit: int | None, batch_size: int, use_lm_eval: bool) -> int:
+          limit: int | None, batch_size: int, use_lm_eval: bool, task: str | None = None,
+          lm_eval_hub: bool = False) -> int:
     import json
 
     import torch
@@ -128,29 +129,25 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
     from cpet.models import resolve_model_path
 
     path = resolve_model_path(model)
-    if use_lm_eval:
-        results = run_lm_eval(path, shots=shots, limit=limit, batch_size=batch_size)
-        print(json.dumps(results, indent=2))
+    chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
+    if not lm_eval_hub:
+        subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
+    lm, tok = _mmlu_model(model, path, task)
+    if use_lm_eval:  # the reference harness on the same in-memory model
+        results = run_lm_eval(lm, tok, shots=shots, limit=limit, batch_size=batch_size, data_dir=data_dir,
+                              split=split, subjects=chosen, hub=lm_eval_hub)
+        if "micro_avg" in results:
+            print(f"lm-eval MMLU {shots}-shot {split}: {results['micro_avg']:.4f} over {results['n_questions']} "
+                  "questions")
+        else:
+            print(json.dumps(results, indent=2))
         if out:
             atomic_write(Path(out) / "lm_eval_results.json", json.dumps(results, indent=2).encode())
         return 0
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cpet.models import plain_model_config, require_causal_lm
-
-    subjects_of(mmlu_dir(data_dir), split)  # data errors before the model loads
-    require_causal_lm(plain_model_config(model, path, "smollm2"), repr(model))  # before loading the weights
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
-        hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
-        raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
-    chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     result = evaluate_mmlu(lm, tok, data_dir=data_dir, split=split, shots=shots, subjects=chosen,
                            batch_size=batch_size, limit=limit, log=lambda s: print(s, flush=True))
     result.update(model=model, model_path=str(Path(path).resolve()) if Path(path).exists() else path,
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), **({"task": task} if task else {}))
     record = conversion_record(path) if Path(path).is_dir() else None
     if record and record.get("note"):
         result["note"] = record["note"]
@@ -161,6 +158,31 @@ def _mmlu(model: str, split: str, shots: int, subjects: str | None, data_dir: st
     if out:
         print(f"results: {write_report(result, out).resolve()} (results.json, results.md)")
     return 0
+
+
+def _mmlu_model(model: str, path: str, task: str | None):
+    """(causal LM, tokenizer): a HF folder / id, or a cpet compressed folder, with a task's modules
+    (``--task``: LoRA + recovery, as trained) loaded into it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpet.models import plain_model_config, require_causal_lm
+    from cpet.task_modules import load_task_modules
+
+    if (Path(path) / "compression.json").is_file():
+        from cpet.compress import load_compressed
+
+        lm, tok, _ = load_compressed(path)
+    else:
+        require_causal_lm(plain_model_config(model, path, "smollm2"), repr(model))  # before loading the weights
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
+            hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
+            raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
+    require_causal_lm(lm.config, repr(model))
+    return (load_task_modules(lm, task).eval() if task else lm.eval()), tok
 
 
 def _predict(backbone: str, tasks: list[str], text: str | None, text_b: str | None, input_file: str | None,
@@ -351,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output-dir", default=None, help="write results.json and results.md here")
     p.add_argument("--limit", type=int, default=None, help="first N questions per subject")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lm-eval", action="store_true", help="run lm-eval's own mmlu task instead (needs lm-eval)")
+    p.add_argument("--task", default=None, help="a task folder (cpet run / grid) whose modules load into the model "
+                                                "first (MODEL: the backbone it was trained on, e.g. a cpet "
+                                                "compressed folder)")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="score with the reference harness (lm-eval) instead, on the same in-memory model and the "
+                        "same local questions (pip install 'cpet[lm-eval]')")
+    p.add_argument("--lm-eval-hub", action="store_true",
+                   help="with --lm-eval: lm-eval's own mmlu task (reads cais/mmlu's test split from the hub)")
     args = parser.parse_args(argv)
     try:
         if args.verb == "demo":
@@ -380,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert_gguf(args.gguf, args.output_dir, args.force)
         if args.verb == "mmlu":
             return _mmlu(args.model, args.split, args.shots, args.subjects, args.data_dir, args.output_dir,
-                         args.limit, args.batch_size, args.lm_eval)
+                         args.limit, args.batch_size, args.lm_eval or args.lm_eval_hub, args.task,
+                         args.lm_eval_hub)
     except CpetError as e:
         print(f"cpet: error: {e}", file=sys.stderr)
         return 2

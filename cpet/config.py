@@ -241,6 +241,7 @@ class MMLUConfig:
     subjects: tuple[str, ...] | None = None
     limit: int | None = None
     batch_size: int = 8
+    lm_eval: bool = False  # also score the same in-memory model with the reference harness (lm-eval)
 
     def __post_init__(self):
         coerce_fields(self, "mmlu")

@@ -180,16 +180,27 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         return record
 
     def run_mmlu(model, tokenizer, paradigm: str) -> dict:
-        from cpet.evals.mmlu import evaluate_mmlu
+        from cpet.evals.mmlu import evaluate_mmlu, run_lm_eval
 
         if not text:
             raise CpetError("mmlu.enabled needs a language model (model.formulation=text on a decoder LM)")
         m = cfg.mmlu
         log(f"[{LABELS[paradigm]}] {m.shots}-shot MMLU ({m.split})")
+        subjects = list(m.subjects) if m.subjects else None
         res = evaluate_mmlu(model, tokenizer, data_dir=cfg.task.data_dir, split=m.split, shots=m.shots,
-                            subjects=list(m.subjects) if m.subjects else None, batch_size=m.batch_size,
-                            limit=m.limit, log=log)
-        return {k: res[k] for k in res if k != "questions"}
+                            subjects=subjects, batch_size=m.batch_size, limit=m.limit, log=log)
+        out = {k: res[k] for k in res if k != "questions"}
+        if m.lm_eval:  # the reference harness on the same in-memory model (task modules included)
+            ref = run_lm_eval(model, tokenizer, shots=m.shots, limit=m.limit, batch_size=m.batch_size,
+                              data_dir=cfg.task.data_dir, split=m.split, subjects=subjects)
+            ours = "".join(res["subjects"][s]["predictions"] for s in sorted(res["subjects"]))
+            theirs = "".join(ref["subjects"][s]["predictions"] for s in sorted(ref["subjects"]))
+            out["lm_eval"] = {"harness": ref["harness"], "micro_avg": ref["micro_avg"],
+                              "n_questions": ref["n_questions"],
+                              "same_answer": sum(a == b for a, b in zip(ours, theirs)) / max(len(ours), 1)}
+            log(f"[{LABELS[paradigm]}] MMLU cpet {res['micro_avg']:.4f}, lm-eval {ref['micro_avg']:.4f} "
+                f"(same answer on {out['lm_eval']['same_answer']:.1%} of the questions)")
+        return out
 
     def done(paradigm: str) -> dict | None:
         f = pdirs[paradigm] / "result.json"

@@ -229,11 +229,16 @@ def test_alpaca_prompt_and_instruction_tuning_with_mmlu(tmp_path, data_dir, toke
     cfg = load_config(None, [f"model.name={path}", "model.max_length=128", "task.name=alpaca",
                              f"task.data_dir={data_dir}", "task.val_size=8", "task.max_test=10", "train.epochs=1",
                              "train.batch_size=4", "recovery.r=4", f"output_dir={tmp_path / 'out'}",
-                             "mmlu.enabled=true", "mmlu.shots=2", "compress=[{method: int8}]"])
+                             "mmlu.enabled=true", "mmlu.shots=2", "compress=[{method: int8}]", "mmlu.lm_eval=true"])
     records = run_experiment(cfg, log=lambda s: None)
+    assert [r["paradigm"] for r in records] == ["base_pet", "clm_pet", "clm_cpet"]
     for r in records:
         assert r["test"]["answer_logprob"] < 0
         assert r["mmlu"]["n_questions"] == 8 and 0 <= r["mmlu"]["micro_avg"] <= 1
+        # every paradigm, CLM+CPET's in-memory compressed model included, through the reference harness too
+        ref = r["mmlu"]["lm_eval"]
+        assert ref["n_questions"] == 8 and ref["same_answer"] == 1.0
+        assert ref["micro_avg"] == pytest.approx(r["mmlu"]["micro_avg"])
 
 
 def test_generate_task_needs_a_language_model(data_dir, tokenizer):

@@ -143,8 +143,39 @@ def test_bad_subject_and_missing_test_split_are_clear(tokenizer, tmp_path):
 
 def test_lm_eval_handoff_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
-    with pytest.raises(CpetError, match="pip install lm-eval"):
+    with pytest.raises(CpetError, match="pip install 'cpet\\[lm-eval\\]'"):
         mmlu.run_lm_eval("some/model")
+
+
+@needs_data
+def test_lm_eval_scores_the_in_memory_compressed_model_with_its_task_modules_as_cpet_does(tokenizer):
+    """The reference harness on a CLM+CPET-shaped model held in memory (int8 backbone + LoRA + recovery,
+    none of it savable as a plain HF folder): the same letter for every question as cpet's own MMLU."""
+    pytest.importorskip("lm_eval")
+    from cpet.compress import compress
+    from cpet.config import LoraConfig, RecoveryConfig
+    from cpet.recovery import branches_off
+    from cpet.task_modules import build_task_model
+
+    lm = tiny_causal_lm(1)
+    compress(lm, [{"method": "int8"}])
+    model = build_task_model(lm, 0, lora=LoraConfig(r=4), recovery=RecoveryConfig(r=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora.B", "recovery.U")):
+                p.normal_(0, 0.5)  # modules that change the answers
+    ours = mmlu.evaluate_mmlu(model, tokenizer, data_dir=str(DATA), subjects=SUBJECTS, limit=4, log=lambda s: None)
+    ref = mmlu.run_lm_eval(model, tokenizer, data_dir=str(DATA), subjects=SUBJECTS, limit=4, batch_size=4)
+    assert ref["n_questions"] == ours["n_questions"] == 8
+    assert {s: v["predictions"] for s, v in ref["subjects"].items()} == \
+        {s: v["predictions"] for s, v in ours["subjects"].items()}
+    assert ref["micro_avg"] == pytest.approx(ours["micro_avg"])
+    assert len(set("".join(v["predictions"] for v in ours["subjects"].values()))) > 1  # not one letter throughout
+    with branches_off(model, "lora"), branches_off(model, "recovery"):  # the modules change what is scored
+        bare = mmlu.evaluate_mmlu(model, tokenizer, data_dir=str(DATA), subjects=SUBJECTS, limit=4, log=lambda s: None)
+    assert {s: v["predictions"] for s, v in bare["subjects"].items()} != \
+        {s: v["predictions"] for s, v in ours["subjects"].items()}
 
 
 @needs_data

@@ -389,13 +389,82 @@ def write_report(result: dict, out_dir: str | Path) -> Path:
     return out
 
 
-def run_lm_eval(model_path: str, shots: int = 5, limit: int | None = None, batch_size: int = 8,
-                device: str = "cpu") -> dict:
-    """Hand-off: lm-eval's own ``mmlu`` task on a HF folder (it reads cais/mmlu's test split from the hub)."""
+def lm_eval_tasks(folder: Path, split: str, subjects: list[str], out: Path) -> list[dict]:
+    """lm-eval task configs for the local MMLU files: each subject's questions as cpet reads them, written
+    to JSON lines under ``out``, asked with lm-eval's own ``mmlu`` template (the same as cpet's: header,
+    ``question.strip()``, ``A. ..`` lines, ``Answer:``; first-n dev exemplars; accuracy of the likeliest
+    letter), so the reference harness scores the very questions cpet does, offline."""
+    tasks = []
+    for subject in subjects:
+        files = {}
+        for name, sp in (("eval", split), ("dev", "dev")):
+            rows = read_csv(folder / sp / f"{subject}_{sp}.csv")
+            files[name] = str(out / f"{subject}_{name}.jsonl")
+            atomic_write(Path(files[name]), "".join(json.dumps({"question": q.question, "choices": list(q.choices),
+                                                                "answer": CHOICES.index(q.answer)}) + "\n"
+                                                    for q in rows).encode())
+        tasks.append({
+            "task": f"cpet_mmlu_{subject}", "dataset_path": "json", "dataset_kwargs": {"data_files": files},
+            "test_split": "eval", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
+            "output_type": "multiple_choice", "description": subject_header(subject),
+            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. "
+                           "{{choices[3]}}\nAnswer:",
+            "doc_to_choice": list(CHOICES), "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0}})
+    return tasks
+
+
+def run_lm_eval(model, tokenizer=None, shots: int = 5, limit: int | None = None, batch_size: int = 8,
+                data_dir: str | None = None, split: str = "val", subjects: list[str] | None = None,
+                hub: bool = False, device: str = "cpu") -> dict:
+    """MMLU through the reference harness (lm-eval). ``model``: a HF folder / id, or an in-memory model: a
+    causal LM, or a cpet task model (``LMTaskModel``: the compressed backbone with its task's LoRA and
+    recovery modules inside), so CLM+CPET is scored by lm-eval as it runs in cpet. By default on the local
+    MMLU files (``lm_eval_tasks``: offline, the questions cpet's own evaluation reads); ``hub``: lm-eval's
+    own ``mmlu`` task (reads cais/mmlu's test split from the hub). Returns accuracy per subject, the micro
+    average and the per-question predictions (letters), comparable with ``evaluate_mmlu``'s."""
+    import tempfile
+
     try:
         import lm_eval
+        from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise CpetError("--lm-eval needs the lm-evaluation-harness package: pip install lm-eval") from None
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path},dtype=float32", tasks=["mmlu"],
-                                  num_fewshot=shots, limit=limit, batch_size=batch_size, device=device)
-    return json.loads(json.dumps(out.get("results", out), default=str))
+        raise CpetError("--lm-eval needs the lm-evaluation-harness package: pip install 'cpet[lm-eval]'") from None
+    if isinstance(model, (str, Path)):
+        lm = HFLM(pretrained=str(model), dtype="float32", batch_size=batch_size, device=device)
+    else:
+        hf = getattr(model, "backbone", model)  # a cpet task model: the HF model its modules sit in
+        if tokenizer is None:
+            raise CpetError("lm-eval on an in-memory model needs its tokenizer")
+        hf.eval()
+        # special tokens as cpet's encode adds them (a BOS where the tokenizer adds one; never a SEP/EOS)
+        extra = {} if tokenizer.bos_token_id is not None or tokenizer.eos_token_id is not None else \
+            {"prefix_token_id": tokenizer.pad_token_id or 0}  # (a tokenizer with neither: tests' WordPiece)
+        # HFLM re-ties input / output embeddings of the model it is given; a compressed model's are already
+        # set (an int8 embedding has no float weight to tie), so tying is skipped while it wraps the model
+        hf.tie_weights = lambda *a, **k: None
+        try:
+            lm = HFLM(pretrained=hf, tokenizer=tokenizer, batch_size=batch_size,
+                      add_bos_token=bool(getattr(tokenizer, "add_bos_token", False)), **extra)
+        finally:
+            del hf.tie_weights
+    if hub:
+        out = lm_eval.simple_evaluate(model=lm, tasks=["mmlu"], num_fewshot=shots, limit=limit)
+        return json.loads(json.dumps(out.get("results", out), default=str))
+    folder = mmlu_dir(data_dir)
+    chosen = list(subjects) if subjects else subjects_of(folder, split)
+    with tempfile.TemporaryDirectory(prefix="cpet-lm-eval-") as tmp:
+        tasks = lm_eval_tasks(folder, split, chosen, Path(tmp))
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, log_samples=True)
+    per_subject = {}
+    for subject in chosen:
+        samples = sorted(out["samples"][f"cpet_mmlu_{subject}"], key=lambda x: x["doc_id"])
+        preds = "".join(CHOICES[max(range(len(CHOICES)), key=lambda i: s["resps"][i][0][0])] for s in samples)
+        correct = sum(CHOICES.index(p) == s["doc"]["answer"] for p, s in zip(preds, samples))
+        per_subject[subject] = {"n": len(samples), "correct": correct, "acc": correct / max(len(samples), 1),
+                                "predictions": preds}
+    total = sum(s["n"] for s in per_subject.values())
+    return {"harness": f"lm-eval {getattr(lm_eval, '__version__', '?')}", "split": split, "shots": shots,
+            "limit": limit, "n_questions": total, "micro_avg": sum(s["correct"] for s in per_subject.values())
+            / max(total, 1), "subjects": per_subject}
