@@ -23,7 +23,8 @@ from cpet.errors import CpetError
 from cpet.fingerprint import digest
 from cpet.inherit import inherit
 from cpet.io import read_json
-from cpet.models import LMTaskModel, TaskModel, load_backbone
+from cpet.fingerprint import model_digest
+from cpet.models import LMTaskModel, TaskModel, load_backbone, resolve_model_path
 from cpet.pet import lora as lora_mod
 from cpet.pet.peft_io import import_peft
 from cpet.recovery import apply as add_recovery
@@ -85,11 +86,43 @@ def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_di
     inherit(student, teacher, kinds=("lora", "head") if student.head is not None else ("lora",))
     calib = make_calibration(tokenizer, samples=recovery.init_samples, seq_len=max_length, data_dir=data_dir)
     removed = fit_recovery(student, teacher, calib, log=log)
-    backbone = {"path": str(Path(compressed_dir).resolve()), "source": meta["source"], "plan": meta["plan"],
-                "fingerprint": (meta.get("fingerprint") or {}).get("hash") or digest(meta.get("fingerprint") or meta)}
+    backbone = _backbone_record(compressed_dir, meta)
     save_task_modules(student, out, extra={**extra, "adapted_from": str(task_dir), "backbone": backbone,
                                            "recovery_fit": {"calibration_windows": len(calib.input_ids),
                                                             "window": max_length,
                                                             "mean_error_removed": round(sum(removed.values()) / max(1, len(removed)), 4)}})
     log(f"adapted task written to {out} (load it on {compressed_dir})")
     return out
+
+
+def _backbone_record(compressed_dir: str | os.PathLike, meta: dict) -> dict:
+    """What a task folder records about the compressed backbone it is for (a bank refuses any other)."""
+    return {"path": str(Path(compressed_dir).resolve()), "source": meta["source"], "plan": meta["plan"],
+            "fingerprint": (meta.get("fingerprint") or {}).get("hash") or digest(meta.get("fingerprint") or meta)}
+
+
+def import_peft_task(peft_dir: str | os.PathLike, backbone_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     task: str | None = None) -> Path:
+    """``cpet import-peft``: a PEFT LoRA of a language model as a cpet task folder on ``backbone_dir`` (a cpet
+    compressed folder, or the uncompressed model), as it is: no recovery modules, no fit (``cpet adapt``
+    adds those). Encoder tasks need cpet's task head, which a PEFT adapter does not carry: refused."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    if (Path(backbone_dir) / "compression.json").is_file():
+        bb, _, meta = load_compressed(backbone_dir)
+        record = _backbone_record(backbone_dir, meta)
+    else:
+        bb, _ = load_backbone(str(backbone_dir), lm=True)
+        record = {"path": str(backbone_dir), "plan": [], "fingerprint": model_digest(resolve_model_path(str(backbone_dir)))}
+    if not is_language_model(bb):
+        raise CpetError(f"{backbone_dir} is an encoder: its tasks need cpet's task head, which a PEFT adapter does "
+                        "not carry. Train the task with cpet run (or cpet adapt a cpet task folder)")
+    model = LMTaskModel(bb)
+    import_peft(model, peft_dir)
+    extra = {"imported_from_peft": str(peft_dir), "backbone": record}
+    if task is not None:
+        if task not in TASKS:
+            raise CpetError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+        extra.update(task=task, labels=list(TASKS[task].labels))
+    return save_task_modules(model, out, extra=extra)

@@ -381,6 +381,19 @@ def main(argv: list[str] | None = None) -> int:
                         "same local questions (pip install 'cpet[lm-eval]')")
     p.add_argument("--lm-eval-hub", action="store_true",
                    help="with --lm-eval: lm-eval's own mmlu task (reads cais/mmlu's test split from the hub)")
+    p = sub.add_parser("export-peft", help="a cpet task folder's LoRA as a PEFT adapter folder (PeftModel.from_pretrained "
+                                           "loads it)")
+    p.add_argument("task_dir")
+    p.add_argument("-o", "--output-dir", required=True, help="a new folder")
+    p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the model the task "
+                                                       "was trained on, or the source of its compressed backbone)")
+    p.add_argument("--lora-only", action="store_true", help="export the LoRA even though the task also has recovery "
+                                                            "modules or a task head, which PEFT cannot hold")
+    p = sub.add_parser("import-peft", help="a PEFT LoRA of a language model as a cpet task folder on a backbone")
+    p.add_argument("peft_dir")
+    p.add_argument("--backbone", required=True, help="a cpet compressed folder, or the uncompressed model")
+    p.add_argument("-o", "--output-dir", required=True, help="a new folder")
+    p.add_argument("--task", default=None, help="the cpet task it solves (a PEFT adapter does not say), e.g. sst2")
     args = parser.parse_args(argv)
     try:
         if args.verb == "demo":
@@ -396,6 +409,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "predict":
             return _predict(args.backbone, args.tasks, args.text, args.text_b, args.input, args.output,
                             args.max_length, args.batch_size)
+        if args.verb == "export-peft":
+            from cpet.pet.peft_io import export_task_folder
+
+            path, base = export_task_folder(args.task_dir, args.output_dir, args.base_model, args.lora_only)
+            print(f"PEFT adapter: {path.resolve()} (base model: {base})")
+            return 0
+        if args.verb == "import-peft":
+            from cpet.adapt import import_peft_task
+
+            path = import_peft_task(args.peft_dir, args.backbone, args.output_dir, args.task)
+            print(f"task folder: {path.resolve()} (load it on {args.backbone})")
+            return 0
         if args.verb == "adapt":
             return _adapt(args.task_dir, args.compressed, args.output_dir, args.recovery_r, args.activation,
                           args.samples, args.max_length, args.data_dir, args.task)

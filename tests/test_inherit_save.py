@@ -125,7 +125,7 @@ def test_export_peft_loads_in_peft_with_equal_outputs(tmp_path, batch):
 
     model = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o")))
     _randomize(model)
-    export_peft(model, tmp_path / "exp", base_model_name_or_path="tiny")
+    export_peft(model, tmp_path / "exp", base_model_name_or_path="tiny", lora_only=True)  # (the head stays behind)
     pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "exp").eval()
     with torch.no_grad():
         ref = model.eval().backbone(**batch).last_hidden_state
@@ -149,3 +149,55 @@ def test_peft_refuses_pickle_and_unsupported(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}))
     with pytest.raises(CpetError, match="DoRA"):
         import_peft(tiny_bert(), d)
+
+
+def test_export_refuses_what_peft_cannot_hold(tmp_path):
+    """Recovery modules and a task head have no PEFT LoRA form: export names them and stops, unless the
+    LoRA alone is asked for."""
+    from conftest import tiny_bert
+    from cpet.cli import main
+    from cpet.pet.peft_io import export_peft
+
+    model = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=4), recovery=RecoveryConfig(r=4))
+    with pytest.raises(CpetError, match="recovery modules on 12 layers and the task head"):
+        export_peft(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    export_peft(model, tmp_path / "a", lora_only=True)
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    task = save_task_modules(model, tmp_path / "task", extra={"task": "sst2", "labels": ["negative", "positive"]})
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b")]) == 2  # a CpetError: exit code 2, one line
+    assert not (tmp_path / "b").exists()
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--lora-only"]) == 0
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--lora-only"]) == 2  # never overwrites
+
+
+def test_cli_export_peft_and_import_peft_round_trip_through_peft(tmp_path, tokenizer):
+    """A text-to-text task of a causal LM: cpet export-peft -> the real peft package gives the same logits
+    -> cpet import-peft brings back the same tensors as a task folder; an encoder backbone is refused."""
+    from conftest import save_tiny, tiny_bert, tiny_llama_lm
+    from cpet.cli import main
+    from cpet.models import LMTaskModel
+    from cpet.pet import lora as lora_mod
+    from cpet.task_modules import read_task_folder
+
+    path = save_tiny(tiny_llama_lm(), tokenizer, tmp_path / "lm")
+    model = LMTaskModel(tiny_llama_lm())
+    lora_mod.apply(model, LoraConfig(r=4, alpha=8, targets=("q", "v", "ffn_in")))
+    _randomize(model)
+    task = save_task_modules(model, tmp_path / "task", extra={"task": "sst2", "labels": ["negative", "positive"],
+                                                               "backbone": {"path": path, "plan": []}})
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "peft")]) == 0
+    pm = peft.PeftModel.from_pretrained(tiny_llama_lm(), tmp_path / "peft").eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, model.eval().backbone(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert main(["import-peft", str(tmp_path / "peft"), "--backbone", path, "-o", str(tmp_path / "back"),
+                 "--task", "sst2"]) == 0
+    (d0, s0), (d1, s1) = read_task_folder(task), read_task_folder(tmp_path / "back")
+    assert d1["lora"]["modules"] == d0["lora"]["modules"] and d1["task"] == "sst2" and d1["head"] == "lm"
+    assert set(s1) == set(s0) and all(torch.equal(s0[k], s1[k]) for k in s0)
+    bert = tmp_path / "bert"
+    tiny_bert().save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    assert main(["import-peft", str(tmp_path / "peft"), "--backbone", str(bert), "-o", str(tmp_path / "x")]) == 2

@@ -22,7 +22,7 @@ from cpet.errors import CpetError
 from cpet.layers import Adapted
 from cpet.pet.lora import add_lora_to
 from cpet.io import atomic_write, atomic_write_json
-from cpet.task_modules import load_into
+from cpet.task_modules import load_into, read_task_folder
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -88,27 +88,57 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def not_in_peft(model: nn.Module) -> list[str]:
+    """What a PEFT LoRA adapter cannot carry of this task model: its recovery modules and its task head
+    (cpet's head pools the encoder's states its own way; no HF class's head, hence no ``modules_to_save``,
+    computes the same function)."""
+    lost = []
+    rec = [n for n, m in model.named_modules() if isinstance(m, Adapted) and "recovery" in m._modules]
+    if rec:
+        lost.append(f"the recovery modules on {len(rec)} layers")
+    head = getattr(model, "head", None)
+    if head is not None:
+        lost.append(f"the task head ({type(head).__name__})")
+    return lost
+
+
+def _refuse_loss(lost: list[str], what: str) -> None:
+    if lost:
+        raise CpetError(f"{what}: a PEFT LoRA adapter cannot hold {' and '.join(lost)}, so exporting would drop "
+                        "them and the adapter would not compute this task. Export the LoRA alone on purpose with "
+                        "lora_only=True (cpet export-peft --lora-only), or serve the task folder with cpet")
+
+
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                lora_only: bool = False) -> Path:
     """Write the model's LoRA branches as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads
-    onto the uncompressed backbone class (e.g. ``AutoModel``)."""
+    onto the uncompressed backbone class (e.g. ``AutoModel``). A model with recovery modules or a task
+    head is refused (naming them) unless ``lora_only``: never a silent drop."""
+    backbone, prefix = _backbone(model)
+    if not lora_only:
+        _refuse_loss(not_in_peft(model), "export_peft")
+    loras = {name: mod.lora for name, mod in backbone.named_modules() if isinstance(mod, Adapted) and "lora" in mod._modules}
+    return write_peft({n: (lo.A.detach(), lo.B.detach()) for n, lo in loras.items()},
+                      {lo.r for lo in loras.values()}, {lo.alpha for lo in loras.values()},
+                      {getattr(lo.dropout, "p", 0.0) for lo in loras.values()}, out_dir, base_model_name_or_path)
+
+
+def write_peft(loras: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: set, alphas: set, drops: set,
+               out_dir: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
+    """A PEFT LoRA folder from {module path in the backbone: (A, B)}."""
     from safetensors.torch import save
 
-    backbone, prefix = _backbone(model)
-    tensors, targets, ranks, alphas, drops = {}, [], set(), set(), set()
-    for name, mod in backbone.named_modules():
-        if isinstance(mod, Adapted) and "lora" in mod._modules:
-            lo = mod.lora
-            tensors[f"base_model.model.{name}.lora_A.weight"] = lo.A.detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = lo.B.detach().contiguous()
-            targets.append(name)
-            ranks.add(lo.r), alphas.add(lo.alpha), drops.add(getattr(lo.dropout, "p", 0.0))
-    if not targets:
+    if not loras:
         raise CpetError("export_peft: the model has no LoRA modules")
     if len(ranks) > 1 or len(alphas) > 1:
         raise CpetError("export_peft: PEFT needs one rank and alpha for all modules")
+    tensors = {}
+    for name, (A, B) in loras.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     config = {
         "peft_type": "LORA", "task_type": None, "r": ranks.pop(), "lora_alpha": alphas.pop(),
-        "lora_dropout": drops.pop() if len(drops) == 1 else 0.0, "target_modules": sorted(targets),
+        "lora_dropout": drops.pop() if len(drops) == 1 else 0.0, "target_modules": sorted(loras),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path, "init_lora_weights": True,
     }
@@ -117,3 +147,33 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     atomic_write(out / "adapter_model.safetensors", save(tensors))
     atomic_write_json(out / "adapter_config.json", config)
     return out
+
+
+def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
+                       lora_only: bool = False) -> tuple[Path, str | None]:
+    """``cpet export-peft``: a cpet task folder's LoRA as a PEFT adapter folder, read from the files (no model
+    loaded). Returns (folder, base model it names). Refuses what PEFT cannot hold unless ``lora_only``;
+    refuses to write into a non-empty folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    desc, state = read_task_folder(task_dir)
+    if "lora" not in desc:
+        raise CpetError(f"{task_dir} has no LoRA modules to export")
+    lost = []
+    if "recovery" in desc:
+        lost.append(f"the recovery modules on {len(desc['recovery']['modules'])} layers")
+    if desc.get("head", "classify") != "lm":
+        lost.append(f"the task head ({desc.get('head', 'classify')}, {desc.get('num_labels', '?')} outputs)")
+    if not lora_only:
+        _refuse_loss(lost, str(task_dir))
+    d = desc["lora"]
+    strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
+    loras = {strip(n): (state[f"{n}.lora.A"], state[f"{n}.lora.B"]) for n in d["modules"]}
+    if base_model is None:
+        bb = desc.get("backbone") or {}
+        base_model = bb.get("source") or bb.get("path")
+        meta = Path(str(base_model)) / "compression.json" if base_model else None
+        if meta is not None and meta.is_file():  # trained on a cpet compressed folder: name its source model
+            base_model = json.loads(meta.read_text()).get("source", base_model)
+    return write_peft(loras, {d["r"]}, {d["alpha"]}, {d.get("dropout", 0.0)}, out, base_model), base_model
