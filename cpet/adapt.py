@@ -18,14 +18,14 @@ from typing import Callable
 
 from cpet.compress import load_compressed
 from cpet.compress.calibration import make_calibration
-from cpet.config import LoraConfig, RecoveryConfig
+from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.fingerprint import digest
 from cpet.inherit import inherit
 from cpet.io import read_json
 from cpet.fingerprint import model_digest
 from cpet.models import LMTaskModel, TaskModel, load_backbone, resolve_model_path
-from cpet.pet import lora as lora_mod
+from cpet.pet import METHODS, PET_KINDS
 from cpet.pet.peft_io import import_peft
 from cpet.recovery import apply as add_recovery
 from cpet.recovery import fit_recovery
@@ -79,11 +79,11 @@ def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_di
         student = LMTaskModel(student_bb)
     else:
         student = TaskModel(student_bb, desc["num_labels"], desc["pooling"], head=desc["head"])
-    if "lora" in desc:
-        d = desc["lora"]
-        lora_mod.add_lora_to(student, d["modules"], LoraConfig(r=d["r"], alpha=d["alpha"], dropout=d["dropout"]))
+    for name, method in METHODS.items():
+        if name in desc:
+            method.rebuild(student, desc[name])
     add_recovery(student, recovery)
-    inherit(student, teacher, kinds=("lora", "head") if student.head is not None else ("lora",))
+    inherit(student, teacher, kinds=(*PET_KINDS, "head") if student.head is not None else PET_KINDS)
     calib = make_calibration(tokenizer, samples=recovery.init_samples, seq_len=max_length, data_dir=data_dir)
     removed = fit_recovery(student, teacher, calib, log=log)
     backbone = _backbone_record(compressed_dir, meta)

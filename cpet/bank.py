@@ -33,6 +33,7 @@ from cpet.fingerprint import model_digest
 from cpet.layers import Adapted, wrap
 from cpet.models import (ClassificationHead, LMTaskModel, SpanHead, TaskModel, get_arch, load_backbone,
                          resolve_model_path)
+from cpet.pet import METHODS
 from cpet.recovery import ACTIVATIONS
 from cpet.task_modules import is_language_model, read_task_folder
 
@@ -172,6 +173,10 @@ class TaskBank:
         if recorded and self.fingerprint and recorded != self.fingerprint:
             raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
                             f" not on this one ({self.fingerprint}); load it on its own backbone")
+        other = [m for m in METHODS if m in desc and not METHODS[m].fusable]
+        if other:
+            raise CpetError(f"{p} tunes {other[0]}; the bank serves LoRA + recovery tasks (fused per layer). Evaluate "
+                            "it with cpet run, or load it on its own copy of the backbone (load_task_modules)")
         rec = desc.get("recovery")
         if rec and rec["activation"] != self.activation:
             raise CpetError(f"{p}: recovery activation {rec['activation']!r}, but this bank serves "

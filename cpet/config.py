@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from cpet.errors import CpetError
+from cpet.pet import get as get_method
+from cpet.pet.lora import LoraConfig  # noqa: F401 - LoRA's config, re-exported (cpet.config.LoraConfig)
 from cpet.roles import ALL_ROLES, check_roles
 from cpet.typed import coerce_fields, require
 
@@ -70,18 +72,32 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "v")
+class PetConfig:
+    """The PET method the paradigms tune (a name in ``cpet.pet.METHODS``) and its options (typed by the
+    method's own Config). LoRA, the default and the paper's, reads the ``lora`` section instead.
+
+    YAML: ``pet: {method: ia3, targets: [k, v, ffn_out]}`` or just ``pet: bitfit``."""
+
+    method: str = "lora"
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        coerce_fields(self, "lora")
-        check_roles(self.targets, "lora.targets")
-        require(self.r >= 1, "lora.r", self.r, ">= 1")
-        require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
-        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+        if self.method == "lora" and self.options:
+            raise CpetError(f"pet: LoRA's options go in the lora section (lora.r, lora.targets ...), not pet "
+                            f"({sorted(self.options)})")
+        self.typed()  # unknown method or options: an error now, before anything runs
+
+    def typed(self):
+        """The method's typed config (None for LoRA: the lora section is its config)."""
+        method = get_method(self.method)
+        if self.method == "lora":
+            return None
+        try:
+            return method.Config(**self.options)
+        except TypeError:
+            known = [f.name for f in fields(method.Config)]
+            bad = sorted(set(self.options) - set(known))
+            raise CpetError(f"pet: unknown option(s) {bad} for {self.method}; its options: {known}") from None
 
 
 @dataclass(frozen=True)
@@ -259,6 +275,7 @@ class ExperimentConfig:
     # ordered compression plan, e.g. [{method: unstructured, sparsity: 0.5}, {method: int8}]
     compress: Any = ({"method": "int8"},)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    pet: PetConfig = field(default_factory=PetConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -291,11 +308,22 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def pet_config(self):
+        """The typed config of the PET method the paradigms tune (``lora`` for LoRA)."""
+        return self.lora if self.pet.method == "lora" else self.pet.typed()
+
 
 def _build(cls, data: Any, path: str):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the valid ones named."""
     if not dataclasses.is_dataclass(cls):
         return data
+    if cls is PetConfig:  # {method, ...the method's own options} (or just the method's name)
+        if isinstance(data, str):
+            return PetConfig(method=data)
+        if isinstance(data, dict):
+            rest = {k: v for k, v in data.items() if k not in ("method", "options")}
+            return PetConfig(method=data.get("method", "lora"), options={**(data.get("options") or {}), **rest})
     if data is None:
         data = {}
     if not isinstance(data, dict):

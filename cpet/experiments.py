@@ -216,7 +216,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             rec = done("base_pet")
             if rec is None:
                 torch.manual_seed(tc.seed)
-                teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, lora=cfg.lora, head=head)
+                teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, pet=cfg.pet_config,
+                                           head=head)
                 rec = run_paradigm("base_pet", teacher)
             else:
                 teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
@@ -229,7 +230,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                 small, small_tok = load_backbone(cfg.model.small, lm=text)
                 torch.manual_seed(tc.seed)
                 rec = run_paradigm("small_pet", build_task_model(small, spec.head_size, cfg.model.pooling,
-                                                                 lora=cfg.lora, head=head), tokenizer=small_tok)
+                                                                 pet=cfg.pet_config, head=head), tokenizer=small_tok)
         records.append(rec)
 
     if clm:
@@ -250,7 +251,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                     compressed, _, _ = load_compressed(cdir)
                     torch.manual_seed(tc.seed)
                     lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, compressed)
-                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, lora=lora_cfg,
+                    student = build_task_model(compressed, spec.head_size, cfg.model.pooling, pet=lora_cfg,
                                                recovery=rec_cfg, head=head)
                     if how.inherit:
                         inherit(student, teacher)
@@ -276,7 +277,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
              "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}
     task = {**{k: v for k, v in asdict(cfg.task).items() if k != "data_dir"},
             "examples": examples_digest(data.train, data.val, data.test)}
-    base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, "lora": asdict(cfg.lora), "train": train,
+    base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, **_pet_record(cfg), "train": train,
             "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
     if cfg.model.compressed:
         meta = _shared_backbone_meta(cfg.model.compressed)
@@ -321,7 +322,9 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
     (recovery.init=zero)."""
     how = PARADIGM_SPECS[paradigm]
     if how.modules == "pet":
-        return cfg.lora, (cfg.recovery if how.recover else None)
+        return cfg.pet_config, (cfg.recovery if how.recover else None)
+    if cfg.pet.method != "lora":
+        raise CpetError(f"paradigm {paradigm} (Table 4) is defined for LoRA; this run tunes {cfg.pet.method}")
 
     def width(roles) -> int:  # sum of (in + out) over the layers playing ``roles``: parameters per unit of rank
         return sum(backbone.get_submodule(n).in_features + backbone.get_submodule(n).out_features
@@ -342,10 +345,18 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
     raise CpetError(f"paradigm {paradigm}: unknown module set {how.modules!r}")
 
 
+def _pet_record(cfg: ExperimentConfig) -> dict:
+    """The PET method's settings as results and fingerprints record them: LoRA as ``lora`` (as before other
+    methods existed, so those fingerprints stand), another method as ``pet`` {method, its options}."""
+    if cfg.pet.method == "lora":
+        return {"lora": asdict(cfg.lora)}
+    return {"pet": {"method": cfg.pet.method, **asdict(cfg.pet_config)}}
+
+
 def _modules_record(cfg: ExperimentConfig, paradigm: str, model) -> dict:
     """The lora / recovery configs a result was trained with (Table 4's as resized)."""
     if PARADIGM_SPECS[paradigm].modules == "pet":
-        return {"lora": asdict(cfg.lora), **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {})}
+        return {**_pet_record(cfg), **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {})}
     lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, model)
     return {**({"lora": asdict(lora_cfg)} if lora_cfg else {}), **({"recovery": asdict(rec_cfg)} if rec_cfg else {})}
 

@@ -36,6 +36,9 @@ from cpet.models import resolve_model_path
 from cpet.tasks import load_task
 
 CELLS = "cells"
+# config keys added after grids were first committed, with the value that means "as before" (cell ids
+# of existing stores stay valid; a non-default value is part of the id like any key)
+ADDED_LATER = ((("model", "small"), None), (("mmlu", "lm_eval"), False), (("pet",), {"method": "lora", "options": {}}))
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class Cell:
         """The fingerprint of the resolved config (output_dir aside)."""
         d = self.config.to_dict()
         d.pop("output_dir", None)
+        for path, default in ADDED_LATER:  # at their defaults, keys added since a store was made leave ids as they were
+            *parents, key = path
+            sec = d
+            for p in parents:
+                sec = sec.get(p, {})
+            if key in sec and sec[key] == default:
+                del sec[key]
         return digest(d)
 
     @cached_property
@@ -144,7 +154,7 @@ def prior_seconds(cell: Cell, shared: set) -> float:
     for p in cfg.paradigms:
         spec = PARADIGM_SPECS[p]
         if p == "base_pet":
-            key = (cfg.model, cfg.task, cfg.lora, cfg.train)
+            key = (cfg.model, cfg.task, cfg.lora, cfg.pet, cfg.train)
             if key in shared:
                 continue
             shared.add(key)

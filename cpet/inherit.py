@@ -4,12 +4,13 @@
 
 Compression that keeps shapes (int8, unstructured pruning) keeps every name and shape, so this is
 a copy. After structured pruning the student's layers record which original rows/columns they kept
-(``kept_out`` / ``kept_in``), and the teacher's LoRA is sliced to them:
+(``kept_out`` / ``kept_in``), and each teacher tensor is sliced to them along the dimensions its
+branch module declares (``AXES``: which side of the layer a dimension runs along), e.g. for LoRA
 
     A (r, in)  -> A[:, kept_in]        B (out, r) -> B[kept_out, :]
 
-which is exactly the teacher's LoRA update restricted to the surviving neurons / heads. Recovery
-modules are not inherited: the teacher has none; they start as a no-op.
+which is exactly the teacher's update restricted to the surviving neurons / heads; the same rule moves
+IA3's vectors, BitFit's biases and adapters. Recovery modules are not inherited: the teacher has none.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch.nn as nn
 
 from cpet.errors import CpetError
 from cpet.layers import kind_of, task_state_dict
+from cpet.pet import PET_KINDS
 
 
 def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
-            kinds: tuple[str, ...] = ("lora", "head")) -> list[str]:
+            kinds: tuple[str, ...] = (*PET_KINDS, "head")) -> list[str]:
     """Copy the teacher's ``kinds`` tensors into the student; returns the copied names.
 
     Every teacher tensor of those kinds must exist in the student with the same shape and every
@@ -32,7 +34,7 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
         {k: v for k, v in teacher.items() if kind_of(k) in kinds}
     dst = {n: p for n, p in student.named_parameters() if kind_of(n) in kinds}
     if not src:
-        raise CpetError(f"inherit: the teacher has no {'/'.join(kinds)} tensors to inherit")
+        raise CpetError("inherit: the teacher has no PET or head tensors to inherit")
     missing_in_student = sorted(set(src) - set(dst))
     if missing_in_student:
         raise CpetError(f"inherit: teacher tensor {missing_in_student[0]!r} has no counterpart in the student "
@@ -53,13 +55,22 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
 
 
 def _slice_to_student(student: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Slice a teacher LoRA tensor by the kept indices of the student's (structurally pruned) base layer."""
+    """Slice a teacher branch tensor by the kept indices of the student's (structurally pruned) base layer,
+    along the dimensions its branch module declares in ``AXES``."""
     parts = name.split(".")
-    if len(parts) < 3 or parts[-2] != "lora":
+    if len(parts) < 3:
         return value
+    try:
+        branch = student.get_submodule(".".join(parts[:-1]))
+    except AttributeError:
+        return value
+    axis = getattr(branch, "AXES", {}).get(parts[-1])
+    if axis is None:
+        return value
+    side, dim = axis
     base = getattr(student.get_submodule(".".join(parts[:-2])), "base", None)
-    if parts[-1] == "A" and getattr(base, "kept_in", None) is not None and value.shape[1] != base.in_features:
-        return value[:, base.kept_in]
-    if parts[-1] == "B" and getattr(base, "kept_out", None) is not None and value.shape[0] != base.out_features:
-        return value[base.kept_out]
+    kept, size = (getattr(base, "kept_in", None), getattr(base, "in_features", None)) if side == "in" else \
+        (getattr(base, "kept_out", None), getattr(base, "out_features", None))
+    if kept is not None and value.shape[dim] != size:
+        return value.index_select(dim, torch.as_tensor(kept))
     return value

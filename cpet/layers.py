@@ -1,11 +1,14 @@
 """The one wrapper every add-on hangs from, and the name filters that decide what trains and saves.
 
-    y = base(x) + sum_k branch_k(x)
+    x' = in_k(x)  ...                 input transforms   (IA3 on a layer's input)
+    y  = base(x') + sum_k add_k(x')   additive branches  (LoRA, recovery, BitFit, the bank)
+    y  = out_k(y) ...                 output transforms  (IA3 scaling, serial adapters)
 
-``Adapted`` calls ``self.base(x)`` without looking inside, so the same LoRA / recovery branches
-work over fp32, int8 and pruned layers alike. Branch module names are the kinds in
-``TRAINABLE_KINDS``; a parameter trains (and saves with its task) iff its dotted name contains one
-of them as a path component (``...query.lora.A``, ``...query.recovery.U``, ``head.out.weight``).
+``Adapted`` calls ``self.base(x)`` without looking inside, so every branch works over fp32, int8 and
+pruned layers alike. A branch's module name is its kind; kinds are registered with their stage by the
+modules that define them (``register_kind``: cpet.pet's methods, cpet.recovery, cpet.bank). A parameter
+trains (and saves with its task) iff its dotted name contains a trainable kind as a path component
+(``...query.lora.A``, ``...query.recovery.U``, ``head.out.weight``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-BRANCH_KINDS = ("lora", "recovery", "bank")  # forward order of side branches (bank: many tasks, cpet.bank)
-TRAINABLE_KINDS = ("lora", "recovery", "head")
+STAGES = ("in", "add", "out")
+_STAGE: dict[str, tuple[str, int]] = {}  # branch kind -> (stage, rank within the stage: the forward order)
+_ORDER: dict[str, tuple[str, ...]] = {s: () for s in STAGES}
+TRAINABLE_KINDS: tuple[str, ...] = ("head",)
+BRANCH_KINDS: tuple[str, ...] = ()
+
+
+def register_kind(kind: str, stage: str = "add", rank: int = 50, trainable: bool = True) -> None:
+    """Declare a branch kind: where it acts in ``Adapted.forward`` (``stage``; within a stage by ``rank``,
+    so the order, hence the float rounding, does not depend on import order) and whether its parameters
+    are task parameters. Registering the same kind again the same way is a no-op."""
+    global TRAINABLE_KINDS, BRANCH_KINDS
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {STAGES}")
+    if kind in _STAGE:
+        if _STAGE[kind] != (stage, rank):
+            raise ValueError(f"branch kind {kind!r} is already registered as {_STAGE[kind]}")
+        return
+    _STAGE[kind] = (stage, rank)
+    _ORDER[stage] = tuple(sorted((k for k, (s, _) in _STAGE.items() if s == stage), key=lambda k: _STAGE[k][1]))
+    BRANCH_KINDS = tuple(k for s in STAGES for k in _ORDER[s])
+    if trainable:
+        TRAINABLE_KINDS = TRAINABLE_KINDS + (kind,)
+
+
+def stage_of(kind: str) -> str:
+    return _STAGE[kind][0]
+
+
+register_kind("bank", "add", rank=90, trainable=False)  # many tasks' LoRA + recovery, fused (cpet.bank)
 
 
 class Adapted(nn.Module):
@@ -32,11 +63,20 @@ class Adapted(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = self._modules
+        for kind in _ORDER["in"]:
+            branch = mods.get(kind)
+            if branch is not None:
+                x = branch(x)
         y = self.base(x)  # (..., out)
-        for kind in BRANCH_KINDS:
-            branch = self._modules.get(kind)
+        for kind in _ORDER["add"]:
+            branch = mods.get(kind)
             if branch is not None:
                 y = branch.add_to(y, x) if kind == "bank" else y + branch(x)  # the bank accumulates in place
+        for kind in _ORDER["out"]:
+            branch = mods.get(kind)
+            if branch is not None:
+                y = branch(y)
         return y
 
 
@@ -65,7 +105,7 @@ def wrap(model: nn.Module, name: str) -> Adapted:
 def attach(model: nn.Module, names, kind: str, make) -> list[str]:
     """Wrap each named layer (once) and hang a fresh ``make(in_features, out_features)`` branch on it
     under ``kind`` (one of BRANCH_KINDS); returns the sorted names."""
-    if kind not in BRANCH_KINDS:
+    if kind not in _STAGE:
         raise ValueError(f"unknown branch kind {kind!r}; known: {BRANCH_KINDS}")
     names = sorted(names)
     for name in names:
@@ -92,6 +132,8 @@ def freeze_backbone(model: nn.Module) -> list[str]:
     return names
 
 
-def task_state_dict(model: nn.Module, kinds: tuple[str, ...] = TRAINABLE_KINDS) -> dict[str, torch.Tensor]:
-    """The task's own tensors (never the backbone), detached copies."""
+def task_state_dict(model: nn.Module, kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The task's own tensors (never the backbone), detached copies; ``kinds``: only those (default: every
+    trainable kind)."""
+    kinds = TRAINABLE_KINDS if kinds is None else kinds
     return {n: p.detach().clone() for n, p in model.named_parameters() if kind_of(n) in kinds}

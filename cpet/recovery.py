@@ -18,8 +18,10 @@ import torch.nn as nn
 from cpet.config import RecoveryConfig
 from cpet.compress.moefication import dense_ffn, ffn_blocks
 from cpet.errors import CpetError
-from cpet.layers import Adapted, attach
+from cpet.layers import Adapted, attach, register_kind, stage_of
 from cpet.models import target_modules
+
+register_kind("recovery", "add", rank=20)
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -132,6 +134,12 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     names = sorted(n for n, m in student.named_modules() if isinstance(m, Adapted) and m._modules.get("recovery") is not None)
     if not names:
         return {}
+    for n in names:  # the fit reads the layer as base + additive branches: an input / output transform breaks that
+        other = [k for k in student.get_submodule(n)._modules if k not in ("base", "recovery") and stage_of(k) != "add"]
+        if other:
+            raise CpetError(f"recovery.init=fit: {n} also carries {other[0]}, which transforms the layer's "
+                            "input or output, so its error is not base + branches; use recovery.init=zero "
+                            "with this PET method")
     ref_fn = _reference_fns(student, reference, names)
     stats: dict[str, dict] = {}
 

@@ -63,7 +63,7 @@ def depends_on(paradigm: str, key: str) -> bool:
     section = key.split(".")[0]
     if key == "train.clm_lr":
         return spec.compressed and spec.trains
-    return section in ("model", "task", "lora", "train", "mmlu") or (section == "compress" and spec.compressed) \
+    return section in ("model", "task", "lora", "pet", "train", "mmlu") or (section == "compress" and spec.compressed) \
         or (section == "recovery" and spec.sized_by_recovery) or (section == "distill" and spec.distill)
 
 

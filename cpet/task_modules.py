@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cpet.config import LoraConfig, RecoveryConfig
+from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
 from cpet.layers import Adapted, task_state_dict
 from cpet.models import LMTaskModel, TaskModel
-from cpet.pet import lora as lora_mod
+from cpet.pet import METHODS, method_of
 from cpet import recovery as recovery_mod
 
 FORMAT = "cpet-task-v1"
@@ -31,14 +31,16 @@ def is_language_model(backbone: nn.Module) -> bool:
 
 
 def build_task_model(backbone: nn.Module, num_labels: int, pooling: str | None = None,
-                     lora: LoraConfig | None = None, recovery: RecoveryConfig | None = None,
-                     head: str = "classify") -> TaskModel:
-    """Backbone + task head (``classify`` or ``span``), plus fresh LoRA and/or recovery modules on their
-    target roles. A language model (with its LM head) gets no task head: it answers text-to-text."""
+                     lora=None, recovery: RecoveryConfig | None = None,
+                     head: str = "classify", pet=None) -> TaskModel:
+    """Backbone + task head (``classify`` or ``span``), plus fresh PET modules (``pet``, or ``lora``: the
+    typed config of any registered method, e.g. a LoraConfig) and/or recovery modules on their target
+    roles. A language model (with its LM head) gets no task head: it answers text-to-text."""
     model = LMTaskModel(backbone) if is_language_model(backbone) else TaskModel(backbone, num_labels, pooling,
                                                                                  head=head)
-    if lora is not None:
-        lora_mod.apply(model, lora)
+    for cfg in (lora, pet):
+        if cfg is not None:
+            method_of(cfg).apply(model, cfg)
     if recovery is not None:
         recovery_mod.apply(model, recovery)
     return model
@@ -53,10 +55,10 @@ def describe(model: TaskModel) -> dict:
     desc: dict = {"format": FORMAT, "head": model.head_type}
     if model.head is not None:
         desc.update(num_labels=model.head.out.out_features, pooling=model.head.pooling)
-    lora_names = _branch_names(model, "lora")
-    if lora_names:
-        b = model.get_submodule(lora_names[0]).lora
-        desc["lora"] = {"r": b.r, "alpha": b.alpha, "dropout": getattr(b.dropout, "p", 0.0), "modules": lora_names}
+    for name, method in METHODS.items():
+        entry = method.describe(model)
+        if entry is not None:
+            desc[name] = entry
     rec_names = _branch_names(model, "recovery")
     if rec_names:
         b = model.get_submodule(rec_names[0]).recovery
@@ -101,9 +103,9 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
                         f"; load it on a backbone {'with' if head == 'lm' else 'without'} its LM head "
                         f"(model.formulation={'text' if head == 'lm' else 'head'})")
     model = LMTaskModel(backbone) if head == "lm" else TaskModel(backbone, desc["num_labels"], desc["pooling"], head=head)
-    if "lora" in desc:
-        d = desc["lora"]
-        lora_mod.add_lora_to(model, d["modules"], LoraConfig(r=d["r"], alpha=d["alpha"], dropout=d["dropout"]))
+    for name, method in METHODS.items():
+        if name in desc:
+            method.rebuild(model, desc[name])
     if "recovery" in desc:
         d = desc["recovery"]
         cfg = RecoveryConfig(r=d["r"], activation=d["activation"], dropout=d["dropout"])

@@ -102,12 +102,12 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     torch.manual_seed(cfg.seed)
     trainable = freeze_backbone(model)
     if not trainable:
-        raise ValueError("nothing to train: the model has no lora / recovery / head parameters")
+        raise ValueError("nothing to train: the model has no PET / recovery / head parameters")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = []  # (decay or not) x (recovery modules at their own lr, or the rest at train.lr)
     for decays in (True, False):
-        for kinds, lr in (((None, "lora", "head"), cfg.lr), (("recovery",), recovery_lr or cfg.lr)):
-            params = [p for n, p in named.items() if (p.ndim >= 2) == decays and kind_of(n) in kinds]
+        for own, lr in ((False, cfg.lr), (True, recovery_lr or cfg.lr)):  # PET + head; recovery modules
+            params = [p for n, p in named.items() if (p.ndim >= 2) == decays and (kind_of(n) == "recovery") == own]
             if params:
                 groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
                                "base_lr": lr})

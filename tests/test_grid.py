@@ -186,3 +186,14 @@ def test_ray_executor_runs_cells_side_by_side_and_makes_shared_work_once(tmp_pat
             a = json.loads((root / "paradigms" / f"{paradigm}-{fp}" / "result.json").read_text())["test"]
             b = json.loads((tmp_path / "local" / "paradigms" / f"{paradigm}-{fp}" / "result.json").read_text())["test"]
             assert a == pytest.approx(b, abs=1e-6), paradigm
+
+
+def test_cell_ids_outlive_new_config_keys():
+    """A store made before model.small, mmlu.lm_eval and pet existed keeps its cell ids (this one was
+    computed by cpet at b1e5e35); a non-default value of a new key makes a new cell."""
+    from cpet.config import load_config
+    from cpet.grid import Cell
+
+    assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3"])).id == "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3", "pet=ia3"])).id \
+        != "d72cf45886471485"

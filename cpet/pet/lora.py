@@ -9,15 +9,38 @@ peft's orientation, so import/export to the PEFT format is a pure renaming (see 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from cpet.config import LoraConfig
-from cpet.layers import attach
+from cpet.layers import attach, register_kind
+from cpet.models import target_modules
+from cpet.pet.base import PetMethod
+from cpet.roles import check_roles
+from cpet.typed import coerce_fields, require
+
+register_kind("lora", "add", rank=10)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        coerce_fields(self, "lora")
+        check_roles(self.targets, "lora.targets")
+        require(self.r >= 1, "lora.r", self.r, ">= 1")
+        require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
 
 
 class LoRA(nn.Module):
+    AXES = {"A": ("in", 1), "B": ("out", 0)}  # which side of its layer each dimension runs along
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.r, self.alpha = r, alpha
@@ -30,6 +53,9 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.dropout(x) @ self.A.T) @ self.B.T * self.scaling  # (..., r) -> (..., out)
 
+    def hparams(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": getattr(self.dropout, "p", 0.0)}
+
 
 def add_lora_to(model: nn.Module, names, cfg: LoraConfig) -> list[str]:
     """Attach a fresh LoRA branch to each named linear (wrapping it); returns the names."""
@@ -38,7 +64,24 @@ def add_lora_to(model: nn.Module, names, cfg: LoraConfig) -> list[str]:
 
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Add LoRA on every linear whose role is in ``cfg.targets`` (by the architecture map)."""
-    from cpet.models import target_modules
-
     add_lora_to(model, target_modules(model, cfg.targets), cfg)
     return model
+
+
+class LoraMethod(PetMethod):
+    """The registry's LoRA. Its task-folder entry keeps cpet's first format: {r, alpha, dropout, modules: [...]}."""
+
+    name, Config, kinds, peft_type, fusable = "lora", LoraConfig, ("lora",), "LORA", True
+
+    def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
+        return LoRA(in_features, out_features, cfg.r, cfg.alpha, cfg.dropout)
+
+    def describe(self, model: nn.Module) -> dict | None:
+        d = super().describe(model)
+        return None if d is None else {**{k: v for k, v in d.items() if k != "modules"}, "modules": d["modules"]["lora"]}
+
+    def rebuild(self, model: nn.Module, desc: dict) -> None:
+        add_lora_to(model, desc["modules"], LoraConfig(r=desc["r"], alpha=desc["alpha"], dropout=desc["dropout"]))
+
+
+METHOD = LoraMethod()

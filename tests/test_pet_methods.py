@@ -1,0 +1,150 @@
+"""PET methods beyond LoRA through the registry (IA3, BitFit, serial adapters): on every layer type they
+start as the identity, train only their own tensors, save / load exactly, inherit onto a compressed
+(structurally pruned) student by the axes their modules declare, and run through the paradigms."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cpet.compress import compress
+from cpet.config import LoraConfig, RecoveryConfig, load_config
+from cpet.errors import CpetError
+from cpet.inherit import inherit
+from cpet.layers import Adapted, freeze_backbone
+from cpet.pet import METHODS, get
+from cpet.pet.adapter import AdapterConfig
+from cpet.pet.bitfit import BitFitConfig
+from cpet.pet.ia3 import IA3Config
+from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
+from tests.conftest import tiny_bert, train_steps
+
+PLANS = {"none": [],
+         "Q": [{"method": "int8"}],
+         "UP+Q": [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}],
+         "SP+Q": [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}],
+         "M+Q": [{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0, "router_steps": 20},
+                 {"method": "int8"}]}
+CONFIGS = {"ia3": IA3Config(), "bitfit": BitFitConfig(), "adapter": AdapterConfig(r=4)}
+
+
+def _calib():
+    from cpet.compress.calibration import Calibration
+
+    return Calibration(torch.randint(1000, 30000, (16, 16), generator=torch.Generator().manual_seed(0)))
+
+
+def _compressed(plan: str):
+    bb = tiny_bert()
+    return compress(bb, PLANS[plan], calibration=_calib()) if PLANS[plan] else bb
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and any(f".{k}." in n for k in ("ia3", "ia3_in", "bitfit", "adapter")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_each_method_on_each_layer_type(method, plan, batch, tmp_path):
+    cfg = CONFIGS[method]
+    bb = _compressed(plan)
+    with torch.no_grad():
+        ref = bb(**batch).last_hidden_state
+    model = build_task_model(copy.deepcopy(bb), 2, pet=cfg)
+    kinds = set(get(method).kinds)
+    assert any(set(m._modules) & kinds for m in model.modules() if isinstance(m, Adapted))
+    with torch.no_grad():  # a fresh module is the identity: the backbone's function, exactly
+        assert torch.equal(model.eval().backbone(**batch).last_hidden_state, ref)
+    freeze_backbone(model)
+    changed = train_steps(model, batch, torch.tensor([1, 0, 1]))
+    assert changed and all(k.startswith("head.") or set(k.split(".")) & kinds for k in changed), changed
+    assert any(set(k.split(".")) & kinds for k in changed)
+    folder = save_task_modules(model, tmp_path / "task")
+    desc = json.loads((folder / "task_config.json").read_text())
+    assert method in desc and "lora" not in desc
+    back = load_task_modules(copy.deepcopy(bb), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_inheritance_slices_by_the_declared_axes(method, batch):
+    """Teacher on M; student on SP+Q: every inherited tensor is the teacher's restricted to the student's
+    kept rows / columns (the same update on the surviving neurons); on UP+Q, a copy."""
+    cfg = CONFIGS[method]
+    teacher = build_task_model(tiny_bert(), 2, pet=cfg)
+    _perturb(teacher)
+    t_state = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    for plan in ("UP+Q", "SP+Q"):
+        student = build_task_model(_compressed(plan), 2, pet=cfg)
+        names = inherit(student, teacher)
+        assert names and all(n in t_state for n in names)
+        sliced = 0
+        for n in names:
+            got = dict(student.named_parameters())[n].detach()
+            want = t_state[n]
+            if got.shape != want.shape:
+                branch = student.get_submodule(n.rsplit(".", 1)[0])
+                side, dim = branch.AXES[n.rsplit(".", 1)[1]]
+                base = student.get_submodule(n.rsplit(".", 2)[0]).base
+                kept = base.kept_in if side == "in" else base.kept_out
+                want = want.index_select(dim, torch.as_tensor(kept))
+                sliced += 1
+            assert torch.equal(got, want), (plan, n)
+        # structured pruning shrinks q/k/v/ffn_in outputs and o/ffn_out inputs; adapters read and write the
+        # o / ffn_out outputs (the hidden size), which it keeps
+        assert (sliced > 0) == (plan == "SP+Q" and method != "adapter"), (plan, sliced)
+
+
+def test_a_run_tunes_the_chosen_method_through_every_paradigm(tmp_path, data_dir, tiny_model_dir):
+    """pet: {method: ia3}: base+PET, CLM+PET and CLM+CPET tune IA3 (CPET: inherited IA3 + recovery +
+    distillation); results and fingerprints record the method; a LoRA run of the same config differs."""
+    from cpet.experiments import run_experiment
+
+    base = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "compress=UP+Q",
+            "paradigms=[base_pet, clm_pet, clm_cpet]"]
+    ia3 = {r["paradigm"]: r for r in run_experiment(
+        load_config(None, [*base, "pet={method: ia3}", f"output_dir={tmp_path / 'ia3'}"]), log=lambda s: None)}
+    lora = {r["paradigm"]: r for r in run_experiment(
+        load_config(None, [*base, f"output_dir={tmp_path / 'lora'}"]), log=lambda s: None)}
+    folders = {p: json.loads((tmp_path / "ia3" / p / "task" / "task_config.json").read_text()) for p in ia3}
+    for p in ("base_pet", "clm_pet", "clm_cpet"):
+        assert ia3[p]["config"]["pet"]["method"] == "ia3" and "lora" not in ia3[p]["config"]
+        assert ia3[p]["fingerprint"] != lora[p]["fingerprint"]
+        assert "ia3" in folders[p] and "lora" not in folders[p] and ("recovery" in folders[p]) == (p == "clm_cpet")
+    assert ia3["clm_pet"]["trainable_params"] < lora["clm_pet"]["trainable_params"]  # IA3: a few vectors
+    assert folders["clm_cpet"]["ia3"]["modules"] == folders["base_pet"]["ia3"]["modules"]
+
+
+def test_refusals(tmp_path, batch):
+    with pytest.raises(CpetError, match="unknown PET method 'prefix'"):
+        load_config(None, ["pet=prefix"])
+    with pytest.raises(CpetError, match=r"unknown option\(s\) \['rank'\] for adapter"):
+        load_config(None, ["pet={method: adapter, rank: 4}"])
+    with pytest.raises(CpetError, match="LoRA's options go in the lora section"):
+        load_config(None, ["pet={method: lora, r: 4}"])
+    # the fit reads a layer as base + additive branches: an output transform is refused, not mis-fitted
+    from cpet.recovery import fit_recovery
+
+    bb = _compressed("Q")
+    model = build_task_model(copy.deepcopy(bb), 2, pet=AdapterConfig(r=4), recovery=RecoveryConfig(r=4))
+    with pytest.raises(CpetError, match="use recovery.init=zero"):
+        fit_recovery(model, tiny_bert(), _calib(), log=lambda s: None)
+    # the bank serves LoRA + recovery only: another method is refused with what to do instead
+    from cpet.bank import TaskBank
+
+    folder = save_task_modules(build_task_model(copy.deepcopy(bb), 2, pet=BitFitConfig()), tmp_path / "bitfit")
+    with pytest.raises(CpetError, match="tunes bitfit; the bank serves LoRA"):
+        TaskBank(copy.deepcopy(bb)).load("b", folder)
+    assert set(METHODS) >= {"lora", "ia3", "bitfit", "adapter"}
+    with pytest.raises(CpetError, match="Table 4"):
+        from cpet.experiments import paradigm_modules
+
+        paradigm_modules(load_config(None, ["pet=ia3", "paradigms=[clm_lora_lora]"]), "clm_lora_lora", bb)
+    assert LoraConfig().r == 8
