@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output-dir", required=True, help="a new folder")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the model the task "
                                                        "was trained on, or the source of its compressed backbone)")
-    p.add_argument("--lora-only", action="store_true", help="export the LoRA even though the task also has recovery "
+    p.add_argument("--pet-only", "--lora-only", action="store_true", help="export the PET modules even though the task also has recovery "
                                                             "modules or a task head, which PEFT cannot hold")
     p = sub.add_parser("import-peft", help="a PEFT LoRA of a language model as a cpet task folder on a backbone")
     p.add_argument("peft_dir")
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "export-peft":
             from cpet.pet.peft_io import export_task_folder
 
-            path, base = export_task_folder(args.task_dir, args.output_dir, args.base_model, args.lora_only)
+            path, base = export_task_folder(args.task_dir, args.output_dir, args.base_model, args.pet_only)
             print(f"PEFT adapter: {path.resolve()} (base model: {base})")
             return 0
         if args.verb == "import-peft":

@@ -125,7 +125,7 @@ def test_export_peft_loads_in_peft_with_equal_outputs(tmp_path, batch):
 
     model = build_task_model(tiny_bert(), 2, lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o")))
     _randomize(model)
-    export_peft(model, tmp_path / "exp", base_model_name_or_path="tiny", lora_only=True)  # (the head stays behind)
+    export_peft(model, tmp_path / "exp", base_model_name_or_path="tiny", pet_only=True)  # (the head stays behind)
     pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "exp").eval()
     with torch.no_grad():
         ref = model.eval().backbone(**batch).last_hidden_state
@@ -162,13 +162,13 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(CpetError, match="recovery modules on 12 layers and the task head"):
         export_peft(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    export_peft(model, tmp_path / "a", lora_only=True)
+    export_peft(model, tmp_path / "a", pet_only=True)
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     task = save_task_modules(model, tmp_path / "task", extra={"task": "sst2", "labels": ["negative", "positive"]})
     assert main(["export-peft", str(task), "-o", str(tmp_path / "b")]) == 2  # a CpetError: exit code 2, one line
     assert not (tmp_path / "b").exists()
-    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--lora-only"]) == 0
-    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--lora-only"]) == 2  # never overwrites
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--pet-only"]) == 0
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--pet-only"]) == 2  # never overwrites
 
 
 def test_cli_export_peft_and_import_peft_round_trip_through_peft(tmp_path, tokenizer):
@@ -201,3 +201,50 @@ def test_cli_export_peft_and_import_peft_round_trip_through_peft(tmp_path, token
     tiny_bert().save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     assert main(["import-peft", str(tmp_path / "peft"), "--backbone", str(bert), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_ia3_round_trips_through_the_real_peft_package(tmp_path, batch):
+    """IA3 both ways: PEFT's IA3 (keys, values, and the FFN down-projection scaled on its input) imported
+    into cpet gives PEFT's outputs; cpet's IA3 exported loads in PEFT with cpet's outputs; the task
+    folder verb writes the same vectors."""
+    from conftest import tiny_bert
+    from cpet.cli import main
+    from cpet.models import TaskModel
+    from cpet.pet.ia3 import IA3Config
+    from cpet.pet.peft_io import export_peft, import_peft
+
+    pm = peft.get_peft_model(tiny_bert(), peft.IA3Config(target_modules=["key", "value", "output.dense"],
+                                                          feedforward_modules=["output.dense"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval().save_pretrained(tmp_path / "peft_ia3")
+    model = TaskModel(tiny_bert(), 2)
+    names = import_peft(model, tmp_path / "peft_ia3")
+    assert len(names) == 8  # 2 layers x (key, value, attention.output.dense, output.dense)
+    with torch.no_grad():
+        ref = pm(**batch).last_hidden_state
+        torch.testing.assert_close(model.eval().backbone(**batch).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ref, tiny_bert()(**batch).last_hidden_state, atol=1e-3)
+
+    ours = build_task_model(tiny_bert(), 2, pet=IA3Config())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if ".ia3" in n:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    with pytest.raises(CpetError, match="task head"):
+        export_peft(ours, tmp_path / "x")
+    export_peft(ours, tmp_path / "ours", pet_only=True)
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).last_hidden_state, ours.eval().backbone(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    task = save_task_modules(ours, tmp_path / "task", extra={"task": "sst2"})
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "cli"), "--pet-only"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "ours" / "adapter_model.safetensors")), \
+        load_file(str(tmp_path / "cli" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

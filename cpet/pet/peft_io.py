@@ -1,9 +1,11 @@
-"""LoRA in the PEFT format: import adapters people already have, export ours for peft users.
+"""LoRA and IA3 in the PEFT format: import adapters people already have, export ours for peft users.
 
-PEFT keys look like ``base_model.model.<module path>.lora_A.weight`` (A: (r, in), B: (out, r)) and
+LoRA: PEFT keys look like ``base_model.model.<module path>.lora_A.weight`` (A: (r, in), B: (out, r)) and
 the scale is ``lora_alpha / r`` (``/ sqrt(r)`` with rslora). cpet stores the same tensors as
-``backbone.<module path>.lora.A`` / ``.B``, so the conversion is renaming. Only safetensors files
-are read: a pickled ``adapter_model.bin`` is refused (never unpickle untrusted files).
+``backbone.<module path>.lora.A`` / ``.B``, so the conversion is renaming.
+IA3: ``<module path>.ia3_l``, (out, 1) scaling a layer's output, or (1, in) scaling its input for the
+``feedforward_modules``; cpet's ``ia3.l`` / ``ia3_in.l`` hold the same vectors.
+Only safetensors files are read: a pickled ``adapter_model.bin`` is refused (never unpickle untrusted files).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import torch.nn as nn
 
 from cpet.config import LoraConfig
 from cpet.errors import CpetError
-from cpet.layers import Adapted
+from cpet.layers import Adapted, attach
+from cpet.pet.ia3 import Scale
 from cpet.pet.lora import add_lora_to
 from cpet.io import atomic_write, atomic_write_json
 from cpet.task_modules import load_into, read_task_folder
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.[^.]+)?$")
+PEFT_TYPES = ("LORA", "IA3")
 
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
@@ -44,8 +49,8 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
         hint = " (only a pickled adapter_model.bin is there; re-save it with safe_serialization=True)" \
             if (d / "adapter_model.bin").is_file() else ""
         raise CpetError(f"{d}: no adapter_model.safetensors{hint}")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CpetError(f"{d}: peft_type {cfg.get('peft_type')} is not LoRA")
+    if cfg.get("peft_type", "LORA") not in PEFT_TYPES:
+        raise CpetError(f"{d}: peft_type {cfg.get('peft_type')} is not one cpet reads ({', '.join(PEFT_TYPES)})")
     for key, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out layers")):
         if cfg.get(key):
             raise CpetError(f"{d}: {why} adapters are not supported by cpet yet")
@@ -66,6 +71,8 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     cfg, tensors = read_peft(adapter_dir)
     backbone, prefix = _backbone(model)
     modules = dict(backbone.named_modules())
+    if cfg.get("peft_type", "LORA") == "IA3":
+        return _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     if cfg.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # alpha/sqrt(r) == (alpha*sqrt(r))/r
@@ -88,14 +95,49 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
+def _module_path(path: str, modules: dict, adapter_dir, backbone) -> str:
+    """An adapter's module path matched to the backbone's by dropping leading components."""
+    orig = path
+    while path not in modules and "." in path:
+        path = path.split(".", 1)[1]
+    if path not in modules:
+        raise CpetError(f"{adapter_dir}: adapter module {orig!r} not found in {type(backbone).__name__}")
+    return path
+
+
+def _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir) -> list[str]:
+    state, names = {}, set()
+    for key, value in tensors.items():
+        m = _IA3_KEY.match(key)
+        if m is None:
+            continue
+        path = _module_path(m["path"], modules, adapter_dir, backbone)
+        layer = modules[path]
+        if value.shape == (1, layer.in_features) and value.shape != (layer.out_features, 1):
+            kind, side, n = "ia3_in", "in", layer.in_features
+        elif value.shape == (layer.out_features, 1):
+            kind, side, n = "ia3", "out", layer.out_features
+        else:
+            raise CpetError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, which fits neither the input "
+                            f"({layer.in_features}) nor the output ({layer.out_features}) of {path}")
+        attach(model, [prefix + path], kind, lambda i, o, side=side, n=n: Scale(n, side))
+        names.add(prefix + path)
+        state[f"{prefix}{path}.{kind}.l"] = value.float().flatten()
+    if not names:
+        raise CpetError(f"{adapter_dir}: no IA3 tensors found in adapter_model.safetensors")
+    load_into(model, state, what=str(adapter_dir))
+    return sorted(names)
+
+
 def not_in_peft(model: nn.Module) -> list[str]:
     """What a PEFT LoRA adapter cannot carry of this task model: its recovery modules and its task head
     (cpet's head pools the encoder's states its own way; no HF class's head, hence no ``modules_to_save``,
     computes the same function)."""
     lost = []
-    rec = [n for n, m in model.named_modules() if isinstance(m, Adapted) and "recovery" in m._modules]
-    if rec:
-        lost.append(f"the recovery modules on {len(rec)} layers")
+    for kind in ("recovery", "bitfit", "adapter"):
+        on = [n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules]
+        if on:
+            lost.append(f"the {kind} modules on {len(on)} layers")
     head = getattr(model, "head", None)
     if head is not None:
         lost.append(f"the task head ({type(head).__name__})")
@@ -104,20 +146,27 @@ def not_in_peft(model: nn.Module) -> list[str]:
 
 def _refuse_loss(lost: list[str], what: str) -> None:
     if lost:
-        raise CpetError(f"{what}: a PEFT LoRA adapter cannot hold {' and '.join(lost)}, so exporting would drop "
-                        "them and the adapter would not compute this task. Export the LoRA alone on purpose with "
-                        "lora_only=True (cpet export-peft --lora-only), or serve the task folder with cpet")
+        raise CpetError(f"{what}: a PEFT adapter cannot hold {' and '.join(lost)}, so exporting would drop "
+                        "them and the adapter would not compute this task. Export the PET modules alone on purpose with "
+                        "pet_only=True (cpet export-peft --pet-only), or serve the task folder with cpet")
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                lora_only: bool = False) -> Path:
+                pet_only: bool = False) -> Path:
     """Write the model's LoRA branches as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads
     onto the uncompressed backbone class (e.g. ``AutoModel``). A model with recovery modules or a task
-    head is refused (naming them) unless ``lora_only``: never a silent drop."""
+    head is refused (naming them) unless ``pet_only``: never a silent drop."""
     backbone, prefix = _backbone(model)
-    if not lora_only:
+    if not pet_only:
         _refuse_loss(not_in_peft(model), "export_peft")
+    ia3 = {name: mod for name, mod in backbone.named_modules()
+           if isinstance(mod, Adapted) and ("ia3" in mod._modules or "ia3_in" in mod._modules)}
     loras = {name: mod.lora for name, mod in backbone.named_modules() if isinstance(mod, Adapted) and "lora" in mod._modules}
+    if ia3 and loras:
+        raise CpetError("export_peft: a PEFT adapter is one type; this model has both LoRA and IA3 modules")
+    if ia3:
+        return write_ia3({n: (m.ia3.l.detach() if "ia3" in m._modules else m.ia3_in.l.detach(), "ia3_in" in m._modules)
+                          for n, m in ia3.items()}, out_dir, base_model_name_or_path)
     return write_peft({n: (lo.A.detach(), lo.B.detach()) for n, lo in loras.items()},
                       {lo.r for lo in loras.values()}, {lo.alpha for lo in loras.values()},
                       {getattr(lo.dropout, "p", 0.0) for lo in loras.values()}, out_dir, base_model_name_or_path)
@@ -149,31 +198,58 @@ def write_peft(loras: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: set, 
     return out
 
 
+def write_ia3(vectors: dict[str, tuple[torch.Tensor, bool]], out_dir: str | os.PathLike,
+              base_model_name_or_path: str | None) -> Path:
+    """A PEFT IA3 folder from {module path: (l, scales the input)}."""
+    from safetensors.torch import save
+
+    tensors = {f"base_model.model.{n}.ia3_l": (l[None, :] if inp else l[:, None]).contiguous()
+               for n, (l, inp) in vectors.items()}
+    config = {"peft_type": "IA3", "task_type": None, "target_modules": sorted(vectors),
+              "feedforward_modules": sorted(n for n, (_, inp) in vectors.items() if inp), "fan_in_fan_out": False,
+              "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
+              "base_model_name_or_path": base_model_name_or_path}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "adapter_model.safetensors", save(tensors))
+    atomic_write_json(out / "adapter_config.json", config)
+    return out
+
+
 def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
-                       lora_only: bool = False) -> tuple[Path, str | None]:
+                       pet_only: bool = False) -> tuple[Path, str | None]:
     """``cpet export-peft``: a cpet task folder's LoRA as a PEFT adapter folder, read from the files (no model
-    loaded). Returns (folder, base model it names). Refuses what PEFT cannot hold unless ``lora_only``;
+    loaded). Returns (folder, base model it names). Refuses what PEFT cannot hold unless ``pet_only``;
     refuses to write into a non-empty folder."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
     desc, state = read_task_folder(task_dir)
-    if "lora" not in desc:
-        raise CpetError(f"{task_dir} has no LoRA modules to export")
+    if "lora" not in desc and "ia3" not in desc:
+        raise CpetError(f"{task_dir} has no LoRA or IA3 modules to export (PEFT's types cpet writes)")
+    if "lora" in desc and "ia3" in desc:
+        raise CpetError(f"{task_dir} has LoRA and IA3 modules; a PEFT adapter is one type")
     lost = []
     if "recovery" in desc:
         lost.append(f"the recovery modules on {len(desc['recovery']['modules'])} layers")
+    for kind in ("bitfit", "adapter"):
+        if kind in desc:
+            lost.append(f"the {kind} modules")
     if desc.get("head", "classify") != "lm":
         lost.append(f"the task head ({desc.get('head', 'classify')}, {desc.get('num_labels', '?')} outputs)")
-    if not lora_only:
+    if not pet_only:
         _refuse_loss(lost, str(task_dir))
-    d = desc["lora"]
     strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
-    loras = {strip(n): (state[f"{n}.lora.A"], state[f"{n}.lora.B"]) for n in d["modules"]}
     if base_model is None:
         bb = desc.get("backbone") or {}
         base_model = bb.get("source") or bb.get("path")
         meta = Path(str(base_model)) / "compression.json" if base_model else None
         if meta is not None and meta.is_file():  # trained on a cpet compressed folder: name its source model
             base_model = json.loads(meta.read_text()).get("source", base_model)
+    if "ia3" in desc:
+        vectors = {strip(n): (state[f"{n}.{kind}.l"], kind == "ia3_in")
+                   for kind, names in desc["ia3"]["modules"].items() for n in names}
+        return write_ia3(vectors, out, base_model), base_model
+    d = desc["lora"]
+    loras = {strip(n): (state[f"{n}.lora.A"], state[f"{n}.lora.B"]) for n in d["modules"]}
     return write_peft(loras, {d["r"]}, {d["alpha"]}, {d.get("dropout", 0.0)}, out, base_model), base_model
