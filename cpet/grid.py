@@ -154,7 +154,7 @@ def prior_seconds(cell: Cell, shared: set) -> float:
     for p in cfg.paradigms:
         spec = PARADIGM_SPECS[p]
         if p == "base_pet":
-            key = (cfg.model, cfg.task, cfg.lora, cfg.pet, cfg.train)
+            key = (cfg.model, cfg.task, cfg.lora, cfg.pet.method, cfg.pet.typed(), cfg.train)
             if key in shared:
                 continue
             shared.add(key)
