@@ -29,9 +29,11 @@ def _run(config_path, overrides: list[str], output_dir: str | None, fresh: bool 
     print(results_table(records))
     out = Path(cfg.output_dir)
     print(f"\nresults: {out.resolve()} (one result.json per paradigm, results.md)")
-    served = [r["paradigm"] for r in records if r["paradigm"] != "base_pet"]
+    served = [r["paradigm"] for r in records if r["plan"]]  # (on the compressed backbone)
     backbone = cfg.model.compressed or str(out / "backbone_compressed")
-    if served and records[0].get("formulation") == "head":
+    from cpet.pet import get as get_method
+
+    if served and records[0].get("formulation") == "head" and get_method(cfg.pet.method).fusable:
         task = out / ("clm_cpet" if "clm_cpet" in served else served[0]) / "task"
         print(f"\nuse it on new text:\n  cpet predict {task} --backbone {backbone} --text \"a gripping, funny film\""
               f"\n  cpet serve {task} --backbone {backbone}   # then: curl -s 127.0.0.1:8000/v1/classify "
