@@ -37,8 +37,12 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
         raise CpetError("inherit: the teacher has no PET or head tensors to inherit")
     missing_in_student = sorted(set(src) - set(dst))
     if missing_in_student:
+        moe = any(getattr(m, "roles", None) for m in student.modules())
         raise CpetError(f"inherit: teacher tensor {missing_in_student[0]!r} has no counterpart in the student "
-                        f"({len(missing_in_student)} in all); add the same PET targets to both")
+                        f"({len(missing_in_student)} in all); " + (
+                            "the student's FFNs are MoE modules (MoEfication), onto which PET on FFN layers is "
+                            "not inherited yet: give the PET attention targets only, or use a plan without MoE"
+                            if moe else "add the same PET targets to both"))
     missing_in_teacher = sorted(set(dst) - set(src))
     if missing_in_teacher:
         raise CpetError(f"inherit: student tensor {missing_in_teacher[0]!r} is missing from the teacher "

@@ -14,7 +14,7 @@ from cpet.errors import CpetError
 from cpet.inherit import inherit
 from cpet.layers import Adapted, freeze_backbone
 from cpet.pet import METHODS, get
-from cpet.pet.adapter import AdapterConfig
+from cpet.pet.adapter import AdapterConfig, ParallelAdapterConfig
 from cpet.pet.bitfit import BitFitConfig
 from cpet.pet.ia3 import IA3Config
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
@@ -26,7 +26,8 @@ PLANS = {"none": [],
          "SP+Q": [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}],
          "M+Q": [{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0, "router_steps": 20},
                  {"method": "int8"}]}
-CONFIGS = {"ia3": IA3Config(), "bitfit": BitFitConfig(), "adapter": AdapterConfig(r=4)}
+CONFIGS = {"ia3": IA3Config(), "bitfit": BitFitConfig(), "adapter": AdapterConfig(r=4),
+           "parallel_adapter": ParallelAdapterConfig(r=4)}
 
 
 def _calib():
@@ -44,7 +45,7 @@ def _perturb(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad and any(f".{k}." in n for k in ("ia3", "ia3_in", "bitfit", "adapter")):
+            if p.requires_grad and any(f".{k}." in n for k in ("ia3", "ia3_in", "bitfit", "adapter", "padapter")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -98,7 +99,7 @@ def test_inheritance_slices_by_the_declared_axes(method, batch):
             assert torch.equal(got, want), (plan, n)
         # structured pruning shrinks q/k/v/ffn_in outputs and o/ffn_out inputs; adapters read and write the
         # o / ffn_out outputs (the hidden size), which it keeps
-        assert (sliced > 0) == (plan == "SP+Q" and method != "adapter"), (plan, sliced)
+        assert (sliced > 0) == (plan == "SP+Q" and method not in ("adapter", "parallel_adapter")), (plan, sliced)
 
 
 def test_a_run_tunes_the_chosen_method_through_every_paradigm(tmp_path, data_dir, tiny_model_dir):
@@ -148,3 +149,43 @@ def test_refusals(tmp_path, batch):
 
         paradigm_modules(load_config(None, ["pet=ia3", "paradigms=[clm_lora_lora]"]), "clm_lora_lora", bb)
     assert LoraConfig().r == 8
+
+
+def test_parallel_adapter_reads_the_ffn_input_and_adds_to_its_output(batch, tmp_path):
+    """y = FFN(x) + s U act(D x): checked against the plain FFN, block by block, with hooks on the plain
+    model; a saved and reloaded model pairs each tap with its own adapter again."""
+    plain = tiny_bert()
+    model = build_task_model(copy.deepcopy(plain), 2, pet=ParallelAdapterConfig(r=4, alpha=8))
+    _perturb(model, seed=1)
+    seen = {}
+    hooks = [plain.get_submodule(f"encoder.layer.{i}.intermediate.dense").register_forward_hook(
+        lambda m, a, o, i=i: seen.__setitem__(("x", i), a[0])) for i in range(2)]
+    hooks += [plain.get_submodule(f"encoder.layer.{i}.output.dense").register_forward_hook(
+        lambda m, a, o, i=i: seen.__setitem__(("y", i), o)) for i in range(2)]
+    got = {}
+    for i in range(2):
+        layer = model.get_submodule(f"backbone.encoder.layer.{i}.output.dense")
+        layer.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o))
+    with torch.no_grad():
+        plain(**batch)
+        model.eval()(**batch)
+    layer0 = model.get_submodule("backbone.encoder.layer.0.output.dense").padapter
+    import torch.nn.functional as F
+    want = seen[("y", 0)] + F.gelu(seen[("x", 0)] @ layer0.D.T) @ layer0.U.T * (8 / 4)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)  # layer 0: same input as the plain model
+    folder = save_task_modules(model, tmp_path / "t")
+    back = load_task_modules(copy.deepcopy(plain), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    pairs = json.loads((folder / "task_config.json").read_text())["parallel_adapter"]["pairs"]
+    assert pairs == [[f"backbone.encoder.layer.{i}.intermediate.dense", f"backbone.encoder.layer.{i}.output.dense"]
+                     for i in range(2)]
+
+
+def test_ffn_pet_onto_a_moe_student_is_refused_with_the_reason():
+    teacher = build_task_model(tiny_bert(), 2, pet=BitFitConfig())
+    student = build_task_model(_compressed("M+Q"), 2, pet=BitFitConfig())
+    with pytest.raises(CpetError, match="MoE modules .* not inherited yet"):
+        inherit(student, teacher)
+    ok = build_task_model(_compressed("M+Q"), 2, pet=BitFitConfig(targets=("q", "k", "v", "o")))
+    inherit(ok, build_task_model(tiny_bert(), 2, pet=BitFitConfig(targets=("q", "k", "v", "o"))))

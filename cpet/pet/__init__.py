@@ -1,4 +1,4 @@
-"""The PET methods cpet tunes, one module each (a ``PetMethod`` in ``METHOD``): LoRA, IA3, BitFit, serial
+"""The PET methods cpet tunes, one module each (a ``PetMethod`` in ``METHOD``): LoRA, IA3, BitFit, serial and parallel
 bottleneck adapters. Nothing outside this package names a method: task folders, inheritance and
 training go through ``METHODS`` and the branch kinds the methods register (``cpet.layers``)."""
 
@@ -8,7 +8,8 @@ from cpet.errors import CpetError
 from cpet.pet import adapter, bitfit, ia3, lora
 from cpet.pet.base import PetMethod
 
-METHODS: dict[str, PetMethod] = {m.METHOD.name: m.METHOD for m in (lora, ia3, bitfit, adapter)}
+METHODS: dict[str, PetMethod] = {m.name: m for m in (lora.METHOD, ia3.METHOD, bitfit.METHOD, adapter.METHOD,
+                                                   adapter.PARALLEL)}
 PET_KINDS: tuple[str, ...] = tuple(k for m in METHODS.values() for k in m.kinds)
 
 
