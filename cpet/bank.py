@@ -93,6 +93,8 @@ class BankBranch(nn.Module):
             raise CpetError("a bank-wrapped backbone ran without task routing: call it through TaskBank")
         if torch.is_grad_enabled() or not y.is_contiguous():
             y = y.clone(memory_format=torch.contiguous_format)  # never write into a tensor autograd may need
+        if n == 0:
+            return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (n*T, in), (n*T, out)
         per_row = x2.shape[0] // n
         for slot, a, b in segments:

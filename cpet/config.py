@@ -295,6 +295,9 @@ class ExperimentConfig:
         if "clm_cpet_zero" in self.paradigms and self.recovery.init != "fit":
             raise CpetError("paradigms: clm_cpet_zero adds recovery modules with no training; with "
                             "recovery.init=zero they are no-ops (that is clm_inherit_zero): set recovery.init=fit")
+        table4 = [p for p in self.paradigms if PARADIGM_SPECS[p].modules != "pet"]
+        if table4 and self.pet.method != "lora":
+            raise CpetError(f"paradigms: {table4[0]} (Table 4) is defined for LoRA; this config tunes {self.pet.method}")
         if "small_pet" in self.paradigms and not self.model.small:
             raise CpetError("paradigms: small_pet tunes PET on a smaller sibling backbone: set model.small "
                             "(an HF id or folder, e.g. a T5-base beside a T5-3B)")
@@ -346,14 +349,25 @@ def _build(cls, data: Any, path: str):
         raise CpetError(f"{path or 'config'}: {e}") from None
 
 
+def _section(key: str, value: Any) -> Any:
+    """``pet: ia3`` is ``pet: {method: ia3}``, so it merges with ``pet.*`` keys given beside it."""
+    return {"method": value} if key == "pet" and isinstance(value, str) else value
+
+
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
-        nxt = d.setdefault(p, {})
+        nxt = _section(p, d.get(p, {}))
         if not isinstance(nxt, dict):
             raise CpetError(f"override {key}: {p} is not a section")
+        d[p] = nxt
         d = nxt
-    d[parts[-1]] = value
+    last = parts[-1]
+    if len(parts) == 1:
+        value = _section(last, value)
+    if last == "pet" and isinstance(value, dict) and isinstance(d.get(last), dict):
+        value = _merge(d[last], value)  # pet.targets=[k] pet=ia3: both
+    d[last] = value
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -374,7 +388,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        v, old = _section(k, v), _section(k, out.get(k))
+        out[k] = _merge(old, v) if isinstance(v, dict) and isinstance(old, dict) else v
     return out
 
 

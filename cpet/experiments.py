@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,7 @@ from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
 from cpet.io import atomic_write_json, folder_lock, read_json
 from cpet.models import load_backbone, resolve_model_path, target_modules
+from cpet.pet import PET_KINDS
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
@@ -114,13 +115,15 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     clm = [p for p in cfg.paradigms if PARADIGM_SPECS[p].compressed]
 
     def making(folder: Path):
-        """Exclusive while ``folder`` is checked or made, so concurrent runs on one store make it once
-        (only the main process makes folders; the others follow it)."""
-        return folder_lock(folder, out / ".locks", log) if main else nullcontext()
+        """Exclusive while ``folder`` is checked or made, so concurrent runs on one store make it once.
+        Single-process runs only: the processes of one distributed run decide together, and two distributed
+        runs on one store are not supported."""
+        return folder_lock(folder, out / ".locks", log) if state.num_processes == 1 else nullcontext()
 
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:
-            _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
+            with making(pdirs[paradigm]):
+                _check_folder(pdirs[paradigm], records_in[paradigm], LABELS[paradigm], fresh, log)
         if clm and not cfg.model.compressed:
             with making(cdir):  # (not while another run is writing it)
                 _check_compressed(cdir, records_in["compressed"], fresh, log)
@@ -278,7 +281,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     task = {**{k: v for k, v in asdict(cfg.task).items() if k != "data_dir"},
             "examples": examples_digest(data.train, data.val, data.test)}
     base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, **_pet_record(cfg), "train": train,
-            "mmlu": asdict(cfg.mmlu) if cfg.mmlu.enabled else None}
+            "mmlu": _mmlu_record(cfg) if cfg.mmlu.enabled else None}
     if cfg.model.compressed:
         meta = _shared_backbone_meta(cfg.model.compressed)
         compressed, calib = meta["fingerprint"]["inputs"], None
@@ -345,6 +348,14 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
     raise CpetError(f"paradigm {paradigm}: unknown module set {how.modules!r}")
 
 
+def _mmlu_record(cfg: ExperimentConfig) -> dict:
+    """MMLU settings as fingerprints record them (lm_eval only when on: fingerprints made before it stand)."""
+    d = asdict(cfg.mmlu)
+    if not d["lm_eval"]:
+        del d["lm_eval"]
+    return d
+
+
 def _pet_record(cfg: ExperimentConfig) -> dict:
     """The PET method's settings as results and fingerprints record them: LoRA as ``lora`` (as before other
     methods existed, so those fingerprints stand), another method as ``pet`` {method, its options}."""
@@ -388,7 +399,9 @@ def fit_recovery_from(student, reference, with_pet: bool, calib, log) -> dict[st
     then what the student should reproduce), the plain backbone otherwise."""
     if with_pet:
         return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
-    with branches_off(reference, "lora"):
+    with ExitStack() as stack:  # the plain uncompressed backbone: every PET branch of the teacher off
+        for kind in PET_KINDS:
+            stack.enter_context(branches_off(reference, kind))
         return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
 
 

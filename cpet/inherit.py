@@ -76,5 +76,5 @@ def _slice_to_student(student: nn.Module, name: str, value: torch.Tensor) -> tor
     kept, size = (getattr(base, "kept_in", None), getattr(base, "in_features", None)) if side == "in" else \
         (getattr(base, "kept_out", None), getattr(base, "out_features", None))
     if kept is not None and value.shape[dim] != size:
-        return value.index_select(dim, torch.as_tensor(kept))
+        return value.index_select(dim, torch.as_tensor(kept).to(value.device))
     return value

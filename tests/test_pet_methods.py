@@ -189,3 +189,42 @@ def test_ffn_pet_onto_a_moe_student_is_refused_with_the_reason():
         inherit(student, teacher)
     ok = build_task_model(_compressed("M+Q"), 2, pet=BitFitConfig(targets=("q", "k", "v", "o")))
     inherit(ok, build_task_model(tiny_bert(), 2, pet=BitFitConfig(targets=("q", "k", "v", "o"))))
+
+
+def test_review_fixes_lora_init_order_overrides_and_fit_reference(batch):
+    """(1) LoRA through the registry draws each layer's init as cpet always has (sorted layer names, so a
+    12-layer model's layer.10 before layer.2), whatever order the model lists them; (2) `pet: ia3` given
+    beside `pet.*` keys keeps both; (3) a fit against the plain backbone turns off every PET kind of the
+    teacher (its BitFit deltas too), not only LoRA."""
+    from transformers import BertConfig, BertModel
+
+    from cpet.experiments import fit_recovery_from
+    from cpet.models import target_modules
+    from cpet.pet.lora import add_lora_to
+    from cpet.recovery import fit_recovery
+
+    deep = BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=11, num_attention_heads=2,
+                                intermediate_size=32))
+    torch.manual_seed(0)
+    a = build_task_model(copy.deepcopy(deep), 2, pet=LoraConfig(targets=("q", "k", "v")))
+    torch.manual_seed(0)
+    b = build_task_model(copy.deepcopy(deep), 2)
+    add_lora_to(b, target_modules(b, ("q", "k", "v")), LoraConfig(targets=("q", "k", "v")))
+    sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if ".lora." in k)
+
+    assert load_config(None, ["pet.targets=[k]", "pet=ia3"]).pet_config == IA3Config(targets=("k",))
+    assert load_config(None, ["pet=ia3", "pet.targets=[k]"]).pet_config == IA3Config(targets=("k",))
+
+    teacher = build_task_model(tiny_bert(), 2, pet=BitFitConfig())
+    _perturb(teacher)
+    student = build_task_model(_compressed("Q"), 2, pet=BitFitConfig(), recovery=RecoveryConfig(r=4, init="fit"))
+    twin = copy.deepcopy(student)
+    fit_recovery_from(student, teacher, False, _calib(), log=lambda s: None)
+    fit_recovery(twin, build_task_model(tiny_bert(), 2, pet=BitFitConfig()), _calib(), log=lambda s: None)
+    s1, s2 = dict(student.named_parameters()), dict(twin.named_parameters())
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-6) for k in s1 if ".recovery." in k)
+    from cpet.experiments import _mmlu_record  # fingerprints made before mmlu.lm_eval existed still match
+
+    assert "lm_eval" not in _mmlu_record(load_config(None, ["mmlu.enabled=true"]))
+    assert _mmlu_record(load_config(None, ["mmlu.enabled=true", "mmlu.lm_eval=true"]))["lm_eval"] is True

@@ -47,8 +47,8 @@ class PetMethod:
         layers = target_modules(model, tuple(cfg.targets))
         if not layers:
             raise CpetError(f"{self.name}: no layer of {model.__class__.__name__} plays the roles {list(cfg.targets)}")
-        for name, role in layers.items():
-            kind = self.kind_for(role, cfg)
+        for name in sorted(layers):  # sorted: the random init of each layer as cpet has always drawn it
+            kind = self.kind_for(layers[name], cfg)
             attach(model, [name], kind, lambda i, o, k=kind: self.make(i, o, cfg, k))
         return sorted(layers)
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 from cpet.config import LoraConfig
 from cpet.errors import CpetError
 from cpet.layers import Adapted, attach
+from cpet.pet import METHODS
 from cpet.pet.ia3 import Scale
 from cpet.pet.lora import add_lora_to
 from cpet.io import atomic_write, atomic_write_json
@@ -129,12 +130,17 @@ def _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir) -> list[
     return sorted(names)
 
 
+def _no_peft_methods():
+    """The registered PET methods PEFT has no type for."""
+    return [m for m in METHODS.values() if m.peft_type is None]
+
+
 def not_in_peft(model: nn.Module) -> list[str]:
     """What a PEFT LoRA adapter cannot carry of this task model: its recovery modules and its task head
     (cpet's head pools the encoder's states its own way; no HF class's head, hence no ``modules_to_save``,
     computes the same function)."""
     lost = []
-    for kind in ("recovery", "bitfit", "adapter"):
+    for kind in ("recovery", *(k for m in _no_peft_methods() for k in m.kinds if m.kinds)):
         on = [n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules]
         if on:
             lost.append(f"the {kind} modules on {len(on)} layers")
@@ -232,9 +238,9 @@ def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     lost = []
     if "recovery" in desc:
         lost.append(f"the recovery modules on {len(desc['recovery']['modules'])} layers")
-    for kind in ("bitfit", "adapter"):
-        if kind in desc:
-            lost.append(f"the {kind} modules")
+    for m in _no_peft_methods():
+        if m.name in desc:
+            lost.append(f"the {m.name} modules")
     if desc.get("head", "classify") != "lm":
         lost.append(f"the task head ({desc.get('head', 'classify')}, {desc.get('num_labels', '?')} outputs)")
     if not pet_only:
