@@ -198,8 +198,8 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     as failed with its error and the others go on; ``retry_failed`` runs failed cells again.
 
     ``executor``: ``local`` runs the cells one after another in this process; ``ray`` runs them as Ray
-    tasks, ``workers`` at a time (a local Ray instance, or the cluster ``RAY_ADDRESS`` names; the store
-    must be a folder every worker sees). Cells that need the same compressed backbone or teacher make it
+    tasks, ``workers`` at a time on a local Ray instance (on the cluster ``RAY_ADDRESS`` names, its CPUs
+    decide how many run at once; the store must be a folder every worker sees). Cells that need the same compressed backbone or teacher make it
     once: the first takes its folder's lock, the others wait for it (``cpet.io.folder_lock``)."""
     recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
     skip = ("done",) if retry_failed else ("done", "failed")
