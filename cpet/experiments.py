@@ -118,7 +118,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         """Exclusive while ``folder`` is checked or made, so concurrent runs on one store make it once.
         Single-process runs only: the processes of one distributed run decide together, and two distributed
         runs on one store are not supported."""
-        return folder_lock(folder, out / ".locks", log) if state.num_processes == 1 else nullcontext()
+        return folder_lock(folder, log) if state.num_processes == 1 else nullcontext()
 
     if main:  # every stale folder is found before anything runs
         for paradigm in cfg.paradigms:

@@ -64,15 +64,19 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, locks: str | os.PathLike, log=None):
-    """Hold an exclusive lock on ``folder`` (a paradigm or backbone folder of a run) while making it, so
-    concurrent runs on one store (``cpet grid --executor ray``, two shells) make it once: the second
-    waits, then finds it done. The lock is ``<locks>/<folder name>.lock``, held with flock: it is
-    released when its holder exits or dies, so a crashed run never leaves it stuck."""
+def folder_lock(folder: str | os.PathLike, log=None):
+    """Hold an exclusive lock on ``folder`` (a paradigm or backbone folder of a run) while checking or making
+    it, so concurrent runs on one machine (``cpet grid --executor ray`` on a local Ray instance, two shells)
+    make it once: the second waits, then finds it done. The lock file lives outside the run's folders
+    (``<tmp>/cpet-locks/<hash of the folder's absolute path>.lock``: a refused command changes nothing in
+    them) and is held with flock, released when its holder exits or dies, so a crash never leaves it stuck.
+    Machines of a cluster do not see each other's locks."""
     import fcntl
+    import hashlib
 
     folder = Path(folder)
-    lock_path = Path(locks) / f"{folder.name}.lock"
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    lock_path = Path(tempfile.gettempdir()) / "cpet-locks" / f"{key}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         try:
