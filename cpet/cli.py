@@ -57,18 +57,22 @@ def _plan_arg(text: str):
     return text  # a preset string; validated by the library
 
 
-def _compress(model: str, plan_text: str, out: str, data_dir: str | None) -> int:
+def _compress(model: str, plan_text: str, out: str, data_dir: str | None, formulation: str = "auto") -> int:
     from cpet.compress import (check_output_dir, compress, compression_inputs, needs_calibration, plan_to_json,
                                save_compressed)
+    from cpet.config import ModelConfig
+    from cpet.experiments import use_text_formulation
     from cpet.fingerprint import model_digest
     from cpet.models import load_backbone, resolve_model_path
 
     plan = plan_to_json(_plan_arg(plan_text))  # validate before loading anything
     check_output_dir(out, resolve_model_path(model))  # also before loading (save_compressed checks again)
-    backbone, tok = load_backbone(model)
+    # the LM head comes along where tasks go text-to-text (T5, decoder LMs under auto), as cpet run compresses
+    lm = use_text_formulation(type("C", (), {"model": ModelConfig(name=model, formulation=formulation)})())
+    backbone, tok = load_backbone(model, lm=lm)
     if needs_calibration(plan):
         print("calibrating on task-agnostic text (alpaca)", flush=True)
-    record, calib = compression_inputs(model_digest(resolve_model_path(model)), plan, tok, data_dir=data_dir)
+    record, calib = compression_inputs(model_digest(resolve_model_path(model)), plan, tok, lm=lm, data_dir=data_dir)
     compress(backbone, plan, calibration=calib)
     path = save_compressed(backbone, tok, out, plan, source=model, fingerprint=record)
     size = (path / "model.safetensors").stat().st_size
@@ -173,8 +177,12 @@ def _mmlu_model(model: str, path: str, task: str | None):
 
     if (Path(path) / "compression.json").is_file():
         from cpet.compress import load_compressed
+        from cpet.task_modules import is_language_model
 
         lm, tok, _ = load_compressed(path)
+        if not is_language_model(lm):
+            raise CpetError(f"{path} holds the compressed network without its LM head; MMLU scores the LM head's "
+                            "letters: compress with cpet compress ... --formulation text")
     else:
         require_causal_lm(plain_model_config(model, path, "smollm2"), repr(model))  # before loading the weights
         try:
@@ -357,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", required=True, help="YAML file, inline list, or preset like UP+Q (presets: Q, UP, SP)")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--data-dir", default=None, help="data folder holding alpaca/ for calibration text")
+    p.add_argument("--formulation", choices=("auto", "head", "text"), default="auto",
+                   help="text: keep the LM head (text-to-text tasks; auto: T5 and decoder LMs), head: the bare network")
     p = sub.add_parser("bench", help="size, ideal and measured speedup, memory, fidelity of compressed backbones")
     p.add_argument("dirs", nargs="+", help="folders written by cpet compress (same source model)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "report":
             return _report(args.dir, args.output_dir, args.bench, args.select)
         if args.verb == "compress":
-            return _compress(args.model, args.plan, args.output_dir, args.data_dir)
+            return _compress(args.model, args.plan, args.output_dir, args.data_dir, args.formulation)
         if args.verb == "bench":
             return _bench(args.dirs, args.json, args.shapes, args.repeats)
         if args.verb == "convert-gguf":

@@ -222,3 +222,24 @@ def test_shared_prefix_cache_gives_the_same_logits(tokenizer):
     a = mmlu.evaluate_mmlu(model, tokenizer, reuse_prefix=True, **run)
     b = mmlu.evaluate_mmlu(model, tokenizer, reuse_prefix=False, **run)
     assert a["subjects"]["anatomy"]["predictions"] == b["subjects"]["anatomy"]["predictions"]
+
+
+@needs_data
+def test_compress_keeps_a_decoders_lm_head_and_mmlu_refuses_a_headless_folder(tmp_path, tokenizer, capsys):
+    """cpet compress keeps the LM head where tasks go text-to-text (decoders under auto), as cpet run does;
+    cpet mmlu on a folder compressed without it stops with the fix instead of a traceback."""
+    from conftest import save_tiny
+    from cpet.cli import main
+    from cpet.compress import load_compressed
+    from cpet.task_modules import is_language_model
+    from transformers import LlamaForCausalLM
+
+    path = save_tiny(LlamaForCausalLM(tiny_causal_lm().config), tokenizer, tmp_path / "lm")
+    assert main(["compress", path, "--plan", "Q", "-o", str(tmp_path / "c")]) == 0
+    assert is_language_model(load_compressed(tmp_path / "c")[0])
+    assert main(["mmlu", str(tmp_path / "c"), "--data-dir", str(DATA), "--subjects", "anatomy", "--limit", "2"]) == 0
+    assert main(["compress", path, "--plan", "Q", "-o", str(tmp_path / "h"), "--formulation", "head"]) == 0
+    assert not is_language_model(load_compressed(tmp_path / "h")[0])
+    capsys.readouterr()
+    assert main(["mmlu", str(tmp_path / "h"), "--data-dir", str(DATA), "--subjects", "anatomy"]) == 2
+    assert "--formulation text" in capsys.readouterr().err
