@@ -111,18 +111,12 @@ class Tap(nn.Module):
         return x
 
 
-class Parallel(nn.Module):
-    """On the FFN's last linear (output stage): y + s * U act(D x) with x from its tap."""
-
-    AXES = {"D": ("out", 1), "U": ("out", 0)}  # x and y both have the hidden size (the FFN's out side)
+class Parallel(Bottleneck):
+    """On the FFN's last linear (output stage): y + s * U act(D x) with x from its tap (D, U, AXES as the serial
+    adapter's: x and y both have the hidden size, the FFN's out side)."""
 
     def __init__(self, features: int, r: int, alpha: float, activation: str):
-        super().__init__()
-        self.r, self.alpha, self.activation = r, alpha, activation
-        self.D = nn.Parameter(torch.empty(r, features))
-        self.U = nn.Parameter(torch.zeros(features, r))
-        nn.init.kaiming_uniform_(self.D, a=math.sqrt(5))
-        self.act = ACTIVATIONS[activation]()
+        super().__init__(features, r, alpha, activation)
         self.__dict__["tap"] = None  # the paired Tap (not a submodule: it lives on the FFN's first linear)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -132,9 +126,6 @@ class Parallel(nn.Module):
                             "did not run before it)")
         x, tap.x = tap.x, None
         return y + self.act(x @ self.D.T) @ self.U.T * (self.alpha / self.r)
-
-    def hparams(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "activation": self.activation}
 
 
 def _pairs(ins: list[str], outs: list[str]) -> list[tuple[str, str]]:
