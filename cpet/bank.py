@@ -7,9 +7,9 @@
 
 A task (LoRA + recovery + head + labels, a cpet task folder) is copied into a new last slot: per wrapped
 layer one fused pair of its own ranks (unloading deletes them and moves the last slot into the hole, so
-memory is really freed). Heads stay outside the backbone, one small module per task. A batch's rows carry task
-names; rows of one task must be contiguous (``TaskBank.forward`` sorts them) and each segment pays one
-down and one up matmul per layer whatever its task's branches are.
+memory is really freed). Heads stay outside the backbone, one small module per task. A batch's rows carry
+task names; each run of consecutive rows of one task is a segment (callers sort rows by task, so each task
+is one), and each segment pays one down and one up matmul per layer whatever its task's branches are.
 
 The plain reference (``cpet.task_modules.load_task_modules`` of each task on its own copy of the
 backbone) stays; tests hold the bank to it. Training does not go through the bank: a task trains as
@@ -47,8 +47,8 @@ class Routing:
 
 
 class BankBranch(nn.Module):
-    """One wrapped layer's add-ons for every slot: per slot one fused pair, W_down (r_l + r_r, in) and
-    W_up (out, r_l + r_r), each of its task's own ranks (no padding; a slot whose task has no branch on
+    """One wrapped layer's add-ons for every slot: per slot one fused pair, W_down^T (in, r_l + r_r) and
+    W_up^T (r_l + r_r, out) stored as the GEMMs read them, each of its task's own ranks (no padding; a slot whose task has no branch on
     this layer is None and costs nothing). Loading appends tensors, unloading deletes them: nothing is
     reallocated, so memory follows the loaded tasks."""
 

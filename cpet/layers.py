@@ -6,7 +6,7 @@
 
 ``Adapted`` calls ``self.base(x)`` without looking inside, so every branch works over fp32, int8 and
 pruned layers alike. A branch's module name is its kind; kinds are registered with their stage by the
-modules that define them (``register_kind``: cpet.pet's methods, cpet.recovery, cpet.bank). A parameter
+modules that define them (``register_kind``: cpet.pet's methods, cpet.recovery; the bank's here). A parameter
 trains (and saves with its task) iff its dotted name contains a trainable kind as a path component
 (``...query.lora.A``, ``...query.recovery.U``, ``head.out.weight``).
 """
@@ -112,6 +112,11 @@ def attach(model: nn.Module, names, kind: str, make) -> list[str]:
         layer = wrap(model, name)
         setattr(layer, kind, make(layer.in_features, layer.out_features))
     return names
+
+
+def branch_layers(model: nn.Module, kind: str) -> list[str]:
+    """Sorted names of the wrapped layers that carry a ``kind`` branch."""
+    return sorted(n for n, m in model.named_modules() if isinstance(m, Adapted) and m._modules.get(kind) is not None)
 
 
 def kind_of(param_name: str) -> str | None:

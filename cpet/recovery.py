@@ -18,7 +18,7 @@ import torch.nn as nn
 from cpet.config import RecoveryConfig
 from cpet.compress.moefication import dense_ffn, ffn_blocks
 from cpet.errors import CpetError
-from cpet.layers import Adapted, attach, register_kind, stage_of
+from cpet.layers import Adapted, attach, branch_layers, register_kind, stage_of
 from cpet.models import target_modules
 
 register_kind("recovery", "add", rank=20)
@@ -131,7 +131,7 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     for GELU / ReLU / SiLU, so it starts at the same function with rank r // 2 and training can bend it.
     Returns per module the share of ||R||^2 the fit removes on the calibration tokens.
     """
-    names = sorted(n for n, m in student.named_modules() if isinstance(m, Adapted) and m._modules.get("recovery") is not None)
+    names = branch_layers(student, "recovery")
     if not names:
         return {}
     for n in names:  # the fit reads the layer as base + additive branches: an input / output transform breaks that

@@ -16,7 +16,7 @@ import torch.nn as nn
 from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json, load_safetensors, read_json
-from cpet.layers import Adapted, task_state_dict
+from cpet.layers import branch_layers, task_state_dict
 from cpet.models import LMTaskModel, TaskModel
 from cpet.pet import METHODS, method_of
 from cpet import recovery as recovery_mod
@@ -46,10 +46,6 @@ def build_task_model(backbone: nn.Module, num_labels: int, pooling: str | None =
     return model
 
 
-def _branch_names(model: nn.Module, kind: str) -> list[str]:
-    return sorted(n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules)
-
-
 def describe(model: TaskModel) -> dict:
     """What the task's modules are and where they sit (enough to rebuild them on a backbone)."""
     desc: dict = {"format": FORMAT, "head": model.head_type}
@@ -59,7 +55,7 @@ def describe(model: TaskModel) -> dict:
         entry = method.describe(model)
         if entry is not None:
             desc[name] = entry
-    rec_names = _branch_names(model, "recovery")
+    rec_names = branch_layers(model, "recovery")
     if rec_names:
         b = model.get_submodule(rec_names[0]).recovery
         act = next(k for k, v in recovery_mod.ACTIVATIONS.items() if isinstance(b.act, v))

@@ -70,9 +70,6 @@ class AdapterMethod(PetMethod):
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         return Bottleneck(out_features, cfg.r, cfg.alpha, cfg.activation)
 
-    def config_from(self, hp: dict):
-        return AdapterConfig(**hp)
-
 
 METHOD = AdapterMethod()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cpet.errors import CpetError
-from cpet.layers import Adapted, attach
+from cpet.layers import attach, branch_layers
 from cpet.models import target_modules
 
 
@@ -31,16 +31,9 @@ class PetMethod:
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         raise NotImplementedError
 
-    def kind_for(self, role: str, cfg) -> str:
-        """The branch kind a layer of ``role`` gets (a method with one kind: that one)."""
+    def kind_for(self, role: str, cfg, layer: nn.Module) -> str:
+        """The branch kind ``layer`` (playing ``role``) gets (a method with one kind: that one)."""
         return self.kinds[0]
-
-    def hparams(self, cfg) -> dict:
-        """What the task folder records to rebuild the modules (besides where they sit)."""
-        return {}
-
-    def config_from(self, hp: dict):
-        return self.Config(**hp)
 
     def apply(self, model: nn.Module, cfg) -> list[str]:
         """Fresh modules on every layer whose role is in ``cfg.targets``; returns the layer names."""
@@ -48,18 +41,13 @@ class PetMethod:
         if not layers:
             raise CpetError(f"{self.name}: no layer of {model.__class__.__name__} plays the roles {list(cfg.targets)}")
         for name in sorted(layers):  # sorted: the random init of each layer as cpet has always drawn it
-            kind = self.kind_for(layers[name], cfg)
+            kind = self.kind_for(layers[name], cfg, model.get_submodule(name))
             attach(model, [name], kind, lambda i, o, k=kind: self.make(i, o, cfg, k))
         return sorted(layers)
 
     def placed(self, model: nn.Module) -> dict[str, list[str]]:
         """{kind: sorted names of the wrapped layers carrying it} for this method's kinds present."""
-        out = {}
-        for kind in self.kinds:
-            names = sorted(n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules)
-            if names:
-                out[kind] = names
-        return out
+        return {kind: names for kind in self.kinds if (names := branch_layers(model, kind))}
 
     def describe(self, model: nn.Module) -> dict | None:
         """The task-folder entry: {"modules": {kind: [layer names]}, **hyper-parameters}; None if absent."""
@@ -70,9 +58,9 @@ class PetMethod:
         return {"modules": placed, **first.hparams()}
 
     def rebuild(self, model: nn.Module, desc: dict) -> None:
-        """Attach empty modules where ``desc`` (``describe``'s entry) says; tensors are loaded after."""
-        hp = {k: v for k, v in desc.items() if k != "modules"}
-        cfg = self.config_from(hp)
+        """Attach empty modules where ``desc`` (``describe``'s entry) says; tensors are loaded after. The
+        entry's hyper-parameters are what each module's ``hparams()`` recorded: its Config's fields."""
+        cfg = self.Config(**{k: v for k, v in desc.items() if k != "modules"})
         for kind, names in desc["modules"].items():
             if kind not in self.kinds:
                 raise CpetError(f"{self.name}: unknown module kind {kind!r} in the task folder (known: {self.kinds})")

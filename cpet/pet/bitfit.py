@@ -51,8 +51,5 @@ class BitFitMethod(PetMethod):
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         return BiasDelta(out_features)
 
-    def config_from(self, hp: dict):
-        return BitFitConfig()
-
 
 METHOD = BitFitMethod()

@@ -56,23 +56,12 @@ class Scale(nn.Module):
 class IA3Method(PetMethod):
     name, Config, kinds, peft_type = "ia3", IA3Config, ("ia3", "ia3_in"), "IA3"
 
-    def kind_for(self, role: str, cfg) -> str:
-        return "ia3_in" if role in cfg.input_side else "ia3"
-
-    def apply(self, model: nn.Module, cfg) -> list[str]:
-        names = super().apply(model, cfg)
-        for name in names:  # a compound module (MoE FFN) hides its inner activations: scale its output
-            layer = model.get_submodule(name)
-            if "ia3_in" in layer._modules and getattr(layer.base, "roles", None):
-                del layer._modules["ia3_in"]
-                layer.ia3 = Scale(layer.out_features, "out")
-        return names
+    def kind_for(self, role: str, cfg, layer: nn.Module) -> str:
+        compound = getattr(getattr(layer, "base", layer), "roles", None)  # a MoE FFN hides its inner activations
+        return "ia3_in" if role in cfg.input_side and not compound else "ia3"
 
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         return Scale(in_features, "in") if kind == "ia3_in" else Scale(out_features, "out")
-
-    def config_from(self, hp: dict):
-        return IA3Config()
 
 
 METHOD = IA3Method()
