@@ -20,10 +20,9 @@ from cpet.compress import load_compressed
 from cpet.compress.calibration import make_calibration
 from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
-from cpet.fingerprint import digest
+from cpet.fingerprint import digest, model_digest
 from cpet.inherit import inherit
-from cpet.io import read_json
-from cpet.fingerprint import model_digest
+from cpet.io import read_json, require_new_folder
 from cpet.models import LMTaskModel, TaskModel, load_backbone, resolve_model_path
 from cpet.pet import METHODS, PET_KINDS
 from cpet.pet.peft_io import import_peft
@@ -58,9 +57,7 @@ def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_di
     (trained on the backbone the compressed one was made from), with no task data; returns its path.
     ``task``: the cpet task it solves (a PEFT adapter does not say; text-to-text prediction needs its
     prompt and verbalizers)."""
-    task_dir, out = Path(task_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    task_dir, out = Path(task_dir), require_new_folder(out_dir)
     if out.resolve() == task_dir.resolve():
         raise CpetError("the output folder is the input task folder; choose a new one")
     if not task_dir.is_dir():
@@ -103,12 +100,10 @@ def _backbone_record(compressed_dir: str | os.PathLike, meta: dict) -> dict:
 
 def import_peft_task(peft_dir: str | os.PathLike, backbone_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      task: str | None = None) -> Path:
-    """``cpet import-peft``: a PEFT LoRA of a language model as a cpet task folder on ``backbone_dir`` (a cpet
+    """``cpet import-peft``: a PEFT LoRA or IA3 adapter of a language model as a cpet task folder on ``backbone_dir`` (a cpet
     compressed folder, or the uncompressed model), as it is: no recovery modules, no fit (``cpet adapt``
     adds those). Encoder tasks need cpet's task head, which a PEFT adapter does not carry: refused."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    out = require_new_folder(out_dir)
     if (Path(backbone_dir) / "compression.json").is_file():
         bb, _, meta = load_compressed(backbone_dir)
         record = _backbone_record(backbone_dir, meta)

@@ -63,6 +63,14 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     return p if p.is_dir() else None
 
 
+def require_new_folder(path: str | os.PathLike) -> Path:
+    """``path`` as an output folder that does not exist or is empty (nothing is ever overwritten)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    return out
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, log=None):
     """Hold an exclusive lock on ``folder`` (a paradigm or backbone folder of a run) while checking or making

@@ -21,12 +21,14 @@ import torch.nn as nn
 
 from cpet.config import LoraConfig
 from cpet.errors import CpetError
-from cpet.layers import Adapted, attach
+from safetensors.torch import save
+
+from cpet.layers import attach, task_state_dict
 from cpet.pet import METHODS
 from cpet.pet.ia3 import Scale
 from cpet.pet.lora import add_lora_to
-from cpet.io import atomic_write, atomic_write_json
-from cpet.task_modules import load_into, read_task_folder
+from cpet.io import atomic_write, atomic_write_json, require_new_folder
+from cpet.task_modules import describe, load_into, read_task_folder
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.[^.]+)?$")
@@ -82,11 +84,7 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
         m = _KEY.match(key)
         if m is None:
             continue  # modules_to_save etc.: cpet's task head is its own
-        path = m["path"]
-        while path not in modules and "." in path:
-            path = path.split(".", 1)[1]
-        if path not in modules:
-            raise CpetError(f"{adapter_dir}: adapter module {m['path']!r} not found in {type(backbone).__name__}")
+        path = _module_path(m["path"], modules, adapter_dir, backbone)
         names.add(prefix + path)
         state[f"{prefix}{path}.lora.{m['ab']}"] = value.float()
     if not names:
@@ -130,132 +128,77 @@ def _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir) -> list[
     return sorted(names)
 
 
-def _no_peft_methods():
-    """The registered PET methods PEFT has no type for."""
-    return [m for m in METHODS.values() if m.peft_type is None]
-
-
-def not_in_peft(model: nn.Module) -> list[str]:
-    """What a PEFT LoRA adapter cannot carry of this task model: its recovery modules and its task head
-    (cpet's head pools the encoder's states its own way; no HF class's head, hence no ``modules_to_save``,
-    computes the same function)."""
+def _lost(desc: dict) -> list[str]:
+    """What a PEFT adapter cannot carry of a task (its task-folder description): recovery modules, modules
+    of methods PEFT has no type for, and the task head (cpet's head pools the encoder's states its own
+    way; no HF class's head, hence no ``modules_to_save``, computes the same function)."""
     lost = []
-    for kind in ("recovery", *(k for m in _no_peft_methods() for k in m.kinds if m.kinds)):
-        on = [n for n, m in model.named_modules() if isinstance(m, Adapted) and kind in m._modules]
-        if on:
-            lost.append(f"the {kind} modules on {len(on)} layers")
-    head = getattr(model, "head", None)
-    if head is not None:
-        lost.append(f"the task head ({type(head).__name__})")
+    if "recovery" in desc:
+        lost.append(f"the recovery modules on {len(desc['recovery']['modules'])} layers")
+    lost += [f"the {m.name} modules" for m in METHODS.values() if m.peft_type is None and m.name in desc]
+    if desc.get("head", "classify") != "lm":
+        lost.append(f"the task head ({desc.get('head', 'classify')}, {desc.get('num_labels', '?')} outputs)")
     return lost
-
-
-def _refuse_loss(lost: list[str], what: str) -> None:
-    if lost:
-        raise CpetError(f"{what}: a PEFT adapter cannot hold {' and '.join(lost)}, so exporting would drop "
-                        "them and the adapter would not compute this task. Export the PET modules alone on purpose with "
-                        "pet_only=True (cpet export-peft --pet-only), or serve the task folder with cpet")
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
                 pet_only: bool = False) -> Path:
-    """Write the model's LoRA branches as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads
-    onto the uncompressed backbone class (e.g. ``AutoModel``). A model with recovery modules or a task
-    head is refused (naming them) unless ``pet_only``: never a silent drop."""
-    backbone, prefix = _backbone(model)
-    if not pet_only:
-        _refuse_loss(not_in_peft(model), "export_peft")
-    ia3 = {name: mod for name, mod in backbone.named_modules()
-           if isinstance(mod, Adapted) and ("ia3" in mod._modules or "ia3_in" in mod._modules)}
-    loras = {name: mod.lora for name, mod in backbone.named_modules() if isinstance(mod, Adapted) and "lora" in mod._modules}
-    if ia3 and loras:
-        raise CpetError("export_peft: a PEFT adapter is one type; this model has both LoRA and IA3 modules")
-    if ia3:
-        return write_ia3({n: (m.ia3.l.detach() if "ia3" in m._modules else m.ia3_in.l.detach(), "ia3_in" in m._modules)
-                          for n, m in ia3.items()}, out_dir, base_model_name_or_path)
-    return write_peft({n: (lo.A.detach(), lo.B.detach()) for n, lo in loras.items()},
-                      {lo.r for lo in loras.values()}, {lo.alpha for lo in loras.values()},
-                      {getattr(lo.dropout, "p", 0.0) for lo in loras.values()}, out_dir, base_model_name_or_path)
-
-
-def write_peft(loras: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: set, alphas: set, drops: set,
-               out_dir: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
-    """A PEFT LoRA folder from {module path in the backbone: (A, B)}."""
-    from safetensors.torch import save
-
-    if not loras:
-        raise CpetError("export_peft: the model has no LoRA modules")
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise CpetError("export_peft: PEFT needs one rank and alpha for all modules")
-    tensors = {}
-    for name, (A, B) in loras.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": ranks.pop(), "lora_alpha": alphas.pop(),
-        "lora_dropout": drops.pop() if len(drops) == 1 else 0.0, "target_modules": sorted(loras),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-        "base_model_name_or_path": base_model_name_or_path, "init_lora_weights": True,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "adapter_model.safetensors", save(tensors))
-    atomic_write_json(out / "adapter_config.json", config)
-    return out
-
-
-def write_ia3(vectors: dict[str, tuple[torch.Tensor, bool]], out_dir: str | os.PathLike,
-              base_model_name_or_path: str | None) -> Path:
-    """A PEFT IA3 folder from {module path: (l, scales the input)}."""
-    from safetensors.torch import save
-
-    tensors = {f"base_model.model.{n}.ia3_l": (l[None, :] if inp else l[:, None]).contiguous()
-               for n, (l, inp) in vectors.items()}
-    config = {"peft_type": "IA3", "task_type": None, "target_modules": sorted(vectors),
-              "feedforward_modules": sorted(n for n, (_, inp) in vectors.items() if inp), "fan_in_fan_out": False,
-              "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
-              "base_model_name_or_path": base_model_name_or_path}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "adapter_model.safetensors", save(tensors))
-    atomic_write_json(out / "adapter_config.json", config)
-    return out
+    """Write a task model's LoRA or IA3 as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads
+    onto the uncompressed backbone class (e.g. ``AutoModel``). A model with what PEFT cannot hold
+    (recovery modules, other methods' modules, a task head) is refused, naming it, unless ``pet_only``:
+    never a silent drop."""
+    return _export(describe(model), task_state_dict(model), Path(out_dir), base_model_name_or_path, pet_only,
+                   "export_peft")
 
 
 def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
                        pet_only: bool = False) -> tuple[Path, str | None]:
-    """``cpet export-peft``: a cpet task folder's LoRA as a PEFT adapter folder, read from the files (no model
-    loaded). Returns (folder, base model it names). Refuses what PEFT cannot hold unless ``pet_only``;
-    refuses to write into a non-empty folder."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CpetError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+    """``cpet export-peft``: a cpet task folder's LoRA or IA3 as a PEFT adapter folder, read from the files
+    (no model loaded). Returns (folder, base model it names: by default the model the task was trained on,
+    or the source of its compressed backbone). Refuses what PEFT cannot hold unless ``pet_only``, and a
+    non-empty output folder."""
+    out = require_new_folder(out_dir)
     desc, state = read_task_folder(task_dir)
-    if "lora" not in desc and "ia3" not in desc:
-        raise CpetError(f"{task_dir} has no LoRA or IA3 modules to export (PEFT's types cpet writes)")
-    if "lora" in desc and "ia3" in desc:
-        raise CpetError(f"{task_dir} has LoRA and IA3 modules; a PEFT adapter is one type")
-    lost = []
-    if "recovery" in desc:
-        lost.append(f"the recovery modules on {len(desc['recovery']['modules'])} layers")
-    for m in _no_peft_methods():
-        if m.name in desc:
-            lost.append(f"the {m.name} modules")
-    if desc.get("head", "classify") != "lm":
-        lost.append(f"the task head ({desc.get('head', 'classify')}, {desc.get('num_labels', '?')} outputs)")
-    if not pet_only:
-        _refuse_loss(lost, str(task_dir))
-    strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
     if base_model is None:
         bb = desc.get("backbone") or {}
         base_model = bb.get("source") or bb.get("path")
         meta = Path(str(base_model)) / "compression.json" if base_model else None
         if meta is not None and meta.is_file():  # trained on a cpet compressed folder: name its source model
             base_model = json.loads(meta.read_text()).get("source", base_model)
+    return _export(desc, state, out, base_model, pet_only, str(task_dir)), base_model
+
+
+def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: str | None, pet_only: bool,
+            what: str) -> Path:
+    """A task (its description + tensors, keys as cpet saves them) as a PEFT LoRA or IA3 folder."""
+    if "lora" not in desc and "ia3" not in desc:
+        raise CpetError(f"{what}: no LoRA or IA3 modules to export (PEFT's types cpet writes)")
+    if "lora" in desc and "ia3" in desc:
+        raise CpetError(f"{what}: LoRA and IA3 modules; a PEFT adapter is one type")
+    lost = _lost(desc)
+    if lost and not pet_only:
+        raise CpetError(f"{what}: a PEFT adapter cannot hold {' and '.join(lost)}, so exporting would drop "
+                        "them and the adapter would not compute this task. Export the PET modules alone on purpose "
+                        "with pet_only=True (cpet export-peft --pet-only), or serve the task folder with cpet")
+    strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
     if "ia3" in desc:
         vectors = {strip(n): (state[f"{n}.{kind}.l"], kind == "ia3_in")
                    for kind, names in desc["ia3"]["modules"].items() for n in names}
-        return write_ia3(vectors, out, base_model), base_model
-    d = desc["lora"]
-    loras = {strip(n): (state[f"{n}.lora.A"], state[f"{n}.lora.B"]) for n in d["modules"]}
-    return write_peft(loras, {d["r"]}, {d["alpha"]}, {d.get("dropout", 0.0)}, out, base_model), base_model
+        tensors = {f"base_model.model.{n}.ia3_l": (l[None, :] if inp else l[:, None]).contiguous()
+                   for n, (l, inp) in vectors.items()}
+        config = {"peft_type": "IA3", "target_modules": sorted(vectors),
+                  "feedforward_modules": sorted(n for n, (_, inp) in vectors.items() if inp), "init_ia3_weights": True}
+    else:
+        d = desc["lora"]
+        tensors = {}
+        for n in d["modules"]:
+            tensors[f"base_model.model.{strip(n)}.lora_A.weight"] = state[f"{n}.lora.A"].contiguous()
+            tensors[f"base_model.model.{strip(n)}.lora_B.weight"] = state[f"{n}.lora.B"].contiguous()
+        config = {"peft_type": "LORA", "r": d["r"], "lora_alpha": d["alpha"], "lora_dropout": d.get("dropout", 0.0),
+                  "target_modules": sorted(strip(n) for n in d["modules"]), "bias": "none", "init_lora_weights": True}
+    config.update(task_type=None, fan_in_fan_out=False, inference_mode=True, modules_to_save=None,
+                  base_model_name_or_path=base_model)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "adapter_model.safetensors", save(tensors))
+    atomic_write_json(out / "adapter_config.json", config)
+    return out
