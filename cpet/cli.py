@@ -17,6 +17,7 @@ def _run(config_path, overrides: list[str], output_dir: str | None, fresh: bool 
 
     from cpet.config import load_config
     from cpet.experiments import results_table, run_experiment
+    from cpet.pet import METHODS
 
     if output_dir:
         overrides = [*overrides, f"output_dir={output_dir}"]
@@ -31,9 +32,7 @@ def _run(config_path, overrides: list[str], output_dir: str | None, fresh: bool 
     print(f"\nresults: {out.resolve()} (one result.json per paradigm, results.md)")
     served = [r["paradigm"] for r in records if r["plan"]]  # (on the compressed backbone)
     backbone = cfg.model.compressed or str(out / "backbone_compressed")
-    from cpet.pet import get as get_method
-
-    if served and records[0].get("formulation") == "head" and get_method(cfg.pet.method).fusable:
+    if served and records[0].get("formulation") == "head" and METHODS[cfg.pet.method].fusable:
         task = out / ("clm_cpet" if "clm_cpet" in served else served[0]) / "task"
         print(f"\nuse it on new text:\n  cpet predict {task} --backbone {backbone} --text \"a gripping, funny film\""
               f"\n  cpet serve {task} --backbone {backbone}   # then: curl -s 127.0.0.1:8000/v1/classify "
@@ -60,7 +59,6 @@ def _plan_arg(text: str):
 def _compress(model: str, plan_text: str, out: str, data_dir: str | None, formulation: str = "auto") -> int:
     from cpet.compress import (check_output_dir, compress, compression_inputs, needs_calibration, plan_to_json,
                                save_compressed)
-    from cpet.config import ModelConfig
     from cpet.experiments import use_text_formulation
     from cpet.fingerprint import model_digest
     from cpet.models import load_backbone, resolve_model_path
@@ -68,7 +66,7 @@ def _compress(model: str, plan_text: str, out: str, data_dir: str | None, formul
     plan = plan_to_json(_plan_arg(plan_text))  # validate before loading anything
     check_output_dir(out, resolve_model_path(model))  # also before loading (save_compressed checks again)
     # the LM head comes along where tasks go text-to-text (T5, decoder LMs under auto), as cpet run compresses
-    lm = use_text_formulation(type("C", (), {"model": ModelConfig(name=model, formulation=formulation)})())
+    lm = use_text_formulation(model, formulation)
     backbone, tok = load_backbone(model, lm=lm)
     if needs_calibration(plan):
         print("calibrating on task-agnostic text (alpaca)", flush=True)
@@ -183,6 +181,7 @@ def _mmlu_model(model: str, path: str, task: str | None):
         if not is_language_model(lm):
             raise CpetError(f"{path} holds the compressed network without its LM head; MMLU scores the LM head's "
                             "letters: compress with cpet compress ... --formulation text")
+        require_causal_lm(lm.config, repr(model))  # (a T5 has an LM head too)
     else:
         require_causal_lm(plain_model_config(model, path, "smollm2"), repr(model))  # before loading the weights
         try:
@@ -191,7 +190,6 @@ def _mmlu_model(model: str, path: str, task: str | None):
         except Exception as e:  # noqa: BLE001 - hub/offline/folder errors all mean the same to the user
             hint = "" if Path(path).exists() else " (offline? pass a local folder, or the alias 'smollm2')"
             raise CpetError(f"cannot load causal LM {model!r}{hint}: {str(e).splitlines()[0]}") from None
-    require_causal_lm(lm.config, repr(model))
     return (load_task_modules(lm, task).eval() if task else lm.eval()), tok
 
 

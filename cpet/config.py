@@ -199,6 +199,11 @@ class Paradigm:
         return self.inherit or self.distill
 
     @property
+    def configured_recovery(self) -> bool:
+        """It has recovery modules as the recovery section says (init, fit data); Table 4's start fresh."""
+        return self.recover and self.modules == "pet"
+
+    @property
     def sized_by_recovery(self) -> bool:
         """Its modules depend on the recovery settings (it has recovery modules, or matches CPET's size)."""
         return self.recover or self.modules != "pet"
@@ -363,11 +368,9 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
         d[p] = nxt
         d = nxt
     last = parts[-1]
-    if len(parts) == 1:
-        value = _section(last, value)
-    if last == "pet" and isinstance(value, dict) and isinstance(d.get(last), dict):
-        value = _merge(d[last], value)  # pet.targets=[k] pet=ia3: both
-    d[last] = value
+    value = _section(last, value) if len(parts) == 1 else value
+    old = d.get(last)  # a section given twice merges, as a file and its overrides do (pet.targets=[k] pet=ia3)
+    d[last] = _merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -32,7 +32,7 @@ from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
 from cpet.io import atomic_write_json, folder_lock, read_json
 from cpet.models import load_backbone, resolve_model_path, target_modules
-from cpet.pet import PET_KINDS
+from cpet.pet import PET_KINDS, method_of
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
 from cpet.tasks import load_task
@@ -106,7 +106,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     data = load_task(cfg.task)  # data errors before any folder is made
     spec = data.spec
     max_len, tc = cfg.model.max_length, cfg.train
-    text = use_text_formulation(cfg)
+    text = use_text_formulation(cfg.model.name, cfg.model.formulation)
     backbone, tokenizer = load_backbone(cfg.model.name, lm=text)
     records_in, calibration, init_calib = _fingerprint_inputs(cfg, data, text, tokenizer)
     fps = {k: digest(v) for k, v in records_in.items()}
@@ -137,7 +137,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     fmt_of = lambda model: get_format(spec, model, cfg.task.doc_stride)  # noqa: E731
     common["formulation"] = "text" if text else "head"
 
-    def run_paradigm(paradigm: str, model, teacher=None, tokenizer=tokenizer) -> dict:
+    def run_paradigm(paradigm: str, model, teacher=None, tokenizer=tokenizer,
+                     modules: tuple = (cfg.pet_config, None)) -> dict:
+        """``modules``: the (PET, recovery) configs ``model``'s task modules were built from."""
         pdir, fp = pdirs[paradigm], fps[paradigm]
         if main:
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
@@ -170,7 +172,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                   "eval_seconds": round(eval_s, 2),
                   "trainable_params": n_params,
                   **({"mmlu": mmlu} if mmlu else {}),
-                  "config": {**_modules_record(cfg, paradigm, model), "train": asdict(tc),
+                  "config": {**_pet_record(modules[0]), **({"recovery": asdict(modules[1])} if modules[1] else {}),
+                             "train": asdict(tc),
                              **({"distill": asdict(cfg.distill)} if PARADIGM_SPECS[paradigm].distill else {})},
                   "fingerprint": fp, "provenance": {**provenance(), "data": records_in[paradigm]["task"]["examples"],
                                                     "backbone_weights": records_in[paradigm]["model"]["weights"]}}
@@ -261,7 +264,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                     if rec_cfg is not None and rec_cfg.init == "fit":
                         fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
                                           init_calib, log)
-                    rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None)
+                    rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None,
+                                       modules=(lora_cfg, rec_cfg))
             records.append(rec)
     if main and not layout.shared:  # the config of the last completed run (each paradigm's inputs: fingerprint.json)
         atomic_write_json(out / "config.json", cfg.to_dict())
@@ -280,7 +284,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
              "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}
     task = {**{k: v for k, v in asdict(cfg.task).items() if k != "data_dir"},
             "examples": examples_digest(data.train, data.val, data.test)}
-    base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, **_pet_record(cfg), "train": train,
+    base = {"format": FINGERPRINT_FORMAT, "model": model, "task": task, **_pet_record(cfg.pet_config), "train": train,
             "mmlu": _mmlu_record(cfg) if cfg.mmlu.enabled else None}
     if cfg.model.compressed:
         meta = _shared_backbone_meta(cfg.model.compressed)
@@ -293,8 +297,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     else:
         compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
                                                data_dir=cfg.task.data_dir)
-    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].recover and PARADIGM_SPECS[p].modules == "pet"
-                                              for p in cfg.paradigms)
+    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].configured_recovery for p in cfg.paradigms)
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
     clm = {**base, "compressed": digest(compressed), "train": {**train, "lr": cfg.train.clm_lr or cfg.train.lr}}
@@ -311,7 +314,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
                                         **({} if how.modules == "pet" else {"modules": how.modules})},
                          **({"recovery": asdict(cfg.recovery)} if how.sized_by_recovery else {}),
                          **({"recovery_init_data": tensor_digest(init_calib.input_ids)}
-                            if how.recover and how.modules == "pet" and init_calib is not None else {}),
+                            if how.configured_recovery and init_calib is not None else {}),
                          **({"distill": distill} if how.distill else {}),
                          **({"teacher": digest(base)} if how.needs_teacher else {})}
     return out, calib, init_calib
@@ -326,8 +329,7 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
     how = PARADIGM_SPECS[paradigm]
     if how.modules == "pet":
         return cfg.pet_config, (cfg.recovery if how.recover else None)
-    if cfg.pet.method != "lora":
-        raise CpetError(f"paradigm {paradigm} (Table 4) is defined for LoRA; this run tunes {cfg.pet.method}")
+    # (Table 4 with another PET method is refused when the config is read)
 
     def width(roles) -> int:  # sum of (in + out) over the layers playing ``roles``: parameters per unit of rank
         return sum(backbone.get_submodule(n).in_features + backbone.get_submodule(n).out_features
@@ -356,20 +358,14 @@ def _mmlu_record(cfg: ExperimentConfig) -> dict:
     return d
 
 
-def _pet_record(cfg: ExperimentConfig) -> dict:
-    """The PET method's settings as results and fingerprints record them: LoRA as ``lora`` (as before other
-    methods existed, so those fingerprints stand), another method as ``pet`` {method, its options}."""
-    if cfg.pet.method == "lora":
-        return {"lora": asdict(cfg.lora)}
-    return {"pet": {"method": cfg.pet.method, **asdict(cfg.pet_config)}}
-
-
-def _modules_record(cfg: ExperimentConfig, paradigm: str, model) -> dict:
-    """The lora / recovery configs a result was trained with (Table 4's as resized)."""
-    if PARADIGM_SPECS[paradigm].modules == "pet":
-        return {**_pet_record(cfg), **({"recovery": asdict(cfg.recovery)} if PARADIGM_SPECS[paradigm].recover else {})}
-    lora_cfg, rec_cfg = paradigm_modules(cfg, paradigm, model)
-    return {**({"lora": asdict(lora_cfg)} if lora_cfg else {}), **({"recovery": asdict(rec_cfg)} if rec_cfg else {})}
+def _pet_record(pet_cfg) -> dict:
+    """A PET config as results and fingerprints record it: LoRA as ``lora`` (as before other methods
+    existed, so those fingerprints stand), another method as ``pet`` {method, its options}."""
+    if isinstance(pet_cfg, LoraConfig):
+        return {"lora": asdict(pet_cfg)}
+    if pet_cfg is None:
+        return {}
+    return {"pet": {"method": method_of(pet_cfg).name, **asdict(pet_cfg)}}
 
 
 def _shared_backbone_meta(folder: str) -> dict:
@@ -457,16 +453,16 @@ def _read_fingerprint(path: Path) -> dict | None:
     return rec if isinstance(rec, dict) and "hash" in rec and "inputs" in rec else None
 
 
-def use_text_formulation(cfg: ExperimentConfig) -> bool:
-    """Text-to-text through the LM head (T5, decoder LMs under ``auto``), or a task head."""
-    if cfg.model.formulation != "auto":
-        return cfg.model.formulation == "text"
+def use_text_formulation(name: str, formulation: str = "auto") -> bool:
+    """Text-to-text through the LM head (T5, decoder LMs under ``auto``), or a task head, for model ``name``."""
+    if formulation != "auto":
+        return formulation == "text"
     from transformers import AutoConfig
 
     from cpet.models import ARCHITECTURES, is_lm_kind, resolve_model_path
 
     try:
-        model_type = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)).model_type
+        model_type = AutoConfig.from_pretrained(resolve_model_path(name)).model_type
     except Exception:  # noqa: BLE001 - load_backbone reports an unreachable model with the full story
         return False
     return model_type in ARCHITECTURES and is_lm_kind(ARCHITECTURES[model_type].kind)

@@ -154,7 +154,7 @@ def prior_seconds(cell: Cell, shared: set) -> float:
     for p in cfg.paradigms:
         spec = PARADIGM_SPECS[p]
         if p == "base_pet":
-            key = (cfg.model, cfg.task, cfg.lora, cfg.pet.method, cfg.pet.typed(), cfg.train)
+            key = (cfg.model, cfg.task, cfg.pet_config, cfg.train)
             if key in shared:
                 continue
             shared.add(key)
@@ -211,6 +211,8 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     done: list[tuple[float, float]] = []
     left = [c.id for c in todo]
 
+    position = {c.id: n for n, c in enumerate(grid.cells, 1)}
+
     def finished(cell: Cell, rec: dict) -> None:
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
         recorded[cell.id] = rec
@@ -224,11 +226,12 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
             f"{_eta(sum(priors[c] for c in left) / par, done)}")
 
     if executor == "ray":
-        _run_on_ray(grid, todo, workers, finished, log)
+        for cell in todo:
+            log(f"queued cell {position[cell.id]}/{len(grid.cells)} {cell.id}: " + _labels(cell))
+        _run_on_ray(grid, todo, workers, finished)
     elif executor == "local":
         for cell in todo:
-            n = grid.cells.index(cell) + 1
-            log(f"cell {n}/{len(grid.cells)} {cell.id}: " + "  ".join(f"{k}={v}" for k, v in cell.labels.items()))
+            log(f"cell {position[cell.id]}/{len(grid.cells)} {cell.id}: " + _labels(cell))
             finished(cell, run_cell(cell, grid.root, log=lambda s: log("  " + s)))
     else:
         raise CpetError(f"executor {executor!r}: use local or ray")
@@ -239,21 +242,31 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     return records
 
 
+def _labels(cell: Cell) -> str:
+    return "  ".join(f"{k}={v}" for k, v in cell.labels.items())
+
+
+def _failed(cell: Cell, seconds: float, error: str, **extra) -> dict:
+    return {**_cell_base(cell), "status": "failed", "seconds": round(seconds, 1), "error": error, **extra}
+
+
+def _cell_base(cell: Cell) -> dict:
+    return {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
+
+
 def run_cell(cell: Cell, root: Path, log: Callable[[str], None] = print) -> dict:
     """Run one cell on the store at ``root``; its record (done with its results' fingerprints, or failed
     with the cause). Not written here: the caller records it."""
     t0 = time.perf_counter()
-    base = {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
     try:
         results = run_experiment(cell.config, log=log, layout=StoreLayout(Path(root)))
-        return {**base, "status": "done", "seconds": round(time.perf_counter() - t0, 1),
+        return {**_cell_base(cell), "status": "done", "seconds": round(time.perf_counter() - t0, 1),
                 "results": {r["paradigm"]: r["fingerprint"] for r in results}}
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - any failure is recorded with its cause; the grid goes on
-        return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 1),
-                "error": f"{type(e).__name__}: {e}",
-                **({} if isinstance(e, CpetError) else {"traceback": traceback.format_exc()})}
+        return _failed(cell, time.perf_counter() - t0, f"{type(e).__name__}: {e}",
+                       **({} if isinstance(e, CpetError) else {"traceback": traceback.format_exc()}))
 
 
 def _ray_cell(cell: Cell, root: str, threads: int) -> dict:
@@ -264,7 +277,7 @@ def _ray_cell(cell: Cell, root: str, threads: int) -> dict:
     return run_cell(cell, Path(root), log=lambda s: print(f"[{cell.id}] {s}", flush=True))
 
 
-def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished, log) -> None:
+def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished) -> None:
     try:
         import ray
     except ImportError:
@@ -282,18 +295,13 @@ def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished, log) -> No
         threads = max(1, (os.cpu_count() or workers) // workers)
         task = ray.remote(num_cpus=1, max_retries=0)(_ray_cell)
         pending = {task.remote(c, str(Path(grid.root).resolve()), threads): c for c in todo}
-        for c in todo:
-            log(f"queued cell {grid.cells.index(c) + 1}/{len(grid.cells)} {c.id}: "
-                + "  ".join(f"{k}={v}" for k, v in c.labels.items()))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
             try:
                 rec = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - a worker that died: recorded like any failure
-                rec = {"cell": cell.id, "values": cell.values, "labels": cell.labels,
-                       "config": cell.config.to_dict(), "status": "failed", "seconds": 0.0,
-                       "error": f"Ray worker: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                rec = _failed(cell, 0.0, f"Ray worker: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             finished(cell, rec)
     finally:
         if started:

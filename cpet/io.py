@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -79,8 +80,7 @@ def folder_lock(folder: str | os.PathLike, log=None):
     (``<tmp>/cpet-locks/<hash of the folder's absolute path>.lock``: a refused command changes nothing in
     them) and is held with flock, released when its holder exits or dies, so a crash never leaves it stuck.
     Machines of a cluster do not see each other's locks."""
-    import fcntl
-    import hashlib
+    import fcntl  # POSIX only: imported where used, so cpet.io loads anywhere
 
     folder = Path(folder)
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
