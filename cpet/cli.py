@@ -283,12 +283,16 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
 
 
 def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None) -> int:
-    from cpet.grid import results_of
+    from cpet.grid import SELECT, results_of
+    from cpet.io import read_json
     from cpet.report import write_report
 
     root_p = Path(root)
     if not (root_p / "cells").is_dir():
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
+    if select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
+        select = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")["keys"]
+        print(f"hyper-parameters chosen on validation: {', '.join(select)} (the grid's select; --select to change)")
     paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench,
                          select=tuple(select or ()))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output-dir", default=None, help="where to write (default: the grid folder)")
     p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
     p.add_argument("--select", nargs="+", default=None, metavar="KEY",
-                   help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation")
+                   help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation (default: "
+                        "the grid's select keys, if it has them)")
     p = sub.add_parser("predict", help="predictions of trained tasks on new text (JSON lines), many tasks on one backbone")
     p.add_argument("tasks", nargs="+", metavar="TASK", help="task folder, or NAME=FOLDER (name default: its task)")
     p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on "

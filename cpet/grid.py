@@ -11,6 +11,13 @@ calibration; one base+PET teacher per task, seed and PET config), a rerun skips 
 changed config can never reuse a stale result. Each cell's record (its axis values, config, status,
 the fingerprints of its results, or its error) is ``<root>/cells/<cell id>.json``; a failed cell is
 recorded and the rest go on.
+
+    select: {keys: [train.lr, train.clm_lr], seeds: [42]}   (optional)
+
+A hyper-parameter search the grid runs itself: ``keys`` are axes whose value validation chooses per
+task, plan and paradigm (the other axes apart); the search runs every candidate on ``seeds`` (base+PET
+first: a paradigm with a teacher only tries the teacher's chosen values), and the other seeds run each
+paradigm at its chosen values only. ``cpet report`` applies the same choice (``select.json``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
@@ -33,9 +40,11 @@ from cpet.experiments import StoreLayout, run_experiment
 from cpet.fingerprint import digest
 from cpet.io import atomic_write_json, read_json
 from cpet.models import resolve_model_path
+from cpet.report import choose_on_validation, long_rows, plan_and_variant, split_variant
 from cpet.tasks import load_task
 
 CELLS = "cells"
+SELECT = "select.json"  # the grid's search (keys, seeds): cpet report applies it by default
 # config keys added after grids were first committed, with the value that means "as before" (cell ids
 # of existing stores stay valid; a non-default value is part of the id like any key)
 ADDED_LATER = ((("model", "small"), None), (("mmlu", "lm_eval"), False), (("pet",), {"method": "lora", "options": {}}))
@@ -69,9 +78,21 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Axes whose value is chosen on validation (``keys``), searched on ``seeds``."""
+
+    keys: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    def searches(self, cell: Cell) -> bool:
+        return cell.config.train.seed in self.seeds
+
+
+@dataclass(frozen=True)
 class Grid:
     root: Path
     cells: list[Cell]
+    select: Selection | None = None
 
 
 def _dotted(key: str, value) -> str:
@@ -82,9 +103,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, output_dir: 
     """Parse a grid file; every cell's config is built and validated here, before anything runs."""
     path = Path(path)
     data = read_yaml_mapping(path, "grid file")
-    unknown = sorted(set(data) - {"base", "axes", "output_dir"})
+    unknown = sorted(set(data) - {"base", "axes", "output_dir", "select"})
     if unknown:
-        raise CpetError(f"{path}: unknown key {unknown[0]!r}; a grid has base, axes and output_dir")
+        raise CpetError(f"{path}: unknown key {unknown[0]!r}; a grid has base, axes, output_dir and select")
     base = data.get("base") or {}
     if isinstance(base, str):  # a path to an experiment YAML, relative to the grid file
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
@@ -106,7 +127,25 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, output_dir: 
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise CpetError(f"{path}: two cells resolve to the same config (an axis repeats a value?)")
-    return Grid(root, cells)
+    return Grid(root, cells, _selection(path, data.get("select"), axes))
+
+
+def _selection(path: Path, spec, axes: dict) -> Selection | None:
+    """The grid's ``select`` section, checked against its axes."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"keys", "seeds"}:
+        raise CpetError(f"{path}: select must be {{keys: [axes chosen on validation], seeds: [seeds searched on]}}")
+    keys, seeds = spec["keys"], spec["seeds"]
+    if not isinstance(keys, list) or not keys or any(k not in axes for k in keys):
+        raise CpetError(f"{path}: select.keys must name axes of this grid (axes: {list(axes)})")
+    if any(k in ("task.name", "compress", "train.seed") for k in keys):
+        raise CpetError(f"{path}: select.keys cannot be task.name, compress or train.seed (the search is per task, "
+                        "plan and seed)")
+    if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(axes.get("train.seed", [])):
+        raise CpetError(f"{path}: select.seeds must be values of a train.seed axis (the other seeds run the "
+                        "chosen values only)")
+    return Selection(tuple(keys), tuple(seeds))
 
 
 def cell_record(root: Path, cell: Cell) -> dict | None:
@@ -175,10 +214,11 @@ def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
 def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     """The cells with their status and an estimate of the time left."""
     rows, done, prior_left, shared = [], [], 0.0, set()
+    share = 1.0 / _candidates(grid) if grid.select else 1.0
     for cell in grid.cells:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
-        prior = prior_seconds(cell, shared)
+        prior = prior_seconds(cell, shared) * (share if grid.select and not grid.select.searches(cell) else 1.0)
         if status == "done":
             done.append((rec["seconds"], prior))
         else:
@@ -188,6 +228,9 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     for r in rows:
         log(f"  [{r['status']:>6}] {r['cell']}  ~{r['est_min']:.1f} min  " + "  ".join(
             f"{k}={v}" for k, v in r.items() if k not in ("cell", "status", "est_min")))
+    if grid.select:
+        log(f"{', '.join(grid.select.keys)} searched on seeds {list(grid.select.seeds)}; the other seeds run each "
+            f"paradigm at its chosen values (their estimates count one candidate in {_candidates(grid)})")
     log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(prior_left, done)}")
     return rows
 
@@ -195,51 +238,162 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
 def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False,
              executor: str = "local", workers: int = 2) -> list[dict]:
     """Run every cell not yet done; returns the cell records (grid order). A cell that raises is recorded
-    as failed with its error and the others go on; ``retry_failed`` runs failed cells again.
+    as failed with its error and the others go on; ``retry_failed`` runs failed cells again. With a
+    ``select`` section the search seeds run first (base+PET, then the rest), then the other seeds, each
+    paradigm at the values validation chose (see the module docstring).
 
     ``executor``: ``local`` runs the cells one after another in this process; ``ray`` runs them as Ray
     tasks, ``workers`` at a time on a local Ray instance (on the cluster ``RAY_ADDRESS`` names, its CPUs
     decide how many run at once; the store must be a folder every worker sees). Cells that need the same compressed backbone or teacher make it
     once: the first takes its folder's lock, the others wait for it (``cpet.io.folder_lock``)."""
+    if executor not in ("local", "ray"):
+        raise CpetError(f"executor {executor!r}: use local or ray")
     recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
     skip = ("done",) if retry_failed else ("done", "failed")
     todo = [c for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
+    sel = grid.select
     shared: set = set()
-    priors = {c.id: prior_seconds(c, shared) for c in grid.cells}
+    share = 1.0 / _candidates(grid) if sel else 1.0  # a seed that does not search runs one candidate of each paradigm
+    priors = {c.id: prior_seconds(c, shared) * (1.0 if not sel or sel.searches(c) else share) for c in grid.cells}
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded"
-        + (f"; {len(todo)} to run on Ray, {workers} at a time" if executor == "ray" and todo else ""))
+        + (f"; {len(todo)} to run on Ray, {workers} at a time" if executor == "ray" and todo else "")
+        + (f"; {', '.join(sel.keys)} searched on seeds {list(sel.seeds)}, the other seeds run the values chosen "
+           "on validation" if sel else ""))
     done: list[tuple[float, float]] = []
     left = [c.id for c in todo]
-
     position = {c.id: n for n, c in enumerate(grid.cells, 1)}
 
-    def finished(cell: Cell, rec: dict) -> None:
+    def finished(cell: Cell, rec: dict, final: bool = True) -> None:
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
         recorded[cell.id] = rec
+        if rec["status"] == "failed":
+            log(f"  cell {cell.id} failed: {rec['error']}")
+        if not final and rec["status"] != "failed":
+            return
         if rec["status"] == "done":
             done.append((rec["seconds"], priors[cell.id]))
-        else:
-            log(f"  cell {cell.id} failed: {rec['error']}")
-        left.remove(cell.id)
+        if cell.id in left:
+            left.remove(cell.id)
         par = workers if executor == "ray" else 1
         log(f"  cell {cell.id} {rec['status']} in {rec['seconds']:.0f}s; {len(left)} cells left, "
             f"{_eta(sum(priors[c] for c in left) / par, done)}")
 
-    if executor == "ray":
-        for cell in todo:
-            log(f"queued cell {position[cell.id]}/{len(grid.cells)} {cell.id}: " + _labels(cell))
-        _run_on_ray(grid, todo, workers, finished)
-    elif executor == "local":
-        for cell in todo:
-            log(f"cell {position[cell.id]}/{len(grid.cells)} {cell.id}: " + _labels(cell))
-            finished(cell, run_cell(cell, grid.root, log=lambda s: log("  " + s)))
+    def execute(batch: list[tuple[Cell, list[str], dict[str, str]]], final: bool = True) -> None:
+        """Run each (cell, paradigms to run, paradigms not run and why); record it (partial if not final)."""
+        runs = []
+        for cell, keep, skipped in batch:
+            if not keep:  # nothing chosen in this cell
+                finished(cell, {**_cell_base(cell), "status": "done", "seconds": 0.0, "results": {},
+                                "not_chosen": skipped})
+                continue
+            runs.append((cell, Cell(cell.values, replace(cell.config, paradigms=tuple(keep))), skipped))
+        by_id = {narrow.id: (cell, skipped) for cell, narrow, skipped in runs}
+
+        def done_one(narrow: Cell, rec: dict) -> None:
+            cell, skipped = by_id[narrow.id]
+            rec = {**rec, **_cell_base(cell)}
+            if rec["status"] == "done":
+                rec["status"] = "done" if final else "partial"
+                if skipped:
+                    rec["not_chosen"] = skipped
+            finished(cell, rec, final)
+
+        if executor == "ray":
+            for _, narrow, _ in runs:
+                log(f"queued cell {position[by_id[narrow.id][0].id]}/{len(grid.cells)} {narrow.id}: " + _labels(narrow))
+            _run_on_ray(grid, [n for _, n, _ in runs], workers, done_one)
+        else:
+            for cell, narrow, _ in runs:
+                log(f"cell {position[cell.id]}/{len(grid.cells)} {cell.id}: " + _labels(cell)
+                    + ("" if narrow.config.paradigms == cell.config.paradigms else
+                       f"  [{', '.join(narrow.config.paradigms)}]"))
+                done_one(narrow, run_cell(narrow, grid.root, log=lambda s: log("  " + s)))
+
+    if sel is None:
+        execute([(c, list(c.config.paradigms), {}) for c in todo])
     else:
-        raise CpetError(f"executor {executor!r}: use local or ray")
+        atomic_write_json(grid.root / SELECT, {"keys": list(sel.keys), "seeds": list(sel.seeds)})
+        search = [c for c in todo if sel.searches(c)]
+        execute([(c, ["base_pet"], {}) for c in search if "base_pet" in c.config.paradigms], final=False)
+        choices = _choices(grid)
+        execute([(c, *_chosen_paradigms(c, sel, choices)) for c in search
+                 if (recorded[c.id] or {}).get("status") != "failed"])
+        choices = _choices(grid)
+        follow = []
+        for c in grid.cells:
+            if sel.searches(c):
+                continue
+            rec = recorded[c.id] or {}
+            keep, skipped = _chosen_paradigms(c, sel, choices)
+            if rec.get("status") == "done" and not set(keep) & set(rec.get("not_chosen", {})):
+                continue  # done, and nothing it left out has been chosen since
+            if rec.get("status") == "failed" and not retry_failed:
+                continue
+            missing = [p for p in keep if p in skipped]
+            if missing:  # a paradigm whose search has no result: nothing to choose from
+                finished(c, _failed(c, 0.0, f"{missing[0]}: no validation result on the search seeds "
+                                            f"{list(sel.seeds)} to choose {', '.join(sel.keys)} from ({skipped[missing[0]]}); "
+                                            "fix the search cell, then rerun with --retry-failed"))
+                continue
+            if c.id not in left:
+                left.append(c.id)
+            follow.append((c, keep, skipped))
+        execute(follow)
     records = [recorded[c.id] for c in grid.cells]
     failed = [r for r in records if r and r["status"] == "failed"]
     if failed:
         log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")
     return records
+
+
+def _candidates(grid: Grid) -> int:
+    """How many value combinations of the selected keys the grid's cells have."""
+    return max(1, len({tuple(c.labels[k] for k in grid.select.keys) for c in grid.cells}))
+
+
+def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str]:
+    """A paradigm's (task, plan, paradigm, other axes) in a cell, and its candidate there ("k=v, ...")."""
+    plan, variant = plan_and_variant(paradigm, cell.config.to_dict(), cell.labels)
+    rest, cand = split_variant(variant, keys)
+    return (cell.config.task.name, plan, paradigm, rest), cand
+
+
+def _choices(grid: Grid) -> dict[tuple, str]:
+    """The values validation chose so far, from the search seeds' results."""
+    rows = [r for r in long_rows(results_of(grid.root)) if r["seed"] in grid.select.seeds]
+    return choose_on_validation(rows, grid.select.keys)[0] if rows else {}
+
+
+def _chosen_paradigms(cell: Cell, sel: Selection, choices: dict) -> tuple[list[str], dict[str, str]]:
+    """The paradigms of a cell to run given the choices so far, and why each other one is not run. On a
+    search seed every candidate runs, except that a paradigm with a teacher runs only where the teacher's
+    chosen values are; on the other seeds a paradigm runs where its chosen values are (a paradigm whose
+    search has no result yet is both kept and named in the reasons: the caller reports it)."""
+    keep, skipped = [], {}
+    on = f"validation, seeds {', '.join(map(str, sel.seeds))}"
+    for p in cell.config.paradigms:
+        group, cand = _group(cell, p, sel.keys)
+        if sel.searches(cell):
+            want, have = (choices.get(_group(cell, "base_pet", sel.keys)[0]), _group(cell, "base_pet", sel.keys)[1]) \
+                if PARADIGM_SPECS[p].needs_teacher else (None, None)
+            if want is not None and want != have:
+                skipped[p] = f"its teacher runs at {want} ({on})"
+            else:
+                keep.append(p)
+        else:
+            want = choices.get(group)
+            if want is None:
+                keep.append(p)
+                skipped[p] = f"no search result for {p} on {group[0]}, plan {group[1]}"
+            elif want != cand:
+                skipped[p] = f"{want or 'the other candidate'} chosen ({on})"
+            else:
+                keep.append(p)
+    if any(PARADIGM_SPECS[p].needs_teacher for p in keep) and "base_pet" in cell.config.paradigms \
+            and "base_pet" not in keep:  # its teacher: already made at these values (no work), but the config needs it
+        keep.insert(0, "base_pet")
+        skipped.pop("base_pet", None)
+    return keep, skipped
 
 
 def _labels(cell: Cell) -> str:
@@ -315,7 +469,7 @@ def results_of(root: Path) -> list[dict]:
     out, seen = [], set()
     for f in sorted((Path(root) / CELLS).glob("*.json")):
         rec = read_json(f, "grid cell record", f"delete {f} to run that cell again")
-        if rec.get("status") != "done":
+        if rec.get("status") not in ("done", "partial"):  # partial: a search cell whose base+PET ran
             continue
         for paradigm, fp in rec["results"].items():
             if (paradigm, fp) in seen:  # a teacher shared by cells that differ only in the plan: once

@@ -56,15 +56,28 @@ def _json_plan(steps) -> list[dict]:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for s in steps]
 
 
-def depends_on(paradigm: str, key: str) -> bool:
+def depends_on(paradigm: str, key: str, config: dict | None = None) -> bool:
     """Whether a paradigm's result depends on a config key (the sections its fingerprint records): a
-    teacher does not depend on the plan or the recovery settings; no result on the paradigm list."""
+    teacher does not depend on the plan or the recovery settings; no result on the paradigm list; a
+    compressed paradigm that trains on ``train.clm_lr`` (set in ``config``) and has no teacher not on
+    ``train.lr``."""
     spec = PARADIGM_SPECS[paradigm]
     section = key.split(".")[0]
     if key == "train.clm_lr":
         return spec.compressed and spec.trains
+    if key == "train.lr" and config is not None and config.get("train", {}).get("clm_lr") \
+            and spec.compressed and spec.trains and not spec.needs_teacher:
+        return False
     return section in ("model", "task", "lora", "pet", "train", "mmlu") or (section == "compress" and spec.compressed) \
         or (section == "recovery" and spec.sized_by_recovery) or (section == "distill" and spec.distill)
+
+
+def plan_and_variant(paradigm: str, config: dict, labels: dict[str, str]) -> tuple[str, str]:
+    """A paradigm's plan name ("none" uncompressed) and variant ("k=v, ..." of the grid axes besides
+    task, plan and seed that its result depends on) in a cell of this config and these axis labels."""
+    plan = plan_name(config["compress"]) if PARADIGM_SPECS[paradigm].compressed else "none"
+    return plan, ", ".join(f"{k}={v}" for k, v in sorted(labels.items())
+                           if k not in ("task.name", "compress", "train.seed") and depends_on(paradigm, k, config))
 
 
 def long_rows(results: list[dict]) -> list[dict]:
@@ -73,9 +86,7 @@ def long_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         cfg = r["cell_config"]
-        plan = plan_name(cfg["compress"]) if PARADIGM_SPECS[r["paradigm"]].compressed else "none"
-        variant = ", ".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())
-                            if k not in ("task.name", "compress", "train.seed") and depends_on(r["paradigm"], k))
+        plan, variant = plan_and_variant(r["paradigm"], cfg, r.get("labels", {}))
         base = {"task": r["task"], "plan": plan, "paradigm": r["paradigm"], "seed": cfg["train"]["seed"],
                 "variant": variant, "cell": r.get("cell", ""), "fingerprint": r.get("fingerprint", "")}
         values = {**r["test"], **{f"val_{k}": v for k, v in r["best_val"].items()},
@@ -141,8 +152,8 @@ def tables(rows: list[dict]) -> str:
         section's axes (base+PET on the recovery settings, say) shows its runs without them."""
         if (variant, plan, paradigm, task) in by:
             return by[(variant, plan, paradigm, task)]
-        own = ", ".join(p for p in variant.split(", ") if p and depends_on(paradigm, p.split("=", 1)[0]))
-        return by.get((own, plan, paradigm, task), {})
+        own = [k[0] for k in by if k[1:] == (plan, paradigm, task) and parts(k[0]) <= parts(variant)]
+        return by[(max(own, key=lambda v: len(parts(v))), plan, paradigm, task)] if own else {}
 
     found = {k[0] for k in by}
     variants = sorted(v for v in found if not any(parts(v) < parts(w) for w in found))  # the widest sections
@@ -322,48 +333,65 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def _split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
+def split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
     """("k=v, ..." of the keys not selected, "k=v, ..." of the selected ones)."""
     parts = [p for p in variant.split(", ") if p]
     chosen = [p for p in parts if p.split("=", 1)[0] in keys]
     return ", ".join(p for p in parts if p not in chosen), ", ".join(chosen)
 
 
-def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], str]:
-    """Hyper-parameters chosen on validation only: for each (task, plan, paradigm and the other axes),
-    the values of ``keys`` with the best validation mean over seeds (paradigms with a teacher keep the
-    values chosen for base+PET, their teacher); returns those rows (the selected keys moved out of the
-    variant) and a markdown table of the search (every candidate's validation mean, the chosen one
-    marked, its test mean beside it only for the chosen)."""
+def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[tuple, str], list[str]]:
+    """Per (task, plan, paradigm, other axes): the values of ``keys`` ("k=v, ...") with the best validation
+    mean, compared on the seeds every candidate has (a grid that searches on some seeds runs the others
+    with the chosen values only); paradigms with a teacher choose among the candidates that keep the
+    values chosen for base+PET (a teacher's lr is not theirs to pick). Returns the choices and a markdown
+    table of the search (candidates' validation means, the chosen one's test mean over all its seeds)."""
     main_metric, scale = main_metrics(rows)
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        rest, chosen = _split_variant(r["variant"], keys)
+        rest, chosen = split_variant(r["variant"], keys)
         groups[(r["task"], r["plan"], r["paradigm"], rest)][chosen].append(r)
-    out, lines = [], ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test |",
-                      "|---|---|---|---|---|---|---|"]
+    choices: dict[tuple, str] = {}
+    lines = ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test (all its seeds) |",
+             "|---|---|---|---|---|---|---|"]
     teacher: dict[str, set[str]] = {}  # task -> base+PET's chosen "key=value" parts
-    # base+PET first: a paradigm that inherits from or distils it uses the teacher chosen for it, so its
-    # candidates keep base+PET's chosen values of the keys they share (a teacher's lr is not theirs to pick)
-    for (task, plan, paradigm, rest), cands in sorted(groups.items(), key=lambda kv: (kv[0][2] != "base_pet", kv[0][0], kv[0][1], ORDER.get(kv[0][2], 99), kv[0][3])):
+    for group, cands in sorted(groups.items(), key=lambda kv: (kv[0][2] != "base_pet", kv[0][0], kv[0][1],
+                                                              ORDER.get(kv[0][2], 99), kv[0][3])):
+        task, plan, paradigm, rest = group
         metric = main_metric.get(task)
         if PARADIGM_SPECS[paradigm].needs_teacher and task in teacher:
             base_keys = {p.split("=", 1)[0]: p for p in teacher[task]}
             kept = {c: rs for c, rs in cands.items()
                     if all(base_keys.get(p.split("=", 1)[0], p) == p for p in c.split(", ") if p)}
             cands = kept or cands
-        val = {c: [float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"] for c, rs in cands.items()}
-        scored = {c: statistics.fmean(v) for c, v in val.items() if v}
-        if not scored:
+        val = {c: {r["seed"]: float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"} for c, rs in cands.items()}
+        val = {c: v for c, v in val.items() if v}
+        if not val:
             continue
+        common = set.intersection(*(set(v) for v in val.values()))
+        scored = {c: statistics.fmean(v[s] for s in common) if common else statistics.fmean(v.values())
+                  for c, v in val.items()}
         best = max(sorted(scored), key=lambda c: scored[c])  # ties: the first in sorted order
+        choices[group] = best
         if paradigm == "base_pet":
             teacher[task] = {p for p in best.split(", ") if p}
-        out += [{**r, "variant": rest} for r in cands[best]]
         test = [float(r["value"]) for r in cands[best] if r["metric"] == metric]
+        on = f"seeds {', '.join(map(str, sorted(common)))}" if common else "all seeds (none common)"
         lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {rest or '—'} | " + "; ".join(
-            f"{c or '—'}: {scale[task] * scored[c]:.2f} ({len(val[c])})" for c in sorted(scored)) +
-            f" | {best or '—'} | {_fmt(test, scale[task])} |")
+            f"{c or '—'}: {scale[task] * scored[c]:.2f}" for c in sorted(scored)) +
+            f" (on {on}) | {best or '—'} | {_fmt(test, scale[task])} |")
+    return choices, lines
+
+
+def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], str]:
+    """Hyper-parameters chosen on validation only (``choose_on_validation``): the rows of the chosen
+    runs (the selected keys moved out of the variant) and the markdown table of the search."""
+    choices, lines = choose_on_validation(rows, keys)
+    out = []
+    for r in rows:
+        rest, chosen = split_variant(r["variant"], keys)
+        if choices.get((r["task"], r["plan"], r["paradigm"], rest)) == chosen:
+            out.append({**r, "variant": rest})
     return out, "\n".join(lines)
 
 
@@ -385,7 +413,8 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     if select:
         rows, table = select_on_validation(rows, tuple(select))
         search = (f"## Hyper-parameters chosen on validation\n\n{', '.join(select)} chosen per task, plan and "
-                  "paradigm by the validation mean over seeds (test never consulted); the tables below show "
+                  "paradigm by the validation mean over the seeds every candidate ran (test never consulted); the "
+                  "tables below show "
                   "the chosen runs.\n\n" + table + "\n\n")
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "

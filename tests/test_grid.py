@@ -122,10 +122,18 @@ def test_hyper_parameters_are_chosen_on_validation_never_on_test():
     chosen, table = select_on_validation(rows, ("train.lr",))
     assert {r["value"] for r in chosen if r["metric"] == "accuracy"} == {0.60, 0.61}
     assert all(r["variant"] == "recovery.init=fit" for r in chosen)
-    assert "train.lr=0.001: 71.00 (2); train.lr=0.005: 65.50 (2) | train.lr=0.001 | 60.50 ± 0.71 (2)" in table
+    assert "train.lr=0.001: 71.00; train.lr=0.005: 65.50 (on seeds 1, 2) | train.lr=0.001 | 60.50 ± 0.71 (2)" in table
+    # a candidate with more seeds (the chosen one, run on the other seeds too) is compared on the seeds both have
+    more = [{**r, "seed": 3, "value": 0.40} for r in rows if "train.lr=0.001" in r["variant"] and r["seed"] == 1]
+    chosen, table = select_on_validation(rows + more, ("train.lr",))
+    assert {r["seed"] for r in chosen} == {1, 2, 3} and "71.00; train.lr=0.005: 65.50 (on seeds 1, 2)" in table
     assert depends_on("clm_cpet", "recovery.init") and not depends_on("clm_pet", "recovery.init")
     assert not depends_on("base_pet", "compress") and not depends_on("clm_cpet", "paradigms")
     assert depends_on("base_pet", "train.lr") and depends_on("clm_distill", "distill.alpha")
+    # a fresh PET trained on train.clm_lr does not depend on train.lr; one that inherits does (its teacher)
+    cfg = {"train": {"lr": 0.005, "clm_lr": 0.001}}
+    assert not depends_on("clm_pet", "train.lr", cfg) and depends_on("clm_cpet", "train.lr", cfg)
+    assert depends_on("clm_pet", "train.lr", {"train": {"lr": 0.005, "clm_lr": None}})
 
 
 def test_sections_show_shared_baselines_beside_each_variant():
@@ -197,3 +205,58 @@ def test_cell_ids_outlive_new_config_keys():
     assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3"])).id == "d72cf45886471485"
     assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3", "pet=ia3"])).id \
         != "d72cf45886471485"
+
+
+def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validation_chose(
+        tmp_path, data_dir, tiny_model_dir, capsys):
+    """select: train.lr (base+PET, the teacher) and train.clm_lr (the CLM paradigms) searched on seed 1;
+    seeds 2 and 3 run each paradigm once, at its chosen values; the report applies the same choice."""
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir,
+                   "  task.name: [sst2]\n  compress: [Q]\n  train.seed: [1, 2, 3]\n"
+                   "  train.lr: [0.001, 0.02]\n  train.clm_lr: [0.001, 0.02]\n")
+    Path(g).write_text(Path(g).read_text() + "select: {keys: [train.lr, train.clm_lr], seeds: [1]}\n")
+    assert main(["grid", g, "--dry-run"]) == 0
+    assert "searched on seeds [1]" in capsys.readouterr().out
+    assert main(["grid", g]) == 0
+    root = tmp_path / "g"
+    folders = sorted(p.name.split("-")[0] for p in (root / "paradigms").iterdir())
+    # seed 1: base+PET and CLM+PET at both rates, CLM+CPET at both clm rates but only on the chosen teacher;
+    # seeds 2, 3: one run of each
+    assert folders.count("base_pet") == 2 + 2 and folders.count("clm_pet") == 2 + 2 and folders.count("clm_cpet") == 2 + 2
+    cells = [json.loads(f.read_text()) for f in (root / "cells").glob("*.json")]
+    assert len(cells) == 12 and all(c["status"] == "done" for c in cells)
+    assert any("chosen (validation, seeds 1)" in why for c in cells for why in c.get("not_chosen", {}).values())
+    capsys.readouterr()
+    assert main(["grid", g]) == 0 and "12 already recorded" in capsys.readouterr().out  # nothing left to run
+
+    assert main(["report", str(root)]) == 0
+    assert "chosen on validation: train.lr, train.clm_lr" in capsys.readouterr().out
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    val = {}  # (paradigm, candidate) -> seed 1 validation accuracy
+    for r in rows:
+        if r["metric"] == "val_accuracy" and r["seed"] == "1":
+            val[(r["paradigm"], r["variant"])] = float(r["value"])
+    md = (root / "results.md").read_text()
+    assert "## Hyper-parameters chosen on validation" in md and "(on seeds 1)" in md
+    teacher = max((v, c) for (p, c), v in val.items() if p == "base_pet")[1]
+    for paradigm in ("base_pet", "clm_pet", "clm_cpet"):
+        cands = {c: v for (p, c), v in val.items() if p == paradigm
+                 and (paradigm != "clm_cpet" or teacher in c)}
+        best = max(sorted(cands), key=cands.get)
+        # the chosen candidate ran on every seed; the others on the search seed only
+        seeds = {r["seed"] for r in rows if r["paradigm"] == paradigm and r["variant"] == best and r["metric"] == "accuracy"}
+        assert seeds == {"1", "2", "3"}, (paradigm, best)
+        for c in set(cands) - {best}:
+            assert {r["seed"] for r in rows if r["paradigm"] == paradigm and r["variant"] == c} == {"1"}
+    assert "train.lr" not in next(r["variant"] for r in rows if r["paradigm"] == "clm_pet")  # trains on clm_lr only
+
+
+def test_a_grid_select_names_axes_and_search_seeds(tmp_path, data_dir, tiny_model_dir):
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  train.seed: [1, 2]\n  train.lr: [0.001, 0.02]\n")
+    for select, needle in (("{keys: [train.epochs], seeds: [1]}", "must name axes"),
+                           ("{keys: [train.lr], seeds: [7]}", "values of a train.seed axis"),
+                           ("{keys: [train.seed], seeds: [1]}", "cannot be task.name"),
+                           ("[train.lr]", "select must be")):
+        Path(g).write_text(Path(g).read_text().split("select:")[0] + f"select: {select}\n")
+        with pytest.raises(CpetError, match=needle.replace(".", r"\.")):
+            load_grid(g)
