@@ -315,6 +315,7 @@ class TextFormat(Format):
     @torch.no_grad()
     def generate(self, model: LMTaskModel, tokenizer, examples, max_length, batch_size=16) -> list[str]:
         """Greedy answers (the first line of the continuation), batched; decoders pad on the left."""
+        model.require_no_virtual_tokens("greedy generation")
         lm = model.backbone
         device = next(model.parameters()).device
         eos = _end_token(tokenizer)

@@ -4,7 +4,8 @@
     y  = base(x') + sum_k add_k(x')   additive branches  (LoRA, recovery, BitFit, the bank)
     y  = out_k(y) ...                 output transforms  (IA3 scaling, serial adapters)
 
-``Adapted`` calls ``self.base(x)`` without looking inside, so every branch works over fp32, int8 and
+A ``model``-stage kind is a module on the task model itself that extends the input sequence (prompt
+tuning's virtual tokens: ``TaskModel`` calls its ``extend``). ``Adapted`` calls ``self.base(x)`` without looking inside, so every branch works over fp32, int8 and
 pruned layers alike. A branch's module name is its kind; kinds are registered with their stage by the
 modules that define them (``register_kind``: cpet.pet's methods, cpet.recovery; the bank's here). A parameter
 trains (and saves with its task) iff its dotted name contains a trainable kind as a path component
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-STAGES = ("in", "add", "out")
+STAGES = ("in", "add", "out", "model")  # model: on the task model, not a layer (virtual input tokens)
 _STAGE: dict[str, tuple[str, int]] = {}  # branch kind -> (stage, rank within the stage: the forward order)
 _ORDER: dict[str, tuple[str, ...]] = {s: () for s in STAGES}
 TRAINABLE_KINDS: tuple[str, ...] = ("head",)
@@ -43,6 +44,11 @@ def register_kind(kind: str, stage: str = "add", rank: int = 50, trainable: bool
 
 def stage_of(kind: str) -> str:
     return _STAGE[kind][0]
+
+
+def model_kinds() -> tuple[str, ...]:
+    """The registered model-stage kinds, in their forward order."""
+    return _ORDER["model"]
 
 
 register_kind("bank", "add", rank=90, trainable=False)  # many tasks' LoRA + recovery, fused (cpet.bank)

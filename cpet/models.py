@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from cpet.errors import CpetError
+from cpet.layers import model_kinds
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -306,15 +307,42 @@ class TaskModel(nn.Module):
                 output_layers: bool = False) -> TaskOutput:
         """Rows are examples, or (multiple choice, head of size 1) ``num_choices`` consecutive rows per example.
         ``output_layers``: also return every layer's hidden states (layer-wise distillation)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and get_arch(self.backbone).kind == "encoder":
-            kwargs["token_type_ids"] = token_type_ids
+        kwargs, added = self.backbone_inputs(input_ids, attention_mask,
+                                             token_type_ids if get_arch(self.backbone).kind == "encoder" else None)
         out = self.backbone(**kwargs, **({"output_hidden_states": True} if output_layers else {}))
-        hidden = out.last_hidden_state  # (N, T, H)
+        hidden = out.last_hidden_state[:, added:]  # (N, T, H): the real tokens' states
         scores = self.head(hidden, attention_mask)  # (N, out) or (N, T, 2)
         logits = scores.view(-1, num_choices) if num_choices else scores  # (B, C)
         return TaskOutput(logits, hidden, scores, attention_mask,
-                          tuple(out.hidden_states[1:]) if output_layers else None)
+                          tuple(h[:, added:] for h in out.hidden_states[1:]) if output_layers else None)
+
+    def virtual_tokens(self) -> list[nn.Module]:
+        """The model-stage modules this task carries (prompt tuning's virtual tokens), forward order."""
+        return [m for k in model_kinds() if (m := self._modules.get(k)) is not None]
+
+    def backbone_inputs(self, input_ids, attention_mask, token_type_ids=None) -> tuple[dict, int]:
+        """The backbone's input arguments, and how many positions model-stage modules put in front of the
+        real tokens (their outputs are sliced off again: every head, loss and metric sees the real tokens)."""
+        mods = self.virtual_tokens()
+        if not mods:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return kwargs | ({"token_type_ids": token_type_ids} if token_type_ids is not None else {}), 0
+        embeds, mask, added = self.backbone.get_input_embeddings()(input_ids), attention_mask, 0
+        for m in mods:
+            embeds, mask, n = m.extend(embeds, mask)
+            added += n
+        kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(token_type_ids.shape[0], added),
+                                                  token_type_ids], dim=1)
+        return kwargs, added
+
+    def require_no_virtual_tokens(self, what: str) -> None:
+        """Refuse a path that calls the backbone itself (and would skip the virtual tokens)."""
+        if self.virtual_tokens():
+            raise CpetError(f"{what} does not support virtual-token PET (prompt tuning) yet: it calls the backbone "
+                            "directly and would silently skip the task's prompt. Score the task through its "
+                            "classification / choice formats, or tune it with another PET method")
 
 
 class LMTaskModel(TaskModel):
@@ -338,15 +366,18 @@ class LMTaskModel(TaskModel):
                 decoder_input_ids=None, decoder_attention_mask=None, logits_to_keep=None,
                 output_layers: bool = False) -> TaskOutput:
         """``logits_to_keep`` (decoders): project only those positions onto the vocabulary (evaluation)."""
+        kwargs, added = self.backbone_inputs(input_ids, attention_mask)  # T5: virtual tokens on the encoder
         if self.seq2seq:
             if decoder_input_ids is None:
                 raise CpetError("a T5 text-to-text row needs decoder_input_ids (the shifted target)")
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+            out = self.backbone(**kwargs, decoder_input_ids=decoder_input_ids,
                                 decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, use_cache=False)
             hidden, mask, layers = out.decoder_hidden_states[-1], decoder_attention_mask, out.decoder_hidden_states[1:]
+            logits = out.logits
         else:
             extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                use_cache=False, **extra)
-            hidden, mask, layers = out.hidden_states[-1], attention_mask, out.hidden_states[1:]
-        return TaskOutput(out.logits, hidden, out.logits, mask, tuple(layers) if output_layers else None)
+            out = self.backbone(**kwargs, output_hidden_states=True, use_cache=False, **extra)
+            hidden, mask = out.hidden_states[-1][:, added:], attention_mask
+            layers = [h[:, added:] for h in out.hidden_states[1:]]
+            logits = out.logits[:, added:] if not logits_to_keep else out.logits  # keep-last-k: the real tokens
+        return TaskOutput(logits, hidden, logits, mask, tuple(layers) if output_layers else None)

@@ -29,27 +29,24 @@ ORDER = {name: i for i, name in enumerate(PARADIGMS)}
 
 
 def plan_name(steps: list[dict]) -> str:
-    """A resolved plan as preset names joined by '+' where the steps are exactly presets (``Q+UP+M``),
-    else ``method(field=value, ...)`` for the fields that differ from the method's defaults."""
+    """A resolved plan as preset names joined by '+' (``Q+UP+M``) where every step is a preset or is
+    closer to a preset of its method than to the method's defaults (``M(min_speedup=0.0)``: the fields
+    that differ from the preset), else each step as ``method(field=value, ...)`` with the fields that
+    differ from its defaults."""
     if not steps:
         return "none"
     steps = _json_plan(plan_to_json(steps))  # defaults filled in: a plan written short names the same
     resolved = {k: _json_plan(plan_to_json(v)) for k, v in PRESETS.items()}
-    names, i = [], 0
-    while i < len(steps):
-        hit = next((k for k, v in resolved.items() if steps[i: i + len(v)] == v), None)
-        if hit is None:
-            break
-        names.append(hit)
-        i += len(resolved[hit])
-    if i == len(steps):
-        return "+".join(names)
-    parts = []
+    single = {k: v[0] for k, v in resolved.items() if len(v) == 1}
+    generic, presets = [], []
     for step in steps:
         default = _json_plan(plan_to_json([{"method": step["method"]}]))[0]
-        diff = [f"{k}={v}" for k, v in step.items() if k != "method" and default.get(k) != v]
-        parts.append(f"{step['method']}({', '.join(diff)})" if diff else step["method"])
-    return "+".join(parts)
+        diff = lambda ref: [f"{k}={v}" for k, v in step.items() if k != "method" and ref.get(k) != v]  # noqa: E731
+        generic.append(f"{step['method']}({', '.join(diff(default))})" if diff(default) else step["method"])
+        near = next((k for k, v in single.items() if v["method"] == step["method"]), None)
+        if near and len(diff(single[near])) <= len(diff(default)):  # a preset, or closer to one than to the defaults
+            presets.append(f"{near}({', '.join(diff(single[near]))})" if diff(single[near]) else near)
+    return "+".join(presets if len(presets) == len(steps) else generic)
 
 
 def _json_plan(steps) -> list[dict]:
@@ -77,7 +74,7 @@ def plan_and_variant(paradigm: str, config: dict, labels: dict[str, str]) -> tup
     task, plan and seed that its result depends on) in a cell of this config and these axis labels."""
     plan = plan_name(config["compress"]) if PARADIGM_SPECS[paradigm].compressed else "none"
     return plan, ", ".join(f"{k}={v}" for k, v in sorted(labels.items())
-                           if k not in ("task.name", "compress", "train.seed") and depends_on(paradigm, k, config))
+                           if k not in ("task", "task.name", "compress", "train.seed") and depends_on(paradigm, k, config))
 
 
 def long_rows(results: list[dict]) -> list[dict]:

@@ -88,6 +88,9 @@ def test_plan_names():
     assert plan_name(plan_to_json([{"method": "unstructured", "sparsity": 0.7}, {"method": "int8"}])) \
         == "unstructured(sparsity=0.7)+int8"
     assert plan_name([]) == "none"
+    forced = [{"method": "int8"}, {"method": "unstructured", "pattern": "2:4"},
+              {"method": "moefication", "experts": 16, "top": 0.25, "min_speedup": 0}]
+    assert plan_name(plan_to_json(forced)) == "Q+UP+M(min_speedup=0.0)"
 
 
 def test_curves_and_zero_data_point(tmp_path, data_dir, tiny_model_dir, capsys):

@@ -200,6 +200,8 @@ def _causal_lm(model):
     lm = model.backbone if isinstance(model, LMTaskModel) else model
     if getattr(getattr(lm, "config", None), "is_encoder_decoder", False) or _cache_arg(lm) is None:
         return None
+    if isinstance(model, LMTaskModel) and model.virtual_tokens():  # the task model's forward puts them in front
+        return None
     return lm
 
 
@@ -434,6 +436,8 @@ def run_lm_eval(model, tokenizer=None, shots: int = 5, limit: int | None = None,
     if isinstance(model, (str, Path)):
         lm = HFLM(pretrained=str(model), dtype="float32", batch_size=batch_size, device=device)
     else:
+        if hasattr(model, "require_no_virtual_tokens"):
+            model.require_no_virtual_tokens("lm-eval")
         hf = getattr(model, "backbone", model)  # a cpet task model: the HF model its modules sit in
         if tokenizer is None:
             raise CpetError("lm-eval on an in-memory model needs its tokenizer")

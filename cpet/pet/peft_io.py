@@ -1,10 +1,14 @@
-"""LoRA and IA3 in the PEFT format: import adapters people already have, export ours for peft users.
+"""LoRA, IA3 and prompt tuning in the PEFT format: import adapters people already have, export ours for
+peft users.
 
 LoRA: PEFT keys look like ``base_model.model.<module path>.lora_A.weight`` (A: (r, in), B: (out, r)) and
 the scale is ``lora_alpha / r`` (``/ sqrt(r)`` with rslora). cpet stores the same tensors as
 ``backbone.<module path>.lora.A`` / ``.B``, so the conversion is renaming.
 IA3: ``<module path>.ia3_l``, (out, 1) scaling a layer's output, or (1, in) scaling its input for the
 ``feedforward_modules``; cpet's ``ia3.l`` / ``ia3_in.l`` hold the same vectors.
+Prompt tuning: ``prompt_embeddings`` (tokens, d) is cpet's ``prompt.embeddings``; PEFT picks the model
+class that puts them in front from ``task_type`` (FEATURE_EXTRACTION for encoders, CAUSAL_LM,
+SEQ_2_SEQ_LM with the prompt on the encoder only: ``num_transformer_submodules: 1``).
 Only safetensors files are read: a pickled ``adapter_model.bin`` is refused (never unpickle untrusted files).
 """
 
@@ -32,7 +36,8 @@ from cpet.task_modules import describe, load_into, read_task_folder
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.[^.]+)?$")
-PEFT_TYPES = ("LORA", "IA3")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+EXPORTED = ("lora", "ia3", "prompt")  # the methods whose modules a PEFT adapter holds
 
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
@@ -74,6 +79,8 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     cfg, tensors = read_peft(adapter_dir)
     backbone, prefix = _backbone(model)
     modules = dict(backbone.named_modules())
+    if cfg.get("peft_type") == "PROMPT_TUNING":
+        return _import_prompt(model, cfg, tensors, adapter_dir)
     if cfg.get("peft_type", "LORA") == "IA3":
         return _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -128,6 +135,26 @@ def _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir) -> list[
     return sorted(names)
 
 
+def _import_prompt(model, cfg, tensors, adapter_dir) -> list[str]:
+    from cpet.pet.prompt import METHOD, VirtualTokens
+
+    if not hasattr(model, "virtual_tokens"):
+        raise CpetError(f"{adapter_dir}: a prompt-tuning adapter attaches to a cpet task model, not a bare backbone")
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise CpetError(f"{adapter_dir}: num_transformer_submodules={cfg['num_transformer_submodules']} (prompts on the "
+                        "decoder input too); cpet puts virtual tokens on the encoder only")
+    if "prompt_embeddings" not in tensors:
+        raise CpetError(f"{adapter_dir}: no prompt_embeddings in adapter_model.safetensors")
+    emb = tensors["prompt_embeddings"].float()
+    dim = model.backbone.get_input_embeddings().weight.shape[1]
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        raise CpetError(f"{adapter_dir}: prompt_embeddings {tuple(emb.shape)} do not fit this backbone's embedding "
+                        f"size {dim}")
+    METHOD.attach_to(model, VirtualTokens(emb.shape[0], dim, "random"))
+    load_into(model, {"prompt.embeddings": emb}, what=str(adapter_dir))
+    return ["prompt"]
+
+
 def _lost(desc: dict) -> list[str]:
     """What a PEFT adapter cannot carry of a task (its task-folder description): recovery modules, modules
     of methods PEFT has no type for, and the task head (cpet's head pools the encoder's states its own
@@ -147,8 +174,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     onto the uncompressed backbone class (e.g. ``AutoModel``). A model with what PEFT cannot hold
     (recovery modules, other methods' modules, a task head) is refused, naming it, unless ``pet_only``:
     never a silent drop."""
+    config = getattr(getattr(model, "backbone", model), "config", None)
     return _export(describe(model), task_state_dict(model), Path(out_dir), base_model_name_or_path, pet_only,
-                   "export_peft")
+                   "export_peft", bool(getattr(config, "is_encoder_decoder", False)))
 
 
 def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
@@ -165,23 +193,35 @@ def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         meta = Path(str(base_model)) / "compression.json" if base_model else None
         if meta is not None and meta.is_file():  # trained on a cpet compressed folder: name its source model
             base_model = json.loads(meta.read_text()).get("source", base_model)
-    return _export(desc, state, out, base_model, pet_only, str(task_dir)), base_model
+    seq2seq = False
+    if base_model is not None and (Path(str(base_model)) / "config.json").is_file():
+        seq2seq = bool(json.loads((Path(str(base_model)) / "config.json").read_text()).get("is_encoder_decoder"))
+    return _export(desc, state, out, base_model, pet_only, str(task_dir), seq2seq), base_model
 
 
 def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: str | None, pet_only: bool,
-            what: str) -> Path:
-    """A task (its description + tensors, keys as cpet saves them) as a PEFT LoRA or IA3 folder."""
-    if "lora" not in desc and "ia3" not in desc:
-        raise CpetError(f"{what}: no LoRA or IA3 modules to export (PEFT's types cpet writes)")
-    if "lora" in desc and "ia3" in desc:
-        raise CpetError(f"{what}: LoRA and IA3 modules; a PEFT adapter is one type")
+            what: str, seq2seq: bool = False) -> Path:
+    """A task (its description + tensors, keys as cpet saves them) as a PEFT LoRA, IA3 or prompt-tuning
+    folder (``seq2seq``: the base model is an encoder-decoder, for prompt tuning's task type)."""
+    present = [m for m in EXPORTED if m in desc]
+    if not present:
+        raise CpetError(f"{what}: no LoRA, IA3 or prompt-tuning modules to export (PEFT's types cpet writes)")
+    if len(present) > 1:
+        raise CpetError(f"{what}: {' and '.join(present)} modules; a PEFT adapter is one type")
     lost = _lost(desc)
     if lost and not pet_only:
         raise CpetError(f"{what}: a PEFT adapter cannot hold {' and '.join(lost)}, so exporting would drop "
                         "them and the adapter would not compute this task. Export the PET modules alone on purpose "
                         "with pet_only=True (cpet export-peft --pet-only), or serve the task folder with cpet")
     strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
-    if "ia3" in desc:
+    task_type = None
+    if "prompt" in desc:
+        emb = state["prompt.embeddings"]
+        task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM" if desc.get("head") == "lm" else "FEATURE_EXTRACTION"
+        tensors = {"prompt_embeddings": emb.contiguous()}
+        config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": emb.shape[0], "token_dim": emb.shape[1],
+                  "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+    elif "ia3" in desc:
         vectors = {strip(n): (state[f"{n}.{kind}.l"], kind == "ia3_in")
                    for kind, names in desc["ia3"]["modules"].items() for n in names}
         tensors = {f"base_model.model.{n}.ia3_l": (l[None, :] if inp else l[:, None]).contiguous()
@@ -196,8 +236,9 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
             tensors[f"base_model.model.{strip(n)}.lora_B.weight"] = state[f"{n}.lora.B"].contiguous()
         config = {"peft_type": "LORA", "r": d["r"], "lora_alpha": d["alpha"], "lora_dropout": d.get("dropout", 0.0),
                   "target_modules": sorted(strip(n) for n in d["modules"]), "bias": "none", "init_lora_weights": True}
-    config.update(task_type=None, fan_in_fan_out=False, inference_mode=True, modules_to_save=None,
-                  base_model_name_or_path=base_model)
+    if "prompt" not in desc:
+        config.update(fan_in_fan_out=False, modules_to_save=None)
+    config.update(task_type=task_type, inference_mode=True, base_model_name_or_path=base_model)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "adapter_model.safetensors", save(tensors))
     atomic_write_json(out / "adapter_config.json", config)
