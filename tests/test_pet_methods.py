@@ -124,8 +124,8 @@ def test_a_run_tunes_the_chosen_method_through_every_paradigm(tmp_path, data_dir
 
 
 def test_refusals(tmp_path, batch):
-    with pytest.raises(CpetError, match="unknown PET method 'prefix'"):
-        load_config(None, ["pet=prefix"])
+    with pytest.raises(CpetError, match="unknown PET method 'p_tuning'"):
+        load_config(None, ["pet=p_tuning"])
     with pytest.raises(CpetError, match=r"unknown option\(s\) \['rank'\] for adapter"):
         load_config(None, ["pet={method: adapter, rank: 4}"])
     with pytest.raises(CpetError, match="LoRA's options go in the lora section"):

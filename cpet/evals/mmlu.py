@@ -25,7 +25,7 @@ import torch
 
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json, resolve_data_dir
-from cpet.models import require_causal_lm
+from cpet.models import cache_arg, require_causal_lm
 
 CHOICES = ("A", "B", "C", "D")
 SPLITS = ("val", "test", "dev")
@@ -183,22 +183,13 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
     return logits[torch.arange(len(rows), device=logits.device), col.to(logits.device)].float()
 
 
-def _cache_arg(lm) -> str | None:
-    """The forward's KV-cache argument: ``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
-    try:
-        params = inspect.signature(lm.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((a for a in ("cache", "past_key_values") if a in params), None)
-
-
 def _causal_lm(model):
     """The HF causal LM to call with a KV cache (an LMTaskModel's backbone carries its LoRA / recovery
     branches inside), or None when the model cannot take one."""
     from cpet.models import LMTaskModel
 
     lm = model.backbone if isinstance(model, LMTaskModel) else model
-    if getattr(getattr(lm, "config", None), "is_encoder_decoder", False) or _cache_arg(lm) is None:
+    if getattr(getattr(lm, "config", None), "is_encoder_decoder", False) or cache_arg(lm) is None:
         return None
     if isinstance(model, LMTaskModel) and model.virtual_tokens():  # the task model's forward puts them in front
         return None
@@ -222,7 +213,7 @@ def prefix_cache(lm, prefix: list[int]):
     """The KV cache of ``prefix`` (batch 1): a subject's header and exemplars, computed once."""
     device = next(lm.parameters()).device
     out = lm(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-    return out[_cache_arg(lm)]
+    return out[cache_arg(lm)]
 
 
 @torch.no_grad()
@@ -241,7 +232,7 @@ def next_token_logits_after(lm, cache, prefix_len: int, rows: list[list[int]], p
     if _takes_logits_to_keep(lm):
         keep = torch.unique(last)
         kw["logits_to_keep"] = keep.to(device)
-    kw[_cache_arg(lm)] = past
+    kw[cache_arg(lm)] = past
     logits = lm(input_ids=ids.to(device), attention_mask=full.to(device), use_cache=True, **kw).logits
     col = torch.searchsorted(keep, last) if kw else last
     return logits[torch.arange(len(rows), device=logits.device), col.to(logits.device)].float()

@@ -1,15 +1,15 @@
 """The PET methods cpet tunes, one module each (a ``PetMethod`` in ``METHOD``): LoRA, IA3, BitFit, serial and parallel
-bottleneck adapters, prompt tuning. Nothing outside this package names a method: task folders, inheritance and
+bottleneck adapters, prompt and prefix tuning. Nothing outside this package names a method: task folders, inheritance and
 training go through ``METHODS`` and the branch kinds the methods register (``cpet.layers``)."""
 
 from __future__ import annotations
 
 from cpet.errors import CpetError
-from cpet.pet import adapter, bitfit, ia3, lora, prompt
+from cpet.pet import adapter, bitfit, ia3, lora, prefix, prompt
 from cpet.pet.base import PetMethod
 
 METHODS: dict[str, PetMethod] = {m.name: m for m in (lora.METHOD, ia3.METHOD, bitfit.METHOD, adapter.METHOD,
-                                                   adapter.PARALLEL, prompt.METHOD)}
+                                                   adapter.PARALLEL, prompt.METHOD, prefix.METHOD)}
 PET_KINDS: tuple[str, ...] = tuple(k for m in METHODS.values() for k in m.kinds)
 
 

@@ -9,6 +9,9 @@ IA3: ``<module path>.ia3_l``, (out, 1) scaling a layer's output, or (1, in) scal
 Prompt tuning: ``prompt_embeddings`` (tokens, d) is cpet's ``prompt.embeddings``; PEFT picks the model
 class that puts them in front from ``task_type`` (FEATURE_EXTRACTION for encoders, CAUSAL_LM,
 SEQ_2_SEQ_LM with the prompt on the encoder only: ``num_transformer_submodules: 1``).
+Prefix tuning: ``prompt_embeddings`` (tokens, layers * 2 * width) holds per attention layer its key then
+its value prefixes (heads x head width), cpet's ``prefix_kv.p`` on each key / value projection; only
+``prefix_projection: false`` (no reparameterizing MLP) is read.
 Only safetensors files are read: a pickled ``adapter_model.bin`` is refused (never unpickle untrusted files).
 """
 
@@ -36,8 +39,8 @@ from cpet.task_modules import describe, load_into, read_task_folder
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.[^.]+)?$")
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
-EXPORTED = ("lora", "ia3", "prompt")  # the methods whose modules a PEFT adapter holds
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
+EXPORTED = ("lora", "ia3", "prompt", "prefix")  # the methods whose modules a PEFT adapter holds
 
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
@@ -81,6 +84,17 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     modules = dict(backbone.named_modules())
     if cfg.get("peft_type") == "PROMPT_TUNING":
         return _import_prompt(model, cfg, tensors, adapter_dir)
+    if cfg.get("peft_type") == "PREFIX_TUNING":
+        from cpet.pet.prefix import METHOD
+
+        if cfg.get("prefix_projection"):
+            raise CpetError(f"{adapter_dir}: prefix_projection (an MLP reparameterizing the prefixes) is not supported "
+                            "by cpet; re-save the adapter's computed prefixes, or train without it")
+        if "prompt_embeddings" not in tensors:
+            raise CpetError(f"{adapter_dir}: no prompt_embeddings in adapter_model.safetensors")
+        if not hasattr(model, "virtual_tokens"):
+            raise CpetError(f"{adapter_dir}: a prefix-tuning adapter attaches to a cpet task model, not a bare backbone")
+        return METHOD.attach_tensors(model, tensors["prompt_embeddings"], str(adapter_dir))
     if cfg.get("peft_type", "LORA") == "IA3":
         return _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -176,7 +190,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     never a silent drop."""
     config = getattr(getattr(model, "backbone", model), "config", None)
     return _export(describe(model), task_state_dict(model), Path(out_dir), base_model_name_or_path, pet_only,
-                   "export_peft", bool(getattr(config, "is_encoder_decoder", False)))
+                   "export_peft", config.to_dict() if config is not None else None)
 
 
 def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
@@ -193,19 +207,21 @@ def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         meta = Path(str(base_model)) / "compression.json" if base_model else None
         if meta is not None and meta.is_file():  # trained on a cpet compressed folder: name its source model
             base_model = json.loads(meta.read_text()).get("source", base_model)
-    seq2seq = False
+    base_config = None
     if base_model is not None and (Path(str(base_model)) / "config.json").is_file():
-        seq2seq = bool(json.loads((Path(str(base_model)) / "config.json").read_text()).get("is_encoder_decoder"))
-    return _export(desc, state, out, base_model, pet_only, str(task_dir), seq2seq), base_model
+        base_config = json.loads((Path(str(base_model)) / "config.json").read_text())
+    return _export(desc, state, out, base_model, pet_only, str(task_dir), base_config), base_model
 
 
 def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: str | None, pet_only: bool,
-            what: str, seq2seq: bool = False) -> Path:
-    """A task (its description + tensors, keys as cpet saves them) as a PEFT LoRA, IA3 or prompt-tuning
-    folder (``seq2seq``: the base model is an encoder-decoder, for prompt tuning's task type)."""
+            what: str, base_config: dict | None = None) -> Path:
+    """A task (its description + tensors, keys as cpet saves them) as a PEFT LoRA, IA3, prompt- or
+    prefix-tuning folder (``base_config``: the base model's config, for the task type prompts need and
+    the head width of prefixes)."""
+    seq2seq = bool((base_config or {}).get("is_encoder_decoder"))
     present = [m for m in EXPORTED if m in desc]
     if not present:
-        raise CpetError(f"{what}: no LoRA, IA3 or prompt-tuning modules to export (PEFT's types cpet writes)")
+        raise CpetError(f"{what}: no LoRA, IA3, prompt- or prefix-tuning modules to export (PEFT's types cpet writes)")
     if len(present) > 1:
         raise CpetError(f"{what}: {' and '.join(present)} modules; a PEFT adapter is one type")
     lost = _lost(desc)
@@ -215,9 +231,26 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
                         "with pet_only=True (cpet export-peft --pet-only), or serve the task folder with cpet")
     strip = lambda n: n[len("backbone."):] if n.startswith("backbone.") else n  # noqa: E731
     task_type = None
-    if "prompt" in desc:
-        emb = state["prompt.embeddings"]
+    if "prompt" in desc or "prefix" in desc:
         task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM" if desc.get("head") == "lm" else "FEATURE_EXTRACTION"
+    if "prefix" in desc:
+        from cpet.pet.prefix import head_dim, kv_pairs
+
+        if base_config is None:
+            raise CpetError(f"{what}: writing prefixes needs the base model's config (its head width); name the "
+                            "base model (--base-model)")
+        pairs = kv_pairs(desc["prefix"]["modules"]["prefix_kv"])
+        parts = [state[f"{n}.prefix_kv.p"] for _, k, v in pairs for n in (k, v)]
+        if len({t.shape[1] for t in parts}) != 1:
+            raise CpetError(f"{what}: its layers' prefixes differ in width (structurally pruned heads), which a PEFT "
+                            "prefix adapter cannot hold")
+        width = parts[0].shape[1]
+        tensors = {"prompt_embeddings": torch.cat(parts, dim=1).contiguous()}
+        config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": parts[0].shape[0], "token_dim": width,
+                  "num_layers": len(pairs), "num_attention_heads": width // head_dim(base_config),
+                  "encoder_hidden_size": width, "prefix_projection": False, "num_transformer_submodules": 1}
+    elif "prompt" in desc:
+        emb = state["prompt.embeddings"]
         tensors = {"prompt_embeddings": emb.contiguous()}
         config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": emb.shape[0], "token_dim": emb.shape[1],
                   "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
@@ -236,7 +269,7 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
             tensors[f"base_model.model.{strip(n)}.lora_B.weight"] = state[f"{n}.lora.B"].contiguous()
         config = {"peft_type": "LORA", "r": d["r"], "lora_alpha": d["alpha"], "lora_dropout": d.get("dropout", 0.0),
                   "target_modules": sorted(strip(n) for n in d["modules"]), "bias": "none", "init_lora_weights": True}
-    if "prompt" not in desc:
+    if task_type is None:
         config.update(fan_in_fan_out=False, modules_to_save=None)
     config.update(task_type=task_type, inference_mode=True, base_model_name_or_path=base_model)
     out.mkdir(parents=True, exist_ok=True)
