@@ -175,6 +175,10 @@ class TaskBank:
         if recorded and self.fingerprint and recorded != self.fingerprint:
             raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
                             f" not on this one ({self.fingerprint}); load it on its own backbone")
+        inner = [n for n in (desc.get("lora") or {}).get("modules", []) if ".in_ports." in n or n.endswith(".out_port")]
+        if inner:
+            raise CpetError(f"{p} has LoRA inside a MoE FFN's experts ({inner[0]}); the bank fuses whole layers only. "
+                            "Load it on its own copy of the backbone (load_task_modules), or give LoRA attention targets")
         other = [m for m in METHODS if m in desc and not METHODS[m].fusable]
         if other:
             raise CpetError(f"{p} tunes {other[0]}; the bank serves LoRA + recovery tasks (fused per layer). Evaluate "

@@ -331,17 +331,18 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
         return cfg.pet_config, (cfg.recovery if how.recover else None)
     # (Table 4 with another PET method is refused when the config is read)
 
-    def width(roles) -> int:  # sum of (in + out) over the layers playing ``roles``: parameters per unit of rank
+    def width(roles, ports: bool) -> int:  # sum of (in + out) over the layers playing ``roles``: parameters per unit of rank
         return sum(backbone.get_submodule(n).in_features + backbone.get_submodule(n).out_features
-                   for n in target_modules(backbone, roles))
+                   for n in target_modules(backbone, roles, ports=ports))
 
-    cpet = cfg.lora.r * width(cfg.lora.targets) + cfg.recovery.r * width(cfg.recovery.targets)
+    # PET sits on a MoE FFN's inner projections (its ports), recovery on the MoE as a whole
+    cpet = cfg.lora.r * width(cfg.lora.targets, True) + cfg.recovery.r * width(cfg.recovery.targets, False)
     fresh = replace(cfg.recovery, init="zero")
-    sized = lambda roles: max(1, round(cpet / width(roles)))  # noqa: E731
+    sized = lambda roles, ports=False: max(1, round(cpet / width(roles, ports)))  # noqa: E731
     if how.modules == "lora+lora":
         return cfg.lora, replace(fresh, activation="identity")
     if how.modules == "large_lora":
-        r = sized(cfg.lora.targets)
+        r = sized(cfg.lora.targets, True)
         return replace(cfg.lora, r=r, alpha=cfg.lora.alpha * r / cfg.lora.r), None  # alpha / r kept
     if how.modules == "rec+rec":
         return None, replace(fresh, r=sized(cfg.recovery.targets))

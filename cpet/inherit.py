@@ -32,7 +32,10 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
     """
     src = task_state_dict(teacher, kinds) if isinstance(teacher, nn.Module) else \
         {k: v for k, v in teacher.items() if kind_of(k) in kinds}
-    dst = {n: p for n, p in student.named_parameters() if kind_of(n) in kinds}
+    own = {n: p for n, p in student.named_parameters() if kind_of(n) in kinds}
+    to_teacher = _port_names(student)  # a MoE FFN's ports take the PET of the dense FFN's linears
+    names = {_renamed(n, to_teacher): n for n in own}  # teacher name -> student name
+    dst = {t: own[n] for t, n in names.items()}
     if not src:
         raise CpetError("inherit: the teacher has no PET or head tensors to inherit")
     missing_in_student = sorted(set(src) - set(dst))
@@ -40,14 +43,14 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
         moe = any(getattr(m, "roles", None) for m in student.modules())
         raise CpetError(f"inherit: teacher tensor {missing_in_student[0]!r} has no counterpart in the student "
                         f"({len(missing_in_student)} in all); " + (
-                            "the student's FFNs are MoE modules (MoEfication), onto which PET on FFN layers is "
-                            "not inherited yet: give the PET attention targets only, or use a plan without MoE"
+                            "the student's FFNs are MoE modules (MoEfication): its PET must target the same "
+                            "roles (on a MoE, PET sits on the experts' inner projections)"
                             if moe else "add the same PET targets to both"))
     missing_in_teacher = sorted(set(dst) - set(src))
     if missing_in_teacher:
         raise CpetError(f"inherit: student tensor {missing_in_teacher[0]!r} is missing from the teacher "
                         f"({len(missing_in_teacher)} in all)")
-    src = {name: _slice_to_student(student, name, value) for name, value in src.items()}
+    src = {name: _slice_to_student(student, names[name], value) for name, value in src.items()}
     for name, value in src.items():
         if value.shape != dst[name].shape:
             raise CpetError(f"inherit: {name} is {tuple(value.shape)} in the teacher but {tuple(dst[name].shape)} "
@@ -55,7 +58,30 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
     with torch.no_grad():
         for name, value in src.items():
             dst[name].copy_(value)
-    return sorted(src)
+    return sorted(names[n] for n in src)
+
+
+def _port_names(student: nn.Module) -> dict[str, str]:
+    """Each MoE FFN port of the student -> the dense FFN linear whose PET it takes (same shapes, same
+    neuron order)."""
+    from cpet.compress.moefication import MoEFFN, port_sources
+
+    model_type = getattr(getattr(getattr(student, "backbone", student), "config", None), "model_type", "")
+    out = {}
+    for name, mod in student.named_modules():
+        if isinstance(mod, MoEFFN):
+            block = name[: -len(".base")] if name.endswith(".base") else name  # wrapped by recovery: its place
+            ins, last = port_sources(model_type, block, len(mod.in_ports))
+            out.update({f"{name}.in_ports.{i}": src for i, src in enumerate(ins)})
+            out[f"{name}.out_port"] = last
+    return out
+
+
+def _renamed(name: str, ports: dict[str, str]) -> str:
+    for port, src in ports.items():
+        if name.startswith(port + "."):
+            return src + name[len(port):]
+    return name
 
 
 def _slice_to_student(student: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:

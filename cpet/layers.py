@@ -69,12 +69,20 @@ class Adapted(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.base)
+
+    def has_branches(self) -> bool:
+        return any(k != "base" for k in self._modules)
+
+    def forward_with(self, x: torch.Tensor, base) -> torch.Tensor:
+        """The stages around ``base(x')`` (``self.base`` in ``forward``; a compound module that computes an
+        inner projection itself, the MoE FFN's, passes its own)."""
         mods = self._modules
         for kind in _ORDER["in"]:
             branch = mods.get(kind)
             if branch is not None:
                 x = branch(x)
-        y = self.base(x)  # (..., out)
+        y = base(x)  # (..., out)
         for kind in _ORDER["add"]:
             branch = mods.get(kind)
             if branch is not None:
@@ -97,10 +105,18 @@ def wrap(model: nn.Module, name: str) -> Adapted:
     try:
         module = model.get_submodule(name)
     except AttributeError:
+        module = None
+    if module is None and ".base." in name:  # a compound layer's port saved while the compound was wrapped
+        try:  # (recovery on a MoE FFN), rebuilt before that wrapper is: its place now
+            name = name.replace(".base.", ".")
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+    if module is None:
         from cpet.errors import CpetError
 
         raise CpetError(f"module {name!r} not found in {type(model).__name__}; "
-                        "were these task modules made for another backbone?") from None
+                        "were these task modules made for another backbone?")
     if isinstance(module, Adapted):
         return module
     wrapped = Adapted(module)

@@ -78,11 +78,14 @@ def get_arch(model: nn.Module) -> ArchMap:
     return ARCHITECTURES[model_type]
 
 
-def target_modules(model: nn.Module, roles: tuple[str, ...], arch: ArchMap | None = None) -> dict[str, str]:
+def target_modules(model: nn.Module, roles: tuple[str, ...], arch: ArchMap | None = None,
+                   ports: bool = False) -> dict[str, str]:
     """Module names (in ``model``) of the layers playing ``roles`` -> their role.
 
     A compound module that declares ``roles`` (the MoE FFN, which replaced ffn_in and ffn_out) is
-    returned once for all of them. Layers inside add-on wrappers are reached through the wrapper.
+    returned once for all of them; with ``ports`` (PET), its inner projections instead (``ports(role)``:
+    the MoE's first and last FFN linears, computed expert by expert). Layers inside add-on wrappers are
+    reached through the wrapper.
     """
     arch = arch or get_arch(_backbone_of(model))
     patterns = {role: re.compile(arch.roles[role]) for role in roles}
@@ -93,10 +96,16 @@ def target_modules(model: nn.Module, roles: tuple[str, ...], arch: ArchMap | Non
         if name.endswith((".base", ".lora", ".recovery")) or ".base." in name \
                 or any(name.startswith(c) for c in compound):
             continue  # inside a wrapper or a compound module: the outer module is the target
-        module_roles = getattr(getattr(module, "base", module), "roles", None)
+        inner = getattr(module, "base", module)
+        module_roles = getattr(inner, "roles", None)
         if module_roles:
             hit = [r for r in roles if r in module_roles]
-            if hit:
+            prefix = name + (".base." if inner is not module else ".")
+            if hit and ports and hasattr(inner, "ports"):
+                for r in hit:
+                    found.update({prefix + p: r for p in inner.ports(r)})
+                covered.update(hit)
+            elif hit:
                 found[name] = hit[0]
                 covered.update(hit)
             compound.append(name + ".")

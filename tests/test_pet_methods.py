@@ -182,13 +182,37 @@ def test_parallel_adapter_reads_the_ffn_input_and_adds_to_its_output(batch, tmp_
                      for i in range(2)]
 
 
-def test_ffn_pet_onto_a_moe_student_is_refused_with_the_reason():
-    teacher = build_task_model(tiny_bert(), 2, pet=BitFitConfig())
-    student = build_task_model(_compressed("M+Q"), 2, pet=BitFitConfig())
-    with pytest.raises(CpetError, match="MoE modules .* not inherited yet"):
-        inherit(student, teacher)
-    ok = build_task_model(_compressed("M+Q"), 2, pet=BitFitConfig(targets=("q", "k", "v", "o")))
-    inherit(ok, build_task_model(tiny_bert(), 2, pet=BitFitConfig(targets=("q", "k", "v", "o"))))
+@pytest.mark.parametrize("method", [*CONFIGS, "lora"])
+def test_ffn_pet_inherits_onto_moe_experts(method, batch, tmp_path):
+    """PET on FFN layers sits on a MoE FFN's inner projections (its ports) in the dense FFN's neuron order:
+    with every expert selected (fp32), the MoE student with the inherited PET computes exactly the dense
+    teacher with its PET; with top-k routing it trains, and saves / loads exactly with recovery on the
+    MoE as a whole (the ports then sit under its wrapper)."""
+    cfg = CONFIGS.get(method) or LoraConfig(r=4, targets=("q", "v", "ffn_in", "ffn_out"))
+    teacher = build_task_model(tiny_bert(), 2, pet=cfg)
+    _perturb(teacher)
+    with torch.no_grad():
+        for n, p in teacher.named_parameters():
+            if ".lora.B" in n:
+                p.normal_(0, 0.3)
+    full = compress(tiny_bert(), [{"method": "moefication", "experts": 4, "top": 1.0, "min_speedup": 0,
+                                   "router_steps": 5}], calibration=_calib())
+    student = build_task_model(full, 2, pet=cfg)
+    names = inherit(student, teacher)
+    assert any(".in_ports." in n or ".out_port." in n for n in names), names
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(**batch).logits, teacher.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+
+    moe = _compressed("M+Q")
+    student = build_task_model(copy.deepcopy(moe), 2, pet=cfg, recovery=RecoveryConfig(r=4))
+    inherit(student, teacher)
+    freeze_backbone(student)
+    changed = train_steps(student, batch, torch.tensor([1, 0, 1]))
+    assert any(".base.in_ports." in k or ".base.out_port." in k for k in changed), changed
+    folder = save_task_modules(student, tmp_path / "task")
+    back = load_task_modules(copy.deepcopy(moe), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(**batch).logits, student.eval()(**batch).logits, rtol=0, atol=0)
 
 
 def test_review_fixes_lora_init_order_overrides_and_fit_reference(batch):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from cpet.compress.int8 import fake_quant_tokens, prepack, use_int8_kernel, w8a8_linear
 from cpet.errors import CpetError
-from cpet.layers import set_module
+from cpet.layers import Adapted, set_module
 from cpet.timing import median_latency
 from cpet.typed import coerce_fields, require
 
@@ -113,9 +113,29 @@ def _b(layer: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach().float()
 
 
+class Port(nn.Module):
+    """An inner projection of the MoE FFN as PET sees it: a layer of the dense FFN's shape (``ffn_in``:
+    d -> d_ff per input linear; ``ffn_out``: d_ff -> d) that the MoE computes expert by expert. PET
+    branches hang on it (through ``Adapted``) as on the dense layer, in the original neuron order, so a
+    teacher's FFN modules move onto it unchanged; the MoE applies them to its selected experts only."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise CpetError("a MoE port is computed by its MoE FFN, not called")
+
+
 class MoEFFN(nn.Module):
     """Experts stored stacked: ``w_in`` (n_in, E, m, d), ``w_out`` (E, d, m); int8 experts keep the
-    dense layers' per-row scales (exact: a neuron's row/column scale does not depend on its expert)."""
+    dense layers' per-row scales (exact: a neuron's row/column scale does not depend on its expert).
+
+    ``in_ports`` / ``out_port``: the dense FFN's first linear(s) and last linear as PET sees them (see
+    ``Port``). With PET on them the MoE computes in the original neuron order: pre-activations of the
+    selected experts (zero elsewhere) + the ports' branches, the activation masked to the selected
+    experts' neurons, then the last linear expert by expert + its branches. A teacher's FFN PET so
+    inherits as it is: with every expert selected the ported MoE is the dense FFN with that PET."""
 
     roles = ("ffn_in", "ffn_out")  # what PET / recovery targeting sees this module as
 
@@ -139,6 +159,16 @@ class MoEFFN(nn.Module):
         for p in self.router.parameters():
             p.requires_grad_(False)
         self._packed: dict = {}
+        self.in_ports = nn.ModuleList(Port(d, d_ff) for _ in range(n_in))  # no tensors: state dicts unchanged
+        self.out_port = Port(d_ff, d)
+
+    def ports(self, role: str) -> list[str]:
+        """The names (under this module) of the ports playing ``role``."""
+        return [f"in_ports.{i}" for i in range(len(self.in_ports))] if role == "ffn_in" else \
+            ["out_port"] if role == "ffn_out" else []
+
+    def _ported(self) -> bool:
+        return any(isinstance(p, Adapted) and p.has_branches() for p in (*self.in_ports, self.out_port))
 
     @property
     def flops_per_token(self) -> int:
@@ -160,20 +190,24 @@ class MoEFFN(nn.Module):
             self._packed[key] = prepack(w_int8, scale)
         return self._packed[key]
 
-    def _expert(self, x: torch.Tensor, e: int, fast: bool) -> torch.Tensor:
-        """One expert on its tokens x (n, d) -> (n, d), without b_out. int8 experts quantize activations
-        per token, as Int8Linear (fbgemm when ``fast``, else the same function simulated in float)."""
-        hs = []
-        for i in range(self.w_in.shape[0]):
-            b = None if self.b_in is None else self.b_in[i, e]
-            if fast:
-                hs.append(w8a8_linear(x, self._pack(("in", i, e), self.w_in[i, e], self.s_in[i, e]), b))
-            else:
-                hs.append(F.linear(fake_quant_tokens(x) if self.int8 else x, self._deq_in(i, e), b))
-        h = self.act(hs[0]) * hs[1] if len(hs) == 2 else self.act(hs[0])  # (n, m)
+    def _pre(self, x: torch.Tensor, i: int, e: int, fast: bool) -> torch.Tensor:
+        """Expert e's pre-activations of input linear i on its tokens x (n, d) -> (n, m). int8 experts
+        quantize activations per token, as Int8Linear (fbgemm when ``fast``, else simulated in float)."""
+        b = None if self.b_in is None else self.b_in[i, e]
+        if fast:
+            return w8a8_linear(x, self._pack(("in", i, e), self.w_in[i, e], self.s_in[i, e]), b)
+        return F.linear(fake_quant_tokens(x) if self.int8 else x, self._deq_in(i, e), b)
+
+    def _post(self, h: torch.Tensor, e: int, fast: bool) -> torch.Tensor:
+        """Expert e's last linear on its activations h (n, m) -> (n, d), without b_out."""
         if fast:
             return w8a8_linear(h, self._pack(("out", e), self.w_out[e], self.s_out), None)
         return F.linear(fake_quant_tokens(h) if self.int8 else h, self._deq_out(e))
+
+    def _expert(self, x: torch.Tensor, e: int, fast: bool) -> torch.Tensor:
+        """One expert on its tokens x (n, d) -> (n, d), without b_out."""
+        hs = [self._pre(x, i, e, fast) for i in range(self.w_in.shape[0])]
+        return self._post(self.act(hs[0]) * hs[1] if len(hs) == 2 else self.act(hs[0]), e, fast)
 
     @torch.no_grad()
     def quantize_(self) -> None:
@@ -202,6 +236,8 @@ class MoEFFN(nn.Module):
             idx = None
         else:
             idx = self.route(flat)  # (N, k)
+        if self._ported():
+            return self._forward_ported(flat, idx, fast).reshape(*shape[:-1], self.out_features)
         out = flat.new_zeros(flat.shape[0], self.out_features)
         for e in range(self.experts):
             if idx is None:
@@ -216,6 +252,60 @@ class MoEFFN(nn.Module):
         if self.b_out is not None:
             out = out + self.b_out
         return out.reshape(*shape[:-1], self.out_features)
+
+
+    def _forward_ported(self, flat: torch.Tensor, idx: torch.Tensor | None, fast: bool) -> torch.Tensor:
+        """The MoE with PET on its ports, in the original neuron order (see the class docstring)."""
+        n, m = flat.shape[0], self.m
+        groups = []  # per expert: (its tokens or None for all, its neurons in the original order)
+        for e in range(self.experts):
+            tokens = None if idx is None else (idx == e).any(-1).nonzero().squeeze(-1)
+            if tokens is None or tokens.numel():
+                groups.append((e, tokens, self.perm[e * m: (e + 1) * m]))
+        d_ff = self.experts * m
+
+        def first(i: int):
+            def base(x: torch.Tensor) -> torch.Tensor:
+                full = x.new_zeros(n, d_ff)
+                for e, tokens, neurons in groups:
+                    xe = x if tokens is None else x.index_select(0, tokens)
+                    pe = self._pre(xe, i, e, fast)
+                    if tokens is None:
+                        full[:, neurons] = pe
+                    else:
+                        full[tokens[:, None], neurons[None, :]] = pe
+                return full
+            return base
+
+        def last(h: torch.Tensor) -> torch.Tensor:
+            out = h.new_zeros(n, self.out_features)
+            for e, tokens, neurons in groups:
+                he = h[:, neurons] if tokens is None else h[tokens[:, None], neurons[None, :]]
+                ye = self._post(he, e, fast)
+                out = out + ye if tokens is None else out.index_add(0, tokens, ye)
+            return out if self.b_out is None else out + self.b_out
+
+        run = lambda port, x, base: port.forward_with(x, base) if isinstance(port, Adapted) else base(x)  # noqa: E731
+        pre = [run(p, flat, first(i)) for i, p in enumerate(self.in_ports)]
+        h = self.act(pre[0]) * pre[1] if len(pre) == 2 else self.act(pre[0])
+        if idx is not None:  # the neurons of experts a token did not select stay silent
+            selected = torch.zeros(n, d_ff, dtype=torch.bool, device=h.device)
+            for e, tokens, neurons in groups:
+                selected[tokens[:, None], neurons[None, :]] = True
+            h = h * selected
+        return run(self.out_port, h, last)
+
+
+def port_sources(model_type: str, block: str, n_in: int) -> tuple[list[str], str]:
+    """The dense FFN's (first linear(s), last linear) names for the MoE that replaced ``block``: the layers
+    whose PET its ports take."""
+    if model_type in ("bert", "roberta", "xlm-roberta", "electra"):
+        return [block + ".dense"], block[: -len("intermediate")] + "output.dense"
+    if model_type in ("llama", "mistral", "qwen2"):
+        return [block + ".gate_proj", block + ".up_proj"], block + ".down_proj"
+    if model_type in ("t5", "mt5"):
+        return ([block + ".wi_0", block + ".wi_1"] if n_in == 2 else [block + ".wi"]), block + ".wo"
+    raise CpetError(f"moefication: no FFN block map for {model_type!r}")
 
 
 # ---------------------------------------------------------------- building experts

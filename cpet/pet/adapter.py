@@ -149,7 +149,8 @@ class ParallelAdapterMethod(PetMethod):
             last.padapter.__dict__["tap"] = first.ptap
 
     def apply(self, model: nn.Module, cfg) -> list[str]:
-        ins, outs = sorted(target_modules(model, ("ffn_in",))), sorted(target_modules(model, ("ffn_out",)))
+        ins = sorted(target_modules(model, ("ffn_in",), ports=True))
+        outs = sorted(target_modules(model, ("ffn_out",), ports=True))
         if not ins or not outs:
             raise CpetError(f"parallel_adapter: no FFN found in {model.__class__.__name__}")
         pairs = _pairs(ins, outs)

@@ -37,7 +37,7 @@ class PetMethod:
 
     def apply(self, model: nn.Module, cfg) -> list[str]:
         """Fresh modules on every layer whose role is in ``cfg.targets``; returns the layer names."""
-        layers = target_modules(model, tuple(cfg.targets))
+        layers = target_modules(model, tuple(cfg.targets), ports=True)  # a MoE FFN: its inner projections
         if not layers:
             raise CpetError(f"{self.name}: no layer of {model.__class__.__name__} plays the roles {list(cfg.targets)}")
         for name in sorted(layers):  # sorted: the random init of each layer as cpet has always drawn it

@@ -5,8 +5,8 @@ learning"): learned vectors that rescale activations.
     FFN down-projection:       y = layer(x * l)          l: (in,),  starts at 1  (the FFN's inner activations)
 
 On a compressed layer the scaling applies to what the layer computes, recovery modules included (IA3
-rescales the recovered output). A MoE FFN (MoEfication) is one compound module whose inner activations are
-not exposed: IA3 there scales its output. PEFT's IA3 stores the same vectors (``ia3_l``: (out, 1), or
+rescales the recovered output). On a MoE FFN (MoEfication) it scales the inner activations of the
+selected experts (the MoE's last port), as on the dense FFN. PEFT's IA3 stores the same vectors (``ia3_l``: (out, 1), or
 (1, in) for feed-forward modules).
 """
 
@@ -57,8 +57,7 @@ class IA3Method(PetMethod):
     name, Config, kinds, peft_type = "ia3", IA3Config, ("ia3", "ia3_in"), "IA3"
 
     def kind_for(self, role: str, cfg, layer: nn.Module) -> str:
-        compound = getattr(getattr(layer, "base", layer), "roles", None)  # a MoE FFN hides its inner activations
-        return "ia3_in" if role in cfg.input_side and not compound else "ia3"
+        return "ia3_in" if role in cfg.input_side else "ia3"  # (a MoE FFN: its last port reads the activations)
 
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         return Scale(in_features, "in") if kind == "ia3_in" else Scale(out_features, "out")

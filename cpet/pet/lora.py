@@ -64,7 +64,7 @@ def add_lora_to(model: nn.Module, names, cfg: LoraConfig) -> list[str]:
 
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Add LoRA on every linear whose role is in ``cfg.targets`` (by the architecture map)."""
-    add_lora_to(model, target_modules(model, cfg.targets), cfg)
+    add_lora_to(model, target_modules(model, cfg.targets, ports=True), cfg)
     return model
 
 

@@ -169,6 +169,12 @@ def _import_prompt(model, cfg, tensors, adapter_dir) -> list[str]:
     return ["prompt"]
 
 
+def _module_names(entry: dict) -> list[str]:
+    """The layer names of a method's task-folder entry (a list, or {kind: [names]})."""
+    mods = entry.get("modules", [])
+    return list(mods) if isinstance(mods, list) else [n for names in mods.values() for n in names]
+
+
 def _lost(desc: dict) -> list[str]:
     """What a PEFT adapter cannot carry of a task (its task-folder description): recovery modules, modules
     of methods PEFT has no type for, and the task head (cpet's head pools the encoder's states its own
@@ -224,6 +230,10 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
         raise CpetError(f"{what}: no LoRA, IA3, prompt- or prefix-tuning modules to export (PEFT's types cpet writes)")
     if len(present) > 1:
         raise CpetError(f"{what}: {' and '.join(present)} modules; a PEFT adapter is one type")
+    inner = [n for m in present for n in _module_names(desc[m]) if ".in_ports." in n or n.endswith(".out_port")]
+    if inner:
+        raise CpetError(f"{what}: its PET sits inside a MoE FFN's experts ({inner[0]}), which no PEFT adapter of the "
+                        "dense model represents; export a task trained on a backbone without MoEfication")
     lost = _lost(desc)
     if lost and not pet_only:
         raise CpetError(f"{what}: a PEFT adapter cannot hold {' and '.join(lost)}, so exporting would drop "
