@@ -21,7 +21,7 @@ from cpet.compress.calibration import make_calibration
 from cpet.config import RecoveryConfig
 from cpet.errors import CpetError
 from cpet.fingerprint import digest, model_digest
-from cpet.inherit import inherit
+from cpet.inherit import inherit, onto_student
 from cpet.io import read_json, require_new_folder
 from cpet.models import LMTaskModel, TaskModel, load_backbone, resolve_model_path
 from cpet.pet import METHODS, PET_KINDS
@@ -77,8 +77,8 @@ def adapt(task_dir: str | os.PathLike, compressed_dir: str | os.PathLike, out_di
     else:
         student = TaskModel(student_bb, desc["num_labels"], desc["pooling"], head=desc["head"])
     for name, method in METHODS.items():
-        if name in desc:
-            method.rebuild(student, desc[name])
+        if name in desc:  # (FFN PET of the teacher goes onto the ports of the student's MoE FFNs)
+            method.rebuild(student, onto_student(student, desc[name]))
     add_recovery(student, recovery)
     inherit(student, teacher, kinds=(*PET_KINDS, "head") if student.head is not None else PET_KINDS)
     calib = make_calibration(tokenizer, samples=recovery.init_samples, seq_len=max_length, data_dir=data_dir)

@@ -370,6 +370,13 @@ class BankTaskView(nn.Module):
     def config(self):
         return self.backbone.config
 
+    # the task model's input handling (the bank serves no virtual-token PET: it refuses such tasks on load)
+    backbone_inputs = TaskModel.backbone_inputs
+    require_no_virtual_tokens = TaskModel.require_no_virtual_tokens
+
+    def virtual_tokens(self) -> list:
+        return []
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices=None, **kw):
         with self._bank.only(self.name):
             if self.head_type == "lm":

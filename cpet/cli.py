@@ -290,7 +290,9 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
     root_p = Path(root)
     if not (root_p / "cells").is_dir():
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
-    if select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
+    if select == ["none"]:  # every run, nothing chosen
+        select = []
+    elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
         select = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")["keys"]
         print(f"hyper-parameters chosen on validation: {', '.join(select)} (the grid's select; --select to change)")
     paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench,
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", default=None, help="cpet bench --json output: adds quality vs speed / size per plan")
     p.add_argument("--select", nargs="+", default=None, metavar="KEY",
                    help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation (default: "
-                        "the grid's select keys, if it has them)")
+                        "the grid's select keys, if it has them; 'none': every run, nothing chosen)")
     p = sub.add_parser("predict", help="predictions of trained tasks on new text (JSON lines), many tasks on one backbone")
     p.add_argument("tasks", nargs="+", metavar="TASK", help="task folder, or NAME=FOLDER (name default: its task)")
     p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on "

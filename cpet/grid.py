@@ -262,6 +262,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     done: list[tuple[float, float]] = []
     left = [c.id for c in todo]
     position = {c.id: n for n, c in enumerate(grid.cells, 1)}
+    failed_now: set[str] = set()  # cells that failed in this invocation: not tried again in a later round
 
     def finished(cell: Cell, rec: dict, final: bool = True) -> None:
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
@@ -270,7 +271,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
             log(f"  cell {cell.id} failed: {rec['error']}")
         if not final and rec["status"] != "failed":
             return
-        if rec["status"] == "done":
+        if rec["status"] == "done" and rec["seconds"] > 0:  # (a cell where nothing was chosen took no time)
             done.append((rec["seconds"], priors[cell.id]))
         if cell.id in left:
             left.remove(cell.id)
@@ -292,6 +293,12 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
         def done_one(narrow: Cell, rec: dict) -> None:
             cell, skipped = by_id[narrow.id]
             rec = {**rec, **_cell_base(cell)}
+            before = (recorded[cell.id] or {}).get("results")
+            if rec["status"] == "failed" and before:  # what finished before (its teacher, say) still counts
+                rec["results"] = before
+                failed_now.add(cell.id)
+            elif rec["status"] == "failed":
+                failed_now.add(cell.id)
             if rec["status"] == "done":
                 rec["status"] = "done" if final else "partial"
                 if skipped:
@@ -315,30 +322,29 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
         atomic_write_json(grid.root / SELECT, {"keys": list(sel.keys), "seeds": list(sel.seeds)})
         search = [c for c in todo if sel.searches(c)]
         execute([(c, ["base_pet"], {}) for c in search if "base_pet" in c.config.paradigms], final=False)
-        choices = _choices(grid)
-        execute([(c, *_chosen_paradigms(c, sel, choices)) for c in search
-                 if (recorded[c.id] or {}).get("status") != "failed"])
-        choices = _choices(grid)
-        follow = []
-        for c in grid.cells:
-            if sel.searches(c):
-                continue
-            rec = recorded[c.id] or {}
-            keep, skipped = _chosen_paradigms(c, sel, choices)
-            if rec.get("status") == "done" and not set(keep) & set(rec.get("not_chosen", {})):
-                continue  # done, and nothing it left out has been chosen since
-            if rec.get("status") == "failed" and not retry_failed:
-                continue
-            missing = [p for p in keep if p in skipped]
-            if missing:  # a paradigm whose search has no result: nothing to choose from
-                finished(c, _failed(c, 0.0, f"{missing[0]}: no validation result on the search seeds "
-                                            f"{list(sel.seeds)} to choose {', '.join(sel.keys)} from ({skipped[missing[0]]}); "
-                                            "fix the search cell, then rerun with --retry-failed"))
-                continue
-            if c.id not in left:
-                left.append(c.id)
-            follow.append((c, keep, skipped))
-        execute(follow)
+        for searching in (True, False):  # the search seeds' other paradigms, then the other seeds
+            choices = _choices(grid)
+            batch = []
+            for c in grid.cells:
+                if sel.searches(c) != searching or c.id in failed_now:
+                    continue
+                rec = recorded[c.id] or {}
+                keep, skipped = _chosen_paradigms(c, sel, choices)
+                if rec.get("status") == "done" and not set(keep) & set(rec.get("not_chosen", {})):
+                    continue  # done, and nothing it left out has been chosen since
+                if rec.get("status") == "failed" and not retry_failed:
+                    continue
+                missing = [p for p in keep if p in skipped]
+                if missing:  # a paradigm whose search has no result: nothing to choose from
+                    finished(c, _failed(c, 0.0, f"{missing[0]}: no validation result on the search seeds "
+                                                f"{list(sel.seeds)} to choose {', '.join(sel.keys)} from "
+                                                f"({skipped[missing[0]]}); fix the search cell, then rerun with "
+                                                "--retry-failed"))
+                    continue
+                if c.id not in left:
+                    left.append(c.id)
+                batch.append((c, keep, skipped))
+            execute(batch)
     records = [recorded[c.id] for c in grid.cells]
     failed = [r for r in records if r and r["status"] == "failed"]
     if failed:
@@ -359,8 +365,9 @@ def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str
 
 
 def _choices(grid: Grid) -> dict[tuple, str]:
-    """The values validation chose so far, from the search seeds' results."""
-    rows = [r for r in long_rows(results_of(grid.root)) if r["seed"] in grid.select.seeds]
+    """The values validation chose so far, from the search seeds' results of this grid's cells (another
+    grid sharing the store has its own search)."""
+    rows = [r for r in long_rows(results_of(grid.root, {c.id for c in grid.cells})) if r["seed"] in grid.select.seeds]
     return choose_on_validation(rows, grid.select.keys)[0] if rows else {}
 
 
@@ -462,14 +469,17 @@ def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished) -> None:
             ray.shutdown()
 
 
-def results_of(root: Path) -> list[dict]:
-    """Every finished paradigm of the recorded cells (each distinct result once): the result record + the
-    axis labels and config of the (first) cell that produced it."""
+def results_of(root: Path, cells: set[str] | None = None) -> list[dict]:
+    """Every finished paradigm of the recorded cells (each distinct result once; ``cells``: of these cell
+    ids only): the result record + the axis labels and config of the (first) cell that produced it. A
+    cell still partial or failed contributes the paradigms it finished (a search cell's teacher, say)."""
     layout = StoreLayout(Path(root))
     out, seen = [], set()
     for f in sorted((Path(root) / CELLS).glob("*.json")):
+        if cells is not None and f.stem not in cells:
+            continue
         rec = read_json(f, "grid cell record", f"delete {f} to run that cell again")
-        if rec.get("status") not in ("done", "partial"):  # partial: a search cell whose base+PET ran
+        if not rec.get("results"):
             continue
         for paradigm, fp in rec["results"].items():
             if (paradigm, fp) in seen:  # a teacher shared by cells that differ only in the plan: once

@@ -397,9 +397,11 @@ class LMTaskModel(TaskModel):
             hidden, mask, layers = out.decoder_hidden_states[-1], decoder_attention_mask, out.decoder_hidden_states[1:]
             logits = out.logits
         else:
-            extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+            every = logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+            keep = logits_to_keep + added if added and isinstance(logits_to_keep, torch.Tensor) else logits_to_keep
+            extra = {} if logits_to_keep is None else {"logits_to_keep": keep}  # positions: past the virtual tokens
             out = self.backbone(**kwargs, output_hidden_states=True, use_cache=False, **extra)
             hidden, mask = out.hidden_states[-1][:, added:], attention_mask
             layers = [h[:, added:] for h in out.hidden_states[1:]]
-            logits = out.logits[:, added:] if not logits_to_keep else out.logits  # keep-last-k: the real tokens
+            logits = out.logits[:, added:] if every else out.logits  # keep-last-k / chosen positions: the real tokens'
         return TaskOutput(logits, hidden, logits, mask, tuple(layers) if output_layers else None)

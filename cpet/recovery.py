@@ -135,7 +135,8 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     if not names:
         return {}
     for n in names:  # the fit reads the layer as base + additive branches: an input / output transform breaks that
-        other = [k for k in student.get_submodule(n)._modules if k not in ("base", "recovery") and stage_of(k) != "add"]
+        other = [k for k in student.get_submodule(n)._modules
+                 if k not in ("base", "recovery") and stage_of(k) not in ("add", "model")]  # model: a prefix, not in the layer's path
         if other:
             raise CpetError(f"recovery.init=fit: {n} also carries {other[0]}, which transforms the layer's "
                             "input or output, so its error is not base + branches; use recovery.init=zero "

@@ -351,13 +351,16 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[
     choices: dict[tuple, str] = {}
     lines = ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test (all its seeds) |",
              "|---|---|---|---|---|---|---|"]
-    teacher: dict[str, set[str]] = {}  # task -> base+PET's chosen "key=value" parts
+    parts = lambda v: frozenset(p for p in v.split(", ") if p)  # noqa: E731
+    teacher: dict[tuple[str, frozenset], set[str]] = {}  # (task, base+PET's other axes) -> its chosen "key=value" parts
     for group, cands in sorted(groups.items(), key=lambda kv: (kv[0][2] != "base_pet", kv[0][0], kv[0][1],
                                                               ORDER.get(kv[0][2], 99), kv[0][3])):
         task, plan, paradigm, rest = group
         metric = main_metric.get(task)
-        if PARADIGM_SPECS[paradigm].needs_teacher and task in teacher:
-            base_keys = {p.split("=", 1)[0]: p for p in teacher[task]}
+        # its teacher: the base+PET group of the task whose axes (a PET config, say) this group shares
+        mine = [k for k in teacher if k[0] == task and k[1] <= parts(rest)]
+        if PARADIGM_SPECS[paradigm].needs_teacher and mine:
+            base_keys = {p.split("=", 1)[0]: p for p in teacher[max(mine, key=lambda k: len(k[1]))]}
             kept = {c: rs for c, rs in cands.items()
                     if all(base_keys.get(p.split("=", 1)[0], p) == p for p in c.split(", ") if p)}
             cands = kept or cands
@@ -371,7 +374,7 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[
         best = max(sorted(scored), key=lambda c: scored[c])  # ties: the first in sorted order
         choices[group] = best
         if paradigm == "base_pet":
-            teacher[task] = {p for p in best.split(", ") if p}
+            teacher[(task, parts(rest))] = set(parts(best))
         test = [float(r["value"]) for r in cands[best] if r["metric"] == metric]
         on = f"seeds {', '.join(map(str, sorted(common)))}" if common else "all seeds (none common)"
         lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {rest or '—'} | " + "; ".join(

@@ -263,3 +263,23 @@ def test_a_grid_select_names_axes_and_search_seeds(tmp_path, data_dir, tiny_mode
         Path(g).write_text(Path(g).read_text().split("select:")[0] + f"select: {select}\n")
         with pytest.raises(CpetError, match=needle.replace(".", r"\.")):
             load_grid(g)
+
+
+def test_each_teacher_choice_binds_the_paradigms_that_share_its_axes():
+    """base+PET chose lr 0.002 for LoRA and 0.01 for prompt tuning: CLM+CPET of each PET method picks among
+    the candidates with its own teacher's lr."""
+    from cpet.report import select_on_validation
+
+    rows = []
+    def add(paradigm, plan, variant, val):
+        base = {"task": "sst2", "plan": plan, "paradigm": paradigm, "seed": 1, "variant": variant, "cell": "c",
+                "fingerprint": "f"}
+        rows.extend([{**base, "metric": "val_accuracy", "value": val}, {**base, "metric": "accuracy", "value": val}])
+    for pet, good in (("lora", "0.002"), ("prompt", "0.01")):
+        for lr in ("0.002", "0.01"):
+            add("base_pet", "none", f"pet={pet}, train.lr={lr}", 0.9 if lr == good else 0.6)
+            add("clm_cpet", "Q", f"pet={pet}, train.lr={lr}", 0.85 if lr == good else 0.5)
+    chosen, _ = select_on_validation(rows, ("train.lr",))
+    assert sorted((r["paradigm"], r["variant"], r["value"]) for r in chosen if r["metric"] == "accuracy") == [
+        ("base_pet", "pet=lora", 0.9), ("base_pet", "pet=prompt", 0.9),
+        ("clm_cpet", "pet=lora", 0.85), ("clm_cpet", "pet=prompt", 0.85)]

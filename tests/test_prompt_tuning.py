@@ -84,6 +84,8 @@ def test_language_models_get_the_prompt_in_front(make):
             want = lm(**kw).logits[:, 2:]  # the real tokens' next-token logits
             last = model(ids, mask, logits_to_keep=1).logits
             torch.testing.assert_close(last, want[:, -1:], rtol=1e-5, atol=1e-6)
+            chosen = model(ids, mask, logits_to_keep=torch.tensor([1, 4])).logits  # positions of the real tokens
+            torch.testing.assert_close(chosen, want[:, [1, 4]], rtol=1e-5, atol=1e-6)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -100,6 +102,14 @@ def test_paths_that_would_skip_the_prompt_refuse(tokenizer):
     with pytest.raises(CpetError, match="greedy generation does not support virtual-token PET"):
         get_format(TASKS["sst2"], model).generate(model, tokenizer, [], 32)
     assert _causal_lm(model) is None  # MMLU scores it through the task model's forward, without a prefix cache
+    from cpet.evals.mmlu import next_token_logits
+
+    rows = [[5, 17, 300, 42], [9, 8, 7]]  # rows of different lengths: each row's last real token's next-token logits
+    got = next_token_logits(model.eval(), rows, 0)
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            want = model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).logits[0, -1]
+        torch.testing.assert_close(got[i], want.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_tunes_a_prompt_through_every_paradigm(tmp_path, data_dir, tiny_model_dir):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -178,3 +179,31 @@ def test_cpet_adapt_moves_a_task_to_a_compressed_backbone_without_task_data(tmp_
 
     assert main(args) == 2  # never overwrites
     assert main(["adapt", str(out), "--compressed", str(cdir), "-o", str(tmp_path / "again")]) == 2  # already CPET
+
+
+def test_cpet_adapt_moves_ffn_pet_onto_moe_experts(tmp_path, data_dir, tiny_model_dir, tokenizer):
+    """A base+PET task with BitFit on every linear, adapted onto a MoE backbone: the FFN's bias deltas go
+    onto the MoE's ports as they are; the adapted folder loads and runs."""
+    from cpet.cli import main
+    from cpet.compress import load_compressed
+    from cpet.experiments import run_experiment
+    from cpet.task_modules import load_task_modules, read_task_folder
+
+    run_experiment(load_config(None, [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2",
+                                      f"task.data_dir={data_dir}", "task.val_size=16", "task.max_test=8",
+                                      "train.epochs=1", "paradigms=[base_pet]", "pet=bitfit", f"output_dir={tmp_path / 'run'}"]),
+                   log=lambda s: None)
+    task, cdir, out = tmp_path / "run" / "base_pet" / "task", tmp_path / "c", tmp_path / "adapted"
+    plan = "[{method: moefication, experts: 4, top: 0.5, min_speedup: 0, router_steps: 5}]"
+    assert main(["compress", tiny_model_dir, "--plan", plan, "-o", str(cdir), "--data-dir", str(data_dir)]) == 0
+    assert main(["adapt", str(task), "--compressed", str(cdir), "-o", str(out), "--recovery-r", "4", "--samples",
+                 "8", "--max-length", "32", "--data-dir", str(data_dir)]) == 0
+    (d0, s0), (d1, s1) = read_task_folder(task), read_task_folder(out)
+    dense = [k for k in s0 if re.search(r"layer\.\d+\.(output|intermediate)\.dense\.bitfit", k)]
+    ported = [k for k in s1 if ".out_port.bitfit" in k or ".in_ports.0.bitfit" in k]
+    assert dense and len(ported) == len(dense)
+    assert all(torch.equal(s0[k], s1[p]) for k, p in zip(sorted(dense), sorted(ported)))
+    enc = tokenizer(["a great film", "a dull mess"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_logits = load_task_modules(load_compressed(cdir)[0], out).eval()(enc["input_ids"], enc["attention_mask"]).logits
+    assert out_logits.shape == (2, 2) and torch.isfinite(out_logits).all()

@@ -101,9 +101,11 @@ class PrefixMethod(PetMethod):
             hooks = [model.get_submodule(n).base.register_forward_hook(
                 lambda mod, args, out, n=n: seen.__setitem__(n, out[0].detach())) for n in layers]
             ids = torch.randint(0, min(5000, backbone.get_input_embeddings().weight.shape[0]), (1, cfg.tokens))
+            training = backbone.training
             try:
-                backbone(input_ids=ids.to(next(backbone.parameters()).device))
+                backbone.eval()(input_ids=ids.to(next(backbone.parameters()).device))  # no dropout in the init
             finally:
+                backbone.train(training)
                 for h in hooks:
                     h.remove()
             for n in layers:
