@@ -133,7 +133,30 @@ def _fmt(xs: list[float], scale: float) -> str:
     return f"{scale * m:.2f} ± {scale * s:.2f}" + (f" ({len(xs)})" if len(xs) > 1 else "")
 
 
-def tables(rows: list[dict]) -> str:
+def trivial_baselines(results: list[dict]) -> dict[str, float]:
+    """Per task, the trivial baseline's main metric on its test set (majority class of the training part;
+    SQuAD: the paragraph's first words), from the task data the results were made on; tasks whose data
+    is not here are left out."""
+    from cpet.config import TaskConfig
+    from cpet.tasks import load_task, trivial_baseline
+
+    out: dict[str, float] = {}
+    for r in results:
+        task = r["task"]
+        if task in out:
+            continue
+        try:
+            cfg = {k: v for k, v in r["cell_config"]["task"].items() if k in TaskConfig.__dataclass_fields__}
+            scores = trivial_baseline(load_task(TaskConfig(**cfg)))
+        except (CpetError, KeyError, TypeError):
+            continue
+        metric = next(iter(r.get("best_val") or {}), None)  # the task's main metric (its first val metric)
+        if metric in scores:
+            out[task] = float(scores[metric])
+    return out
+
+
+def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
     """The markdown report (see the module docstring)."""
     main_metric, scale = main_metrics(rows)
     tasks = sorted(main_metric)
@@ -165,6 +188,9 @@ def tables(rows: list[dict]) -> str:
         present = sorted({k[2] for k in by if PARADIGM_SPECS[k[2]].compressed and (k[0] == variant or (
             parts(k[0]) <= parts(variant) and get(variant, k[1], k[2], k[3])))}, key=ORDER.get)
         keys = [("none", "base_pet"), ("none", "small_pet")] + [(p, par) for p in plans for par in present]
+        if trivial:
+            out.append("| — | trivial (majority class) | " + " | ".join(
+                f"{scale[t] * trivial[t]:.2f}" if t in trivial else "" for t in tasks) + " | |")
         for plan, paradigm in keys:
             vals = [list(get(variant, plan, paradigm, t).values()) for t in tasks]
             if not any(vals):
@@ -418,7 +444,7 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
                   "the chosen runs.\n\n" + table + "\n\n")
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
-            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows)
+            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows, trivial_baselines(results))
             + ("\n" + cost_table(rows, load_bench(bench)) if bench else "")
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
     atomic_write(out / "results.md", text.encode())
