@@ -28,23 +28,16 @@ from cpet.errors import CpetError
 from cpet.layers import attach, register_kind
 from cpet.models import cache_arg, get_arch, target_modules
 from cpet.pet.base import PetMethod
-from cpet.typed import coerce_fields, require
+from cpet.pet.prompt import TokensConfig
 
 register_kind("prefix_kv", "model", rank=90)  # on the k / v projections; ``Adapted`` does not call it
 register_kind("prefix", "model", rank=20, trainable=False)  # the task model's hook that feeds them in
-INITS = ("vocab", "random")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class PrefixConfig:
-    tokens: int = 20
-    init: str = "vocab"
-
-    def __post_init__(self):
-        coerce_fields(self, "pet")
-        require(self.tokens >= 1, "pet.tokens", self.tokens, ">= 1")
-        require(self.init in INITS, "pet.init", self.init, f"one of {INITS}")
+class PrefixConfig(TokensConfig):  # (its own class: the registry tells methods apart by their config's type)
+    pass
 
 
 class PrefixKV(nn.Module):

@@ -32,7 +32,9 @@ INITS = ("vocab", "random")
 
 
 @dataclass(frozen=True)
-class PromptConfig:
+class TokensConfig:
+    """Options shared by prompt and prefix tuning: how many virtual tokens, and where they start."""
+
     tokens: int = 20
     init: str = "vocab"
 
@@ -40,6 +42,11 @@ class PromptConfig:
         coerce_fields(self, "pet")
         require(self.tokens >= 1, "pet.tokens", self.tokens, ">= 1")
         require(self.init in INITS, "pet.init", self.init, f"one of {INITS}")
+
+
+@dataclass(frozen=True)
+class PromptConfig(TokensConfig):
+    pass
 
 
 class VirtualTokens(nn.Module):
