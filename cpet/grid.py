@@ -27,7 +27,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
@@ -181,9 +181,13 @@ def _split_sizes(task: TaskConfig) -> tuple[int, int, int] | None:
     return len(data.train), len(data.val), len(data.test)
 
 
-def prior_seconds(cell: Cell, shared: set) -> float:
-    """A rough time for one cell from the demo's rates, counting a teacher once per (model, task, PET,
-    training) key in ``shared`` (cells share it); finished cells refine the estimate."""
+def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_only: bool = False) -> float:
+    """A rough time for one cell from the demo's rates, counting each run once across cells (``shared``
+    holds what earlier cells made: a teacher per model, task, PET and training; a fresh PET trained at
+    ``train.clm_lr`` whatever ``train.lr`` is); ``teacher_share``: the share of a paradigm with a teacher
+    expected to run (a search tries it at the chosen teacher's rate only); ``chosen_only``: the learning rates
+    are left out of what tells runs apart (a seed that does not search runs each paradigm at one rate).
+    Finished cells refine it."""
     cfg = cell.config
     sizes = _split_sizes(cfg.task)
     if sizes is None:
@@ -192,15 +196,41 @@ def prior_seconds(cell: Cell, shared: set) -> float:
     epochs, total = cfg.train.epochs, 0.0
     for p in cfg.paradigms:
         spec = PARADIGM_SPECS[p]
+        share = 1.0
         if p == "base_pet":
-            key = (cfg.model, cfg.task, cfg.pet_config, cfg.train)
-            if key in shared:
-                continue
-            shared.add(key)
+            key = (cfg.model, cfg.task, cfg.pet_config, _train_key(cfg.train, None if chosen_only else cfg.train.lr))
+        else:  # what the run depends on, roughly: its fingerprint's inputs
+            lr = None if chosen_only else cfg.train.clm_lr or cfg.train.lr
+            train = _train_key(cfg.train, lr) if spec.trains else None
+            key = (p, cfg.model, cfg.task, cfg.pet_config, json.dumps(cfg.to_dict()["compress"]), train,
+                   cfg.recovery if spec.sized_by_recovery else None, cfg.distill if spec.distill else None,
+                   cfg.train.lr if spec.needs_teacher and not chosen_only else None)
+            share = teacher_share if spec.needs_teacher else 1.0
+        if key in shared:
+            continue
+        shared.add(key)
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
-        total += (n_train * epochs * rate if spec.trains else 0.0) \
-            + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"]
+        total += share * ((n_train * epochs * rate if spec.trains else 0.0)
+                          + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"])
     return total * _model_size(cfg.model.name) * cfg.model.max_length / 128
+
+
+def _train_key(train, lr) -> tuple:
+    """The training settings with the learning rate given (None: left out)."""
+    return tuple(sorted({**asdict(train), "lr": lr, "clm_lr": None}.items()))
+
+
+def _priors(grid: Grid) -> dict[str, float]:
+    """Each cell's prior (``prior_seconds``): with a search, a seed that does not search runs one candidate
+    of each paradigm, and a searching seed tries a paradigm with a teacher at one teacher rate."""
+    shared: set = set()
+    sel = grid.select
+    if sel is None:
+        return {c.id: prior_seconds(c, shared) for c in grid.cells}
+    rates = len({c.labels.get("train.lr") for c in grid.cells}) if "train.lr" in sel.keys else 1
+    chosen: set = set()
+    return {c.id: prior_seconds(c, shared, 1.0 / rates) if sel.searches(c) else prior_seconds(c, chosen, chosen_only=True)
+            for c in grid.cells}
 
 
 def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
@@ -213,12 +243,12 @@ def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
 
 def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     """The cells with their status and an estimate of the time left."""
-    rows, done, prior_left, shared = [], [], 0.0, set()
-    share = 1.0 / _candidates(grid) if grid.select else 1.0
+    rows, done, prior_left = [], [], 0.0
+    priors = _priors(grid)
     for cell in grid.cells:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
-        prior = prior_seconds(cell, shared) * (share if grid.select and not grid.select.searches(cell) else 1.0)
+        prior = priors[cell.id]
         if status == "done":
             done.append((rec["seconds"], prior))
         else:
@@ -230,7 +260,7 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
             f"{k}={v}" for k, v in r.items() if k not in ("cell", "status", "est_min")))
     if grid.select:
         log(f"{', '.join(grid.select.keys)} searched on seeds {list(grid.select.seeds)}; the other seeds run each "
-            f"paradigm at its chosen values (their estimates count one candidate in {_candidates(grid)})")
+            "paradigm at its chosen values (their estimates count one run of each)")
     log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(prior_left, done)}")
     return rows
 
@@ -252,9 +282,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     skip = ("done",) if retry_failed else ("done", "failed")
     todo = [c for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
     sel = grid.select
-    shared: set = set()
-    share = 1.0 / _candidates(grid) if sel else 1.0  # a seed that does not search runs one candidate of each paradigm
-    priors = {c.id: prior_seconds(c, shared) * (1.0 if not sel or sel.searches(c) else share) for c in grid.cells}
+    priors = _priors(grid)
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded"
         + (f"; {len(todo)} to run on Ray, {workers} at a time" if executor == "ray" and todo else "")
         + (f"; {', '.join(sel.keys)} searched on seeds {list(sel.seeds)}, the other seeds run the values chosen "
@@ -350,11 +378,6 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     if failed:
         log(f"{len(failed)} cells failed (see {grid.root / CELLS}/<cell>.json); rerun with --retry-failed")
     return records
-
-
-def _candidates(grid: Grid) -> int:
-    """How many value combinations of the selected keys the grid's cells have."""
-    return max(1, len({tuple(c.labels[k] for k in grid.select.keys) for c in grid.cells}))
 
 
 def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str]:
