@@ -314,8 +314,12 @@ class TextFormat(Format):
 
     @torch.no_grad()
     def generate(self, model: LMTaskModel, tokenizer, examples, max_length, batch_size=16) -> list[str]:
-        """Greedy answers (the first line of the continuation), batched; decoders pad on the left."""
-        model.require_no_virtual_tokens("greedy generation")
+        """Greedy answers (the first line of the continuation), batched; decoders pad on the left. A
+        prompt-tuned task generates from its virtual tokens + the input's embeddings (prefix tuning's cache
+        is not carried through generation yet: refused)."""
+        virtual = model.virtual_tokens()
+        if any(hasattr(m, "backbone_kwargs") for m in virtual):
+            model.require_no_virtual_tokens("greedy generation")
         lm = model.backbone
         device = next(model.parameters()).device
         eos = _end_token(tokenizer)
@@ -325,10 +329,12 @@ class TextFormat(Format):
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             batch = pad_rows([rows[i] for i in idx], tokenizer.pad_token_id, left=not self.seq2seq)
-            out = lm.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                              max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            # with virtual tokens: the prompt + the input's embeddings (generate then returns the new tokens only)
+            inputs = model.backbone_inputs(ids, mask)[0] if virtual else {"input_ids": ids, "attention_mask": mask}
+            out = lm.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            new = out if self.seq2seq else out[:, batch["input_ids"].shape[1]:]
+            new = out if self.seq2seq or virtual else out[:, ids.shape[1]:]
             for i, seq in zip(idx, new.tolist()):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 answers[i] = text.strip().split("\n")[0].strip()

@@ -99,8 +99,11 @@ def test_paths_that_would_skip_the_prompt_refuse(tokenizer):
     pytest.importorskip("lm_eval")
     with pytest.raises(CpetError, match="lm-eval does not support virtual-token PET"):
         run_lm_eval(model, tokenizer)
+    from cpet.pet.prefix import PrefixConfig
+
+    prefixed = build_task_model(tiny_llama_lm(), 0, pet=PrefixConfig(tokens=2))
     with pytest.raises(CpetError, match="greedy generation does not support virtual-token PET"):
-        get_format(TASKS["sst2"], model).generate(model, tokenizer, [], 32)
+        get_format(TASKS["sst2"], prefixed).generate(prefixed, tokenizer, [], 32)
     assert _causal_lm(model) is None  # MMLU scores it through the task model's forward, without a prefix cache
     from cpet.evals.mmlu import next_token_logits
 
@@ -173,3 +176,45 @@ def test_prompt_tuning_round_trips_through_the_real_peft_package(tmp_path, batch
     with pytest.raises(CpetError, match="not a bare backbone"):
         import_peft(tiny_bert(), tmp_path / "theirs")
     assert isinstance(LMTaskModel(tiny_llama_lm()), TaskModel)
+
+
+@pytest.mark.parametrize("make", [tiny_llama_lm, tiny_t5_lm])
+def test_a_prompt_tuned_lm_generates_from_its_prompt(make, tokenizer):
+    """Greedy generation of a prompt-tuned text-to-text task equals a greedy loop over the task model's own
+    forward (prompt in front, left padding for decoders), and differs from the model without the prompt."""
+    from cpet.formats import _end_token, get_format
+    from cpet.tasks import TASKS, Example
+
+    model = build_task_model(make(), 0, pet=PromptConfig(tokens=3)).eval()
+    with torch.no_grad():
+        model.prompt.embeddings.normal_(0, 1.0)
+    fmt = get_format(TASKS["squad"], model)
+    examples = [Example("who won ?", "the cat won the race .", 0, answers=("the cat",)),
+                Example("where ?", "in paris , a long time ago .", 0, answers=("paris",))]
+    got = fmt.generate(model, tokenizer, examples, 64)
+    assert any(got), got  # something was generated to compare
+    eos = _end_token(tokenizer)
+    for ex, answer in zip(examples, got):  # one row at a time: no padding
+        row = fmt._row(tokenizer, fmt.spec.prompt(ex), None, 64 - fmt.max_new_tokens)
+        ids = torch.tensor([row["input_ids"]])
+        toks = []
+        with torch.no_grad():
+            if model.seq2seq:
+                dec = torch.tensor([[model.config.decoder_start_token_id]])
+                for _ in range(fmt.max_new_tokens):
+                    t = int(model(ids, torch.ones_like(ids), decoder_input_ids=dec,
+                                  decoder_attention_mask=torch.ones_like(dec)).logits[0, -1].argmax())
+                    toks.append(t)
+                    dec = torch.cat([dec, torch.tensor([[t]])], 1)
+                    if t == eos:
+                        break
+            else:
+                seq = ids
+                for _ in range(fmt.max_new_tokens):
+                    t = int(model(seq, torch.ones_like(seq)).logits[0, -1].argmax())
+                    toks.append(t)
+                    seq = torch.cat([seq, torch.tensor([[t]])], 1)
+                    if t == eos:
+                        break
+        want = tokenizer.decode(toks, skip_special_tokens=True).strip().split("\n")[0].strip()
+        assert answer == want

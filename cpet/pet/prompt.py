@@ -11,8 +11,9 @@ keeps the hidden size). ``init: vocab`` starts from the embeddings of random voc
 paper's sampled-vocabulary init), ``random`` from N(0, std of the embedding matrix). PEFT's type is
 ``PROMPT_TUNING`` (``prompt_embeddings``: (tokens, d)).
 
-Not yet: greedy generation, MMLU's prefix cache, lm-eval and the fused bank call the backbone
-themselves; they refuse a task with virtual tokens instead of skipping them.
+Greedy generation starts from the prompt + the input's embeddings. Not yet: lm-eval and the fused bank
+call the backbone themselves (they refuse a task with virtual tokens instead of skipping them); MMLU
+scores it without its shared-prefix cache.
 """
 
 from __future__ import annotations
