@@ -316,10 +316,10 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
                                 "not_chosen": skipped})
                 continue
             runs.append((cell, Cell(cell.values, replace(cell.config, paradigms=tuple(keep))), skipped))
-        by_id = {narrow.id: (cell, skipped) for cell, narrow, skipped in runs}
+        by_run = {id(narrow): (cell, skipped) for cell, narrow, skipped in runs}  # (two cells may narrow alike)
 
         def done_one(narrow: Cell, rec: dict) -> None:
-            cell, skipped = by_id[narrow.id]
+            cell, skipped = by_run[id(narrow)]
             rec = {**rec, **_cell_base(cell)}
             before = (recorded[cell.id] or {}).get("results")
             if rec["status"] == "failed" and before:  # what finished before (its teacher, say) still counts
@@ -335,7 +335,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
 
         if executor == "ray":
             for _, narrow, _ in runs:
-                log(f"queued cell {position[by_id[narrow.id][0].id]}/{len(grid.cells)} {narrow.id}: " + _labels(narrow))
+                log(f"queued cell {position[by_run[id(narrow)][0].id]}/{len(grid.cells)} {narrow.id}: " + _labels(narrow))
             _run_on_ray(grid, [n for _, n, _ in runs], workers, done_one)
         else:
             for cell, narrow, _ in runs:

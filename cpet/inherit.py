@@ -81,13 +81,16 @@ def onto_student(student: nn.Module, entry):
     """A teacher's task-folder entry (layer names inside lists / mappings) with the dense FFN layers a
     student's MoE FFNs replaced renamed to those MoEs' ports (the student has no recovery wrapper yet)."""
     ports = {src: port for port, src in _port_names(student).items()}
-    if isinstance(entry, str):
-        return ports.get(entry, entry)
-    if isinstance(entry, list):
-        return [onto_student(student, e) for e in entry] if ports else entry
-    if isinstance(entry, dict):
-        return {k: onto_student(student, v) for k, v in entry.items()} if ports else entry
-    return entry
+
+    def rename(e):
+        if isinstance(e, str):
+            return ports.get(e, e)
+        if isinstance(e, list):
+            return [rename(x) for x in e]
+        if isinstance(e, dict):
+            return {k: rename(v) for k, v in e.items()}
+        return e
+    return rename(entry) if ports else entry
 
 
 def _renamed(name: str, ports: dict[str, str]) -> str:

@@ -135,22 +135,33 @@ def _fmt(xs: list[float], scale: float) -> str:
 
 def trivial_baselines(results: list[dict]) -> dict[str, float]:
     """Per task, the trivial baseline's main metric on its test set (majority class of the training part;
-    SQuAD: the paragraph's first words), from the task data the results were made on; tasks whose data
-    is not here are left out."""
+    SQuAD: the paragraph's first words), recomputed from the local data folder each result records, and
+    only where that gives the results' own split sizes (never from the hub); other tasks are left out."""
+    from pathlib import Path as _Path
+
     from cpet.config import TaskConfig
     from cpet.tasks import load_task, trivial_baseline
 
     out: dict[str, float] = {}
+    tried: set[str] = set()
     for r in results:
         task = r["task"]
-        if task in out:
+        if task in tried:
+            continue
+        tried.add(task)
+        source = r.get("data_source")
+        metric = next(iter(r.get("best_val") or {}), None)  # the task's main metric (its first val metric)
+        if not source or not _Path(source).is_dir() or metric is None:
             continue
         try:
             cfg = {k: v for k, v in r["cell_config"]["task"].items() if k in TaskConfig.__dataclass_fields__}
-            scores = trivial_baseline(load_task(TaskConfig(**cfg)))
-        except (CpetError, KeyError, TypeError):
+            data = load_task(TaskConfig(**{**cfg, "data_dir": source}))
+            if r.get("split_sizes") and r["split_sizes"] != {"train": len(data.train), "val": len(data.val),
+                                                             "test": len(data.test)}:
+                continue  # not the data the runs had
+            scores = trivial_baseline(data)
+        except Exception:  # noqa: BLE001 - a supplementary row: a task whose data cannot be read is left out
             continue
-        metric = next(iter(r.get("best_val") or {}), None)  # the task's main metric (its first val metric)
         if metric in scores:
             out[task] = float(scores[metric])
     return out
@@ -189,7 +200,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
             parts(k[0]) <= parts(variant) and get(variant, k[1], k[2], k[3])))}, key=ORDER.get)
         keys = [("none", "base_pet"), ("none", "small_pet")] + [(p, par) for p in plans for par in present]
         if trivial:
-            out.append("| — | trivial (majority class) | " + " | ".join(
+            out.append("| — | trivial (majority class; SQuAD: first words) | " + " | ".join(
                 f"{scale[t] * trivial[t]:.2f}" if t in trivial else "" for t in tasks) + " | |")
         for plan, paradigm in keys:
             vals = [list(get(variant, plan, paradigm, t).values()) for t in tasks]

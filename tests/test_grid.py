@@ -51,7 +51,7 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     assert len(acc) == 4 + 8 + 8 and {r["seed"] for r in acc} == {"1", "2"}
     md = (root / "results.md").read_text()
     assert "| Q | CLM+CPET |" in md and "± " in md and "avg recovered" in md
-    assert "| — | trivial (majority class) |" in md  # beside base+PET, from the cells' task data
+    assert "| — | trivial (majority class; SQuAD: first words) |" in md  # beside base+PET, from the runs' data
     bench = Path(__file__).resolve().parent.parent / "bench" / "results" / "compress_minilm.json"
     assert main(["report", str(root), "--bench", str(bench), "-o", str(tmp_path / "with_bench")]) == 0
     table = (tmp_path / "with_bench" / "results.md").read_text()
