@@ -315,11 +315,10 @@ class TextFormat(Format):
     @torch.no_grad()
     def generate(self, model: LMTaskModel, tokenizer, examples, max_length, batch_size=16) -> list[str]:
         """Greedy answers (the first line of the continuation), batched; decoders pad on the left. A
-        prompt-tuned task generates from its virtual tokens + the input's embeddings (prefix tuning's cache
-        is not carried through generation yet: refused)."""
+        prompt-tuned task generates from its virtual tokens + the input's embeddings, a prefix-tuned one
+        continues its prefix cache."""
         virtual = model.virtual_tokens()
-        if any(hasattr(m, "backbone_kwargs") for m in virtual):
-            model.require_no_virtual_tokens("greedy generation")
+        cached = any(hasattr(m, "backbone_kwargs") for m in virtual)  # prefix tuning: a pre-filled KV cache
         lm = model.backbone
         device = next(model.parameters()).device
         eos = _end_token(tokenizer)
@@ -330,11 +329,16 @@ class TextFormat(Format):
             idx = order[s: s + batch_size]
             batch = pad_rows([rows[i] for i in idx], tokenizer.pad_token_id, left=not self.seq2seq)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            # with virtual tokens: the prompt + the input's embeddings (generate then returns the new tokens only)
-            inputs = model.backbone_inputs(ids, mask)[0] if virtual else {"input_ids": ids, "attention_mask": mask}
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if virtual:
+                kwargs = model.backbone_inputs(ids, mask)[0]
+                if cached:  # the input ids continue the prefix cache; the mask covers both (generate's restart form)
+                    inputs.update({k: v for k, v in kwargs.items() if k not in ("inputs_embeds", "token_type_ids")})
+                else:  # the prompt + the input's embeddings: generate returns the new tokens only
+                    inputs = kwargs
             out = lm.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            new = out if self.seq2seq or virtual else out[:, ids.shape[1]:]
+            new = out if self.seq2seq or (virtual and not cached) else out[:, ids.shape[1]:]
             for i, seq in zip(idx, new.tolist()):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 answers[i] = text.strip().split("\n")[0].strip()

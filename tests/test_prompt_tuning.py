@@ -99,11 +99,6 @@ def test_paths_that_would_skip_the_prompt_refuse(tokenizer):
     pytest.importorskip("lm_eval")
     with pytest.raises(CpetError, match="lm-eval does not support virtual-token PET"):
         run_lm_eval(model, tokenizer)
-    from cpet.pet.prefix import PrefixConfig
-
-    prefixed = build_task_model(tiny_llama_lm(), 0, pet=PrefixConfig(tokens=2))
-    with pytest.raises(CpetError, match="greedy generation does not support virtual-token PET"):
-        get_format(TASKS["sst2"], prefixed).generate(prefixed, tokenizer, [], 32)
     assert _causal_lm(model) is None  # MMLU scores it through the task model's forward, without a prefix cache
     from cpet.evals.mmlu import next_token_logits
 
@@ -178,21 +173,26 @@ def test_prompt_tuning_round_trips_through_the_real_peft_package(tmp_path, batch
     assert isinstance(LMTaskModel(tiny_llama_lm()), TaskModel)
 
 
-@pytest.mark.parametrize("make", [tiny_llama_lm, tiny_t5_lm])
-def test_a_prompt_tuned_lm_generates_from_its_prompt(make, tokenizer):
-    """Greedy generation of a prompt-tuned text-to-text task equals a greedy loop over the task model's own
-    forward (prompt in front, left padding for decoders), and differs from the model without the prompt."""
+@pytest.mark.parametrize("make,method", [(tiny_llama_lm, "prompt"), (tiny_t5_lm, "prompt"), (tiny_llama_lm, "prefix")])
+def test_a_prompt_or_prefix_tuned_lm_generates_from_it(make, method, tokenizer):
+    """Greedy generation of a prompt- or prefix-tuned text-to-text task equals a greedy loop over the task
+    model's own forward (the prompt in front / the prefix cache before the input)."""
     from cpet.formats import _end_token, get_format
+    from cpet.pet.prefix import PrefixConfig
     from cpet.tasks import TASKS, Example
 
-    model = build_task_model(make(), 0, pet=PromptConfig(tokens=3)).eval()
+    cfg = PromptConfig(tokens=3) if method == "prompt" else PrefixConfig(tokens=3)
+    model = build_task_model(make(), 0, pet=cfg).eval()
     with torch.no_grad():
-        model.prompt.embeddings.normal_(0, 1.0)
+        for n, p in model.named_parameters():
+            if "prompt." in n or "prefix_kv" in n:
+                p.normal_(0, 1.0)
     fmt = get_format(TASKS["squad"], model)
     examples = [Example("who won ?", "the cat won the race .", 0, answers=("the cat",)),
                 Example("where ?", "in paris , a long time ago .", 0, answers=("paris",))]
     got = fmt.generate(model, tokenizer, examples, 64)
     assert any(got), got  # something was generated to compare
+    assert got == [fmt.generate(model, tokenizer, [ex], 64)[0] for ex in examples]  # batched (padded) == alone
     eos = _end_token(tokenizer)
     for ex, answer in zip(examples, got):  # one row at a time: no padding
         row = fmt._row(tokenizer, fmt.spec.prompt(ex), None, 64 - fmt.max_new_tokens)

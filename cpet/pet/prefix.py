@@ -12,8 +12,9 @@ different: every compression (int8, sparse, 2:4, structured, MoE) runs under it.
 
 ``init: vocab`` (default) starts each layer's prefixes from the keys / values the frozen backbone computes
 for ``tokens`` random vocabulary tokens; ``random`` from noise of their scale. Decoder LMs and encoders;
-encoder-decoders (T5) are refused. Like prompt tuning, generation, lm-eval and the serving bank refuse a
-prefix-tuned task (they call the backbone themselves); cpet's MMLU scores it without its prefix cache.
+encoder-decoders (T5) are refused. Greedy generation continues the prefix cache; lm-eval and the serving
+bank refuse a prefix-tuned task (they call the backbone themselves); cpet's MMLU scores it without its
+shared-prefix cache.
 """
 
 from __future__ import annotations
