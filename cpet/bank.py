@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from cpet.compress import load_compressed
+from cpet.compress.moefication import in_experts
 from cpet.errors import CpetError
 from cpet.fingerprint import model_digest
 from cpet.layers import Adapted, wrap
@@ -175,7 +176,7 @@ class TaskBank:
         if recorded and self.fingerprint and recorded != self.fingerprint:
             raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
                             f" not on this one ({self.fingerprint}); load it on its own backbone")
-        inner = [n for n in (desc.get("lora") or {}).get("modules", []) if ".in_ports." in n or n.endswith(".out_port")]
+        inner = [n for n in (desc.get("lora") or {}).get("modules", []) if in_experts(n)]
         if inner:
             raise CpetError(f"{p} has LoRA inside a MoE FFN's experts ({inner[0]}); the bank fuses whole layers only. "
                             "Load it on its own copy of the backbone (load_task_modules), or give LoRA attention targets")
@@ -370,12 +371,10 @@ class BankTaskView(nn.Module):
     def config(self):
         return self.backbone.config
 
-    # the task model's input handling (the bank serves no virtual-token PET: it refuses such tasks on load)
+    # the task model's input handling (no virtual-token module here: the bank refuses such tasks on load)
+    virtual_tokens = TaskModel.virtual_tokens
     backbone_inputs = TaskModel.backbone_inputs
     require_no_virtual_tokens = TaskModel.require_no_virtual_tokens
-
-    def virtual_tokens(self) -> list:
-        return []
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, num_choices=None, **kw):
         with self._bank.only(self.name):

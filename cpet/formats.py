@@ -317,8 +317,6 @@ class TextFormat(Format):
         """Greedy answers (the first line of the continuation), batched; decoders pad on the left. A
         prompt-tuned task generates from its virtual tokens + the input's embeddings, a prefix-tuned one
         continues its prefix cache."""
-        virtual = model.virtual_tokens()
-        cached = any(hasattr(m, "backbone_kwargs") for m in virtual)  # prefix tuning: a pre-filled KV cache
         lm = model.backbone
         device = next(model.parameters()).device
         eos = _end_token(tokenizer)
@@ -328,17 +326,13 @@ class TextFormat(Format):
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             batch = pad_rows([rows[i] for i in idx], tokenizer.pad_token_id, left=not self.seq2seq)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            inputs = {"input_ids": ids, "attention_mask": mask}
-            if virtual:
-                kwargs = model.backbone_inputs(ids, mask)[0]
-                if cached:  # the input ids continue the prefix cache; the mask covers both (generate's restart form)
-                    inputs.update({k: v for k, v in kwargs.items() if k not in ("inputs_embeds", "token_type_ids")})
-                else:  # the prompt + the input's embeddings: generate returns the new tokens only
-                    inputs = kwargs
+            ids = batch["input_ids"].to(device)
+            # a prompt goes in as embeddings (generate then returns the new tokens only); a prefix cache is
+            # continued by the ids, the mask covering both (generate's restart form)
+            inputs, added = model.backbone_inputs(ids, batch["attention_mask"].to(device))
             out = lm.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            new = out if self.seq2seq or (virtual and not cached) else out[:, ids.shape[1]:]
+            new = out if self.seq2seq or added else out[:, ids.shape[1]:]
             for i, seq in zip(idx, new.tolist()):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 answers[i] = text.strip().split("\n")[0].strip()

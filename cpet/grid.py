@@ -72,6 +72,11 @@ class Cell:
         return digest(d)
 
     @cached_property
+    def config_dict(self) -> dict:
+        """The resolved config as a mapping (read, never changed: records, plan names, estimates use it)."""
+        return self.config.to_dict()
+
+    @cached_property
     def labels(self) -> dict[str, str]:
         """Axis values as short text (a string as is; numbers, lists and mappings as JSON)."""
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.values.items()}
@@ -202,7 +207,7 @@ def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_on
         else:  # what the run depends on, roughly: its fingerprint's inputs
             lr = None if chosen_only else cfg.train.clm_lr or cfg.train.lr
             train = _train_key(cfg.train, lr) if spec.trains else None
-            key = (p, cfg.model, cfg.task, cfg.pet_config, json.dumps(cfg.to_dict()["compress"]), train,
+            key = (p, cfg.model, cfg.task, cfg.pet_config, json.dumps(cell.config_dict["compress"]), train,
                    cfg.recovery if spec.sized_by_recovery else None, cfg.distill if spec.distill else None,
                    cfg.train.lr if spec.needs_teacher and not chosen_only else None)
             share = teacher_share if spec.needs_teacher else 1.0
@@ -321,13 +326,12 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
         def done_one(narrow: Cell, rec: dict) -> None:
             cell, skipped = by_run[id(narrow)]
             rec = {**rec, **_cell_base(cell)}
-            before = (recorded[cell.id] or {}).get("results")
-            if rec["status"] == "failed" and before:  # what finished before (its teacher, say) still counts
-                rec["results"] = before
+            if rec["status"] == "failed":
                 failed_now.add(cell.id)
-            elif rec["status"] == "failed":
-                failed_now.add(cell.id)
-            if rec["status"] == "done":
+                before = (recorded[cell.id] or {}).get("results")
+                if before:  # what finished before (its teacher, say) still counts
+                    rec["results"] = before
+            else:
                 rec["status"] = "done" if final else "partial"
                 if skipped:
                     rec["not_chosen"] = skipped
@@ -382,7 +386,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
 
 def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str]:
     """A paradigm's (task, plan, paradigm, other axes) in a cell, and its candidate there ("k=v, ...")."""
-    plan, variant = plan_and_variant(paradigm, cell.config.to_dict(), cell.labels)
+    plan, variant = plan_and_variant(paradigm, cell.config_dict, cell.labels)
     rest, cand = split_variant(variant, keys)
     return (cell.config.task.name, plan, paradigm, rest), cand
 
@@ -404,8 +408,8 @@ def _chosen_paradigms(cell: Cell, sel: Selection, choices: dict) -> tuple[list[s
     for p in cell.config.paradigms:
         group, cand = _group(cell, p, sel.keys)
         if sel.searches(cell):
-            want, have = (choices.get(_group(cell, "base_pet", sel.keys)[0]), _group(cell, "base_pet", sel.keys)[1]) \
-                if PARADIGM_SPECS[p].needs_teacher else (None, None)
+            teacher, have = _group(cell, "base_pet", sel.keys) if PARADIGM_SPECS[p].needs_teacher else (None, None)
+            want = choices.get(teacher)
             if want is not None and want != have:
                 skipped[p] = f"its teacher runs at {want} ({on})"
             else:
@@ -435,7 +439,7 @@ def _failed(cell: Cell, seconds: float, error: str, **extra) -> dict:
 
 
 def _cell_base(cell: Cell) -> dict:
-    return {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config.to_dict()}
+    return {"cell": cell.id, "values": cell.values, "labels": cell.labels, "config": cell.config_dict}
 
 
 def run_cell(cell: Cell, root: Path, log: Callable[[str], None] = print) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from cpet.compress.moefication import MoEFFN, port_sources
 from cpet.errors import CpetError
 from cpet.layers import kind_of, task_state_dict
 from cpet.pet import PET_KINDS
@@ -64,8 +65,6 @@ def inherit(student: nn.Module, teacher: nn.Module | dict[str, torch.Tensor],
 def _port_names(student: nn.Module) -> dict[str, str]:
     """Each MoE FFN port of the student -> the dense FFN linear whose PET it takes (same shapes, same
     neuron order)."""
-    from cpet.compress.moefication import MoEFFN, port_sources
-
     model_type = getattr(getattr(getattr(student, "backbone", student), "config", None), "model_type", "")
     out = {}
     for name, mod in student.named_modules():

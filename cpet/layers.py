@@ -105,18 +105,10 @@ def wrap(model: nn.Module, name: str) -> Adapted:
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        module = None
-    if module is None and ".base." in name:  # a compound layer's port saved while the compound was wrapped
-        try:  # (recovery on a MoE FFN), rebuilt before that wrapper is: its place now
-            name = name.replace(".base.", ".")
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-    if module is None:
         from cpet.errors import CpetError
 
         raise CpetError(f"module {name!r} not found in {type(model).__name__}; "
-                        "were these task modules made for another backbone?")
+                        "were these task modules made for another backbone?") from None
     if isinstance(module, Adapted):
         return module
     wrapped = Adapted(module)

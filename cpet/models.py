@@ -342,27 +342,30 @@ class TaskModel(nn.Module):
     def backbone_inputs(self, input_ids, attention_mask, token_type_ids=None) -> tuple[dict, int]:
         """The backbone's input arguments, and how many input positions model-stage modules put in front of
         the real tokens (their outputs are sliced off again: every head, loss and metric sees the real
-        tokens). A module may also extend the mask over keys / values it supplies itself (a prefix cache)."""
+        tokens). A module may also extend the mask over keys / values it supplies itself (a prefix cache).
+        The input goes as embeddings only when positions were put in front; otherwise as ids."""
         mods = self.virtual_tokens()
-        if not mods:
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            return kwargs | ({"token_type_ids": token_type_ids} if token_type_ids is not None else {}), 0
-        embeds, mask, added = self.backbone.get_input_embeddings()(input_ids), attention_mask, 0
-        kwargs = {}
-        for m in mods:  # each: its positions in front of the others' (prompt tokens, then a prefix cache before them)
-            embeds, mask, n = m.extend(embeds, mask)
-            added += n
-            kwargs.update(m.backbone_kwargs(self.backbone, embeds.shape[0]) if hasattr(m, "backbone_kwargs") else {})
-        kwargs.update(inputs_embeds=embeds, attention_mask=mask)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        added = 0
+        if mods:
+            embeds, mask = self.backbone.get_input_embeddings()(input_ids), attention_mask
+            for m in mods:  # each: its positions in front of the others' (prompt tokens, then a prefix cache before them)
+                embeds, mask, n = m.extend(embeds, mask)
+                added += n
+                kwargs.update(m.backbone_kwargs(self.backbone, embeds.shape[0]) if hasattr(m, "backbone_kwargs") else {})
+            kwargs["attention_mask"] = mask
+            if added:
+                del kwargs["input_ids"]
+                kwargs["inputs_embeds"] = embeds
         if token_type_ids is not None:
             kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(token_type_ids.shape[0], added),
-                                                  token_type_ids], dim=1)
+                                                  token_type_ids], dim=1) if added else token_type_ids
         return kwargs, added
 
     def require_no_virtual_tokens(self, what: str) -> None:
         """Refuse a path that calls the backbone itself (and would skip the virtual tokens)."""
         if self.virtual_tokens():
-            raise CpetError(f"{what} does not support virtual-token PET (prompt tuning) yet: it calls the backbone "
+            raise CpetError(f"{what} does not support virtual-token PET (prompt / prefix tuning) yet: it calls the backbone "
                             "directly and would silently skip the task's prompt. Score the task through its "
                             "classification / choice formats, or tune it with another PET method")
 

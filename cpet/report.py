@@ -19,10 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from cpet.compress import PRESETS, plan_to_json
-from cpet.config import PARADIGM_SPECS, PARADIGMS
+from cpet.config import PARADIGM_SPECS, PARADIGMS, TaskConfig
 from cpet.experiments import LABELS
 from cpet.errors import CpetError
 from cpet.io import atomic_write, read_json
+from cpet.tasks import load_task, trivial_baseline
 
 COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
 ORDER = {name: i for i, name in enumerate(PARADIGMS)}
@@ -36,16 +37,16 @@ def plan_name(steps: list[dict]) -> str:
     if not steps:
         return "none"
     steps = _json_plan(plan_to_json(steps))  # defaults filled in: a plan written short names the same
-    resolved = {k: _json_plan(plan_to_json(v)) for k, v in PRESETS.items()}
-    single = {k: v[0] for k, v in resolved.items() if len(v) == 1}
+    single = {k: v[0] for k, v in ((k, _json_plan(plan_to_json(v))) for k, v in PRESETS.items()) if len(v) == 1}
+    named = lambda name, diff: f"{name}({', '.join(diff)})" if diff else name  # noqa: E731
     generic, presets = [], []
     for step in steps:
-        default = _json_plan(plan_to_json([{"method": step["method"]}]))[0]
         diff = lambda ref: [f"{k}={v}" for k, v in step.items() if k != "method" and ref.get(k) != v]  # noqa: E731
-        generic.append(f"{step['method']}({', '.join(diff(default))})" if diff(default) else step["method"])
+        own = diff(_json_plan(plan_to_json([{"method": step["method"]}]))[0])
+        generic.append(named(step["method"], own))
         near = next((k for k, v in single.items() if v["method"] == step["method"]), None)
-        if near and len(diff(single[near])) <= len(diff(default)):  # a preset, or closer to one than to the defaults
-            presets.append(f"{near}({', '.join(diff(single[near]))})" if diff(single[near]) else near)
+        if near and len(off := diff(single[near])) <= len(own):  # a preset, or closer to one than to the defaults
+            presets.append(named(near, off))
     return "+".join(presets if len(presets) == len(steps) else generic)
 
 
@@ -137,11 +138,6 @@ def trivial_baselines(results: list[dict]) -> dict[str, float]:
     """Per task, the trivial baseline's main metric on its test set (majority class of the training part;
     SQuAD: the paragraph's first words), recomputed from the local data folder each result records, and
     only where that gives the results' own split sizes (never from the hub); other tasks are left out."""
-    from pathlib import Path as _Path
-
-    from cpet.config import TaskConfig
-    from cpet.tasks import load_task, trivial_baseline
-
     out: dict[str, float] = {}
     tried: set[str] = set()
     for r in results:
@@ -151,7 +147,7 @@ def trivial_baselines(results: list[dict]) -> dict[str, float]:
         tried.add(task)
         source = r.get("data_source")
         metric = next(iter(r.get("best_val") or {}), None)  # the task's main metric (its first val metric)
-        if not source or not _Path(source).is_dir() or metric is None:
+        if not source or not Path(source).is_dir() or metric is None:
             continue
         try:
             cfg = {k: v for k, v in r["cell_config"]["task"].items() if k in TaskConfig.__dataclass_fields__}

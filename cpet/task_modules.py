@@ -99,13 +99,13 @@ def load_task_modules(backbone: nn.Module, path: str | os.PathLike) -> TaskModel
                         f"; load it on a backbone {'with' if head == 'lm' else 'without'} its LM head "
                         f"(model.formulation={'text' if head == 'lm' else 'head'})")
     model = LMTaskModel(backbone) if head == "lm" else TaskModel(backbone, desc["num_labels"], desc["pooling"], head=head)
-    for name, method in METHODS.items():
-        if name in desc:
-            method.rebuild(model, desc[name])
-    if "recovery" in desc:
+    if "recovery" in desc:  # first: PET saved inside a wrapped layer (a MoE FFN's ports) is named under it
         d = desc["recovery"]
         cfg = RecoveryConfig(r=d["r"], activation=d["activation"], dropout=d["dropout"])
         recovery_mod.add_recovery_to(model, d["modules"], cfg)
+    for name, method in METHODS.items():
+        if name in desc:
+            method.rebuild(model, desc[name])
     load_into(model, state, what=str(p))
     return model
 

@@ -102,12 +102,16 @@ def test_paths_that_would_skip_the_prompt_refuse(tokenizer):
     assert _causal_lm(model) is None  # MMLU scores it through the task model's forward, without a prefix cache
     from cpet.evals.mmlu import next_token_logits
 
+    from cpet.pet.prefix import PrefixConfig
+
     rows = [[5, 17, 300, 42], [9, 8, 7]]  # rows of different lengths: each row's last real token's next-token logits
-    got = next_token_logits(model.eval(), rows, 0)
-    for i, r in enumerate(rows):
-        with torch.no_grad():
-            want = model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).logits[0, -1]
-        torch.testing.assert_close(got[i], want.float(), rtol=1e-4, atol=1e-5)
+    for scored in (model, build_task_model(tiny_llama_lm(), 0, pet=PrefixConfig(tokens=2))):  # prompt, prefix
+        assert _causal_lm(scored) is None
+        got = next_token_logits(scored.eval(), rows, 0)
+        for i, r in enumerate(rows):
+            with torch.no_grad():
+                want = scored(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).logits[0, -1]
+            torch.testing.assert_close(got[i], want.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_tunes_a_prompt_through_every_paradigm(tmp_path, data_dir, tiny_model_dir):

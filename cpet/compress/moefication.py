@@ -296,9 +296,15 @@ class MoEFFN(nn.Module):
         return run(self.out_port, h, last)
 
 
+def in_experts(name: str) -> bool:
+    """Whether a layer name is a MoE FFN's port (PET there sits inside the experts)."""
+    return ".in_ports." in name or name.endswith(".out_port")
+
+
 def port_sources(model_type: str, block: str, n_in: int) -> tuple[list[str], str]:
     """The dense FFN's (first linear(s), last linear) names for the MoE that replaced ``block``: the layers
-    whose PET its ports take."""
+    whose PET its ports take. (``ffn_blocks`` reads the same names off a dense model; the BERT test that a MoE
+    student with every expert equals its dense teacher holds the two together.)"""
     if model_type in ("bert", "roberta", "xlm-roberta", "electra"):
         return [block + ".dense"], block[: -len("intermediate")] + "output.dense"
     if model_type in ("llama", "mistral", "qwen2"):

@@ -31,8 +31,8 @@ class PetMethod:
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         raise NotImplementedError
 
-    def kind_for(self, role: str, cfg, layer: nn.Module) -> str:
-        """The branch kind ``layer`` (playing ``role``) gets (a method with one kind: that one)."""
+    def kind_for(self, role: str, cfg) -> str:
+        """The branch kind a layer playing ``role`` gets (a method with one kind: that one)."""
         return self.kinds[0]
 
     def apply(self, model: nn.Module, cfg) -> list[str]:
@@ -41,7 +41,7 @@ class PetMethod:
         if not layers:
             raise CpetError(f"{self.name}: no layer of {model.__class__.__name__} plays the roles {list(cfg.targets)}")
         for name in sorted(layers):  # sorted: the random init of each layer as cpet has always drawn it
-            kind = self.kind_for(layers[name], cfg, model.get_submodule(name))
+            kind = self.kind_for(layers[name], cfg)
             attach(model, [name], kind, lambda i, o, k=kind: self.make(i, o, cfg, k))
         return sorted(layers)
 

@@ -56,7 +56,7 @@ class Scale(nn.Module):
 class IA3Method(PetMethod):
     name, Config, kinds, peft_type = "ia3", IA3Config, ("ia3", "ia3_in"), "IA3"
 
-    def kind_for(self, role: str, cfg, layer: nn.Module) -> str:
+    def kind_for(self, role: str, cfg) -> str:
         return "ia3_in" if role in cfg.input_side else "ia3"  # (a MoE FFN: its last port reads the activations)
 
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:

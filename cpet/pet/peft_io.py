@@ -31,7 +31,8 @@ from cpet.errors import CpetError
 from safetensors.torch import save
 
 from cpet.layers import attach, task_state_dict
-from cpet.pet import METHODS
+from cpet.compress.moefication import in_experts
+from cpet.pet import METHODS, prefix, prompt
 from cpet.pet.ia3 import Scale
 from cpet.pet.lora import add_lora_to
 from cpet.io import atomic_write, atomic_write_json, require_new_folder
@@ -82,19 +83,8 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     cfg, tensors = read_peft(adapter_dir)
     backbone, prefix = _backbone(model)
     modules = dict(backbone.named_modules())
-    if cfg.get("peft_type") == "PROMPT_TUNING":
-        return _import_prompt(model, cfg, tensors, adapter_dir)
-    if cfg.get("peft_type") == "PREFIX_TUNING":
-        from cpet.pet.prefix import METHOD
-
-        if cfg.get("prefix_projection"):
-            raise CpetError(f"{adapter_dir}: prefix_projection (an MLP reparameterizing the prefixes) is not supported "
-                            "by cpet; re-save the adapter's computed prefixes, or train without it")
-        if "prompt_embeddings" not in tensors:
-            raise CpetError(f"{adapter_dir}: no prompt_embeddings in adapter_model.safetensors")
-        if not hasattr(model, "virtual_tokens"):
-            raise CpetError(f"{adapter_dir}: a prefix-tuning adapter attaches to a cpet task model, not a bare backbone")
-        return METHOD.attach_tensors(model, tensors["prompt_embeddings"], str(adapter_dir))
+    if cfg.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        return _import_tokens(model, cfg, tensors, str(adapter_dir))
     if cfg.get("peft_type", "LORA") == "IA3":
         return _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -149,24 +139,19 @@ def _import_ia3(model, backbone, prefix, modules, tensors, adapter_dir) -> list[
     return sorted(names)
 
 
-def _import_prompt(model, cfg, tensors, adapter_dir) -> list[str]:
-    from cpet.pet.prompt import METHOD, VirtualTokens
-
-    if not hasattr(model, "virtual_tokens"):
-        raise CpetError(f"{adapter_dir}: a prompt-tuning adapter attaches to a cpet task model, not a bare backbone")
-    if int(cfg.get("num_transformer_submodules") or 1) != 1:
-        raise CpetError(f"{adapter_dir}: num_transformer_submodules={cfg['num_transformer_submodules']} (prompts on the "
-                        "decoder input too); cpet puts virtual tokens on the encoder only")
+def _import_tokens(model, cfg, tensors, what: str) -> list[str]:
+    """A PEFT prompt- or prefix-tuning adapter: its ``prompt_embeddings``, read by the method's own layout."""
     if "prompt_embeddings" not in tensors:
-        raise CpetError(f"{adapter_dir}: no prompt_embeddings in adapter_model.safetensors")
-    emb = tensors["prompt_embeddings"].float()
-    dim = model.backbone.get_input_embeddings().weight.shape[1]
-    if emb.ndim != 2 or emb.shape[1] != dim:
-        raise CpetError(f"{adapter_dir}: prompt_embeddings {tuple(emb.shape)} do not fit this backbone's embedding "
-                        f"size {dim}")
-    METHOD.attach_to(model, VirtualTokens(emb.shape[0], dim, "random"))
-    load_into(model, {"prompt.embeddings": emb}, what=str(adapter_dir))
-    return ["prompt"]
+        raise CpetError(f"{what}: no prompt_embeddings in adapter_model.safetensors")
+    if cfg["peft_type"] == "PREFIX_TUNING":
+        if cfg.get("prefix_projection"):
+            raise CpetError(f"{what}: prefix_projection (an MLP reparameterizing the prefixes) is not supported "
+                            "by cpet; re-save the adapter's computed prefixes, or train without it")
+        return prefix.METHOD.attach_tensors(model, tensors["prompt_embeddings"], what)
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise CpetError(f"{what}: num_transformer_submodules={cfg['num_transformer_submodules']} (prompts on the "
+                        "decoder input too); cpet puts virtual tokens on the encoder only")
+    return prompt.METHOD.attach_tensors(model, tensors["prompt_embeddings"], what)
 
 
 def _module_names(entry: dict) -> list[str]:
@@ -230,7 +215,7 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
         raise CpetError(f"{what}: no LoRA, IA3, prompt- or prefix-tuning modules to export (PEFT's types cpet writes)")
     if len(present) > 1:
         raise CpetError(f"{what}: {' and '.join(present)} modules; a PEFT adapter is one type")
-    inner = [n for m in present for n in _module_names(desc[m]) if ".in_ports." in n or n.endswith(".out_port")]
+    inner = [n for m in present for n in _module_names(desc[m]) if in_experts(n)]
     if inner:
         raise CpetError(f"{what}: its PET sits inside a MoE FFN's experts ({inner[0]}), which no PEFT adapter of the "
                         "dense model represents; export a task trained on a backbone without MoEfication")
@@ -244,20 +229,15 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
     if "prompt" in desc or "prefix" in desc:
         task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM" if desc.get("head") == "lm" else "FEATURE_EXTRACTION"
     if "prefix" in desc:
-        from cpet.pet.prefix import head_dim, kv_pairs
-
         if base_config is None:
             raise CpetError(f"{what}: writing prefixes needs the base model's config (its head width); name the "
                             "base model (--base-model)")
-        pairs = kv_pairs(desc["prefix"]["modules"]["prefix_kv"])
-        parts = [state[f"{n}.prefix_kv.p"] for _, k, v in pairs for n in (k, v)]
-        if len({t.shape[1] for t in parts}) != 1:
-            raise CpetError(f"{what}: its layers' prefixes differ in width (structurally pruned heads), which a PEFT "
-                            "prefix adapter cannot hold")
-        width = parts[0].shape[1]
-        tensors = {"prompt_embeddings": torch.cat(parts, dim=1).contiguous()}
-        config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": parts[0].shape[0], "token_dim": width,
-                  "num_layers": len(pairs), "num_attention_heads": width // head_dim(base_config),
+        layers = len(desc["prefix"]["modules"]["prefix_kv"]) // 2  # a key and a value projection each
+        flat = prefix.peft_prefixes(desc["prefix"], state, what)
+        width = flat.shape[1] // (2 * layers)
+        tensors = {"prompt_embeddings": flat}
+        config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": flat.shape[0], "token_dim": width,
+                  "num_layers": layers, "num_attention_heads": width // prefix.head_dim(base_config),
                   "encoder_hidden_size": width, "prefix_projection": False, "num_transformer_submodules": 1}
     elif "prompt" in desc:
         emb = state["prompt.embeddings"]

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import DynamicCache
 
 from cpet.errors import CpetError
 from cpet.layers import attach, register_kind
-from cpet.models import cache_arg, get_arch, target_modules
+from cpet.models import ARCHITECTURES, cache_arg, get_arch, target_modules
 from cpet.pet.base import PetMethod
-from cpet.pet.prompt import TokensConfig
+from cpet.pet.prompt import TokensConfig, require_task_model
 
 register_kind("prefix_kv", "model", rank=90)  # on the k / v projections; ``Adapted`` does not call it
 register_kind("prefix", "model", rank=20, trainable=False)  # the task model's hook that feeds them in
@@ -58,18 +59,15 @@ class PrefixKV(nn.Module):
 class PrefixCache(nn.Module):
     """Feeds the prefixes in: the mask extended over them, and a KV cache pre-filled with them."""
 
-    def __init__(self, pairs: list[tuple[int, str, str]], head_dim: int):
+    def __init__(self, pairs: list[tuple[int, str, str]], head_dim: int, tokens: int):
         super().__init__()
         self.pairs = pairs  # (attention layer index, key projection path, value projection path), under the backbone
-        self.head_dim = head_dim
-        self.tokens = 0
+        self.head_dim, self.tokens = head_dim, tokens
 
     def extend(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return embeds, torch.cat([mask.new_ones(mask.shape[0], self.tokens), mask], dim=1), 0
 
     def backbone_kwargs(self, backbone: nn.Module, batch: int) -> dict:
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         for idx, k, v in self.pairs:
             kv = [backbone.get_submodule(p).prefix_kv.p for p in (k, v)]  # (tokens, heads * head_dim)
@@ -114,8 +112,7 @@ class PrefixMethod(PetMethod):
 
     @staticmethod
     def _backbone(model: nn.Module) -> nn.Module:
-        if not hasattr(model, "virtual_tokens"):
-            raise CpetError("prefix tuning attaches to a cpet task model (TaskModel / LMTaskModel), not a bare backbone")
+        require_task_model(model, "prefix tuning")
         if get_arch(model.backbone).kind == "encoder-decoder":
             raise CpetError("prefix tuning on encoder-decoder models (T5) is not in yet: use prompt tuning or LoRA")
         if cache_arg(model.backbone) is None:
@@ -126,10 +123,9 @@ class PrefixMethod(PetMethod):
     def _hook(self, model: nn.Module) -> None:
         """The task model's PrefixCache for the prefixes on its layers (one key and one value per attention)."""
         backbone = self._backbone(model)
-        names = [n[len("backbone."):] for n in self.placed(model).get("prefix_kv", [])]
-        hook = PrefixCache(kv_pairs(names), head_dim(backbone.config.to_dict()))
-        hook.tokens = backbone.get_submodule(hook.pairs[0][1]).prefix_kv.p.shape[0]
-        model.prefix = hook
+        pairs = kv_pairs([n[len("backbone."):] for n in self.placed(model).get("prefix_kv", [])])
+        model.prefix = PrefixCache(pairs, head_dim(backbone.config.to_dict()),
+                                   backbone.get_submodule(pairs[0][1]).prefix_kv.p.shape[0])
 
     def attach_tensors(self, model: nn.Module, prefixes: torch.Tensor, what: str) -> list[str]:
         """Attach prefixes given in PEFT's layout, (tokens, layers * 2 * width): per attention layer in order,
@@ -152,6 +148,16 @@ class PrefixMethod(PetMethod):
         return sorted(names)
 
 
+def peft_prefixes(entry: dict, state: dict[str, torch.Tensor], what: str) -> torch.Tensor:
+    """A task folder's prefixes (its ``prefix`` entry and tensors) in PEFT's layout, (tokens, layers * 2 *
+    width): per attention layer in order, its keys then its values (what ``attach_tensors`` reads)."""
+    parts = [state[f"{n}.prefix_kv.p"] for _, k, v in kv_pairs(entry["modules"]["prefix_kv"]) for n in (k, v)]
+    if len({t.shape[1] for t in parts}) != 1:
+        raise CpetError(f"{what}: its layers' prefixes differ in width (structurally pruned heads), which a PEFT "
+                        "prefix adapter cannot hold")
+    return torch.cat(parts, dim=1).contiguous()
+
+
 def head_dim(config: dict) -> int:
     """The attention head width of a model config (as a dict)."""
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -160,8 +166,6 @@ def head_dim(config: dict) -> int:
 def kv_pairs(names: list[str]) -> list[tuple[int, str, str]]:
     """(attention layer index, key projection, value projection) in layer order, from the names of key and
     value projections (any registered architecture's)."""
-    from cpet.models import ARCHITECTURES
-
     by_layer: dict[int, dict[str, str]] = {}
     for n in sorted(names):
         m = _LAYER.search(n)

@@ -71,6 +71,12 @@ class VirtualTokens(nn.Module):
         return {"tokens": self.embeddings.shape[0], "init": self.init}
 
 
+def require_task_model(model: nn.Module, what: str) -> None:
+    """Virtual-token PET lives on a cpet task model (its forward puts the tokens in), not on a bare backbone."""
+    if not hasattr(model, "virtual_tokens"):
+        raise CpetError(f"{what} attaches to a cpet task model (TaskModel / LMTaskModel), not a bare backbone")
+
+
 class PromptMethod(PetMethod):
     name, Config, kinds, peft_type = "prompt", PromptConfig, ("prompt",), "PROMPT_TUNING"
 
@@ -86,10 +92,21 @@ class PromptMethod(PetMethod):
         self.attach_to(model, module)
         return ["prompt"]
 
+    def attach_tensors(self, model: nn.Module, embeddings: torch.Tensor, what: str) -> list[str]:
+        """Attach a prompt given as its (tokens, d) embeddings (PEFT's ``prompt_embeddings``)."""
+        require_task_model(model, "prompt tuning")
+        dim = model.backbone.get_input_embeddings().weight.shape[1]
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+            raise CpetError(f"{what}: prompt embeddings {tuple(embeddings.shape)} do not fit this backbone's "
+                            f"embedding size {dim}")
+        self.attach_to(model, VirtualTokens(embeddings.shape[0], dim, "random"))
+        with torch.no_grad():
+            model.prompt.embeddings.copy_(embeddings.float())
+        return ["prompt"]
+
     @staticmethod
     def attach_to(model: nn.Module, module: VirtualTokens) -> None:
-        if not hasattr(model, "virtual_tokens"):
-            raise CpetError("prompt tuning attaches to a cpet task model (TaskModel / LMTaskModel), not a bare backbone")
+        require_task_model(model, "prompt tuning")
         model.prompt = module
 
     def placed(self, model: nn.Module) -> dict[str, list[str]]:

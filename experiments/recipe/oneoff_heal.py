@@ -1,18 +1,22 @@
 """One-off: does task-agnostic healing of recovery modules (distilling the uncompressed backbone's hidden
 states on Alpaca windows) win back the mix plan's damage with no task data? MNLI, teacher = recipe store's
 base+PET (seed 42, 5e-3, 1000 examples)."""
-import copy, sys, time, json
+import copy
+import sys
+import time
 import torch
 from cpet.config import TaskConfig, RecoveryConfig
 from cpet.tasks import load_task, TASKS
 from cpet.compress import load_compressed
 from cpet.compress.calibration import make_calibration
 from cpet.models import load_backbone
-from cpet.task_modules import load_task_modules, build_task_model
+from cpet.pet.lora import LoraConfig
+from cpet.task_modules import load_task_modules, build_task_model, load_into
 from cpet.inherit import inherit
 from cpet.layers import kind_of
-from cpet.recovery import add_recovery_to, apply as rec_apply
+from cpet.recovery import apply as rec_apply
 from cpet.train import evaluate
+from safetensors.torch import save_file
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 torch.manual_seed(0)
@@ -46,8 +50,6 @@ def acc(student):
     return r
 
 # zero-data baseline: inherited modules alone
-st = build_task_model(copy.deepcopy(cb), spec.head_size, pet=None, lora=teacher and None) if False else None
-from cpet.pet.lora import LoraConfig
 student0 = build_task_model(copy.deepcopy(cb), spec.head_size, lora=LoraConfig(r=8, alpha=16, targets=("q", "v")))
 inherit(student0, teacher)
 print("inherited alone", acc(student0), flush=True)
@@ -73,12 +75,10 @@ for step in range(STEPS):
         print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
 healed.eval()
 print("relerr after", [round(e, 4) for e in err(healed)], flush=True)
-from safetensors.torch import save_file
 save_file({n: p.detach().contiguous() for n, p in healed.named_parameters() if kind_of(n) == "recovery"}, f"/tmp/heal/rec_{STEPS}.safetensors")
 student = build_task_model(copy.deepcopy(cb), spec.head_size, lora=LoraConfig(r=8, alpha=16, targets=("q", "v")),
                            recovery=RecoveryConfig(r=32))
 inherit(student, teacher)
 state = {"backbone." + n: p for n, p in healed.named_parameters() if kind_of(n) == "recovery"}
-from cpet.task_modules import load_into
 load_into(student, state)
 print("inherited + healed recovery", acc(student), flush=True)

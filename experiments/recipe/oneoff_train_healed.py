@@ -1,7 +1,8 @@
 """One-off: CLM+CPET (recipe setting: MNLI, mix, 1000 ex, lr 1e-3, 3 epochs, seed 42) starting from the
 task-agnostically healed recovery modules (/tmp/heal/rec_200.safetensors), vs the recipe store's CLM+CPET
 (43.5 test) and CLM+PET (43.7)."""
-import copy, sys
+import copy
+import sys
 import torch
 from safetensors.torch import load_file
 from cpet.config import TaskConfig, RecoveryConfig, TrainConfig, DistillConfig
