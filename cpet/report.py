@@ -2,7 +2,9 @@
 
     results.csv   one row per (task, plan, paradigm, seed, metric): the input of every table
     results.md    per metric, tasks as columns + their average, mean +- std over seeds; paired
-                  differences CLM+CPET - CLM+PET; the share of the compression gap recovered
+                  differences CLM+CPET - CLM+PET; the share of the compression gap recovered; a task
+                  where base+PET beats its trivial baseline by under BAR points is marked † and the
+                  averages are also given without it
     *.png         (with matplotlib, ``pip install 'cpet[report]'``) per plan, each paradigm per task
 
 The gap recovered for a (task, plan) is (CLM+CPET - CLM+PET) / (base+PET - CLM+PET) on seed means:
@@ -25,6 +27,7 @@ from cpet.errors import CpetError
 from cpet.io import atomic_write, read_json
 from cpet.tasks import load_task, trivial_baseline
 
+BAR = 5.0  # points over the trivial baseline below which a task's base+PET is marked as not learning it
 COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
 ORDER = {name: i for i, name in enumerate(PARADIGMS)}
 
@@ -190,27 +193,38 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
     for variant in variants:
         if variant:
             out += [f"### {variant}", ""]
-        head = ["plan", "paradigm", *tasks, "avg"]
+        base_means = {t: statistics.fmean(v.values()) for t in tasks if (v := get(variant, "none", "base_pet", t))}
+        below = {t for t in tasks if trivial and t in trivial and t in base_means
+                 and scale[t] * (base_means[t] - trivial[t]) < BAR}
+        kept = [t for t in tasks if t not in below]
+        head = ["plan", "paradigm", *(f"{t} †" if t in below else t for t in tasks), "avg",
+                *(["avg w/o †"] if below else [])]
+        if below:
+            out += [f"† base+PET beats the trivial baseline by less than {BAR:g} points on this task: its "
+                    "columns are near chance and say little about compression or CPET; 'w/o †' averages "
+                    "leave it out.", ""]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         present = sorted({k[2] for k in by if PARADIGM_SPECS[k[2]].compressed and (k[0] == variant or (
             parts(k[0]) <= parts(variant) and get(variant, k[1], k[2], k[3])))}, key=ORDER.get)
         keys = [("none", "base_pet"), ("none", "small_pet")] + [(p, par) for p in plans for par in present]
         if trivial:
             out.append("| — | trivial (majority class; SQuAD: first words) | " + " | ".join(
-                f"{scale[t] * trivial[t]:.2f}" if t in trivial else "" for t in tasks) + " | |")
+                f"{scale[t] * trivial[t]:.2f}" if t in trivial else "" for t in tasks) + " | |" + (" |" if below else ""))
         for plan, paradigm in keys:
             vals = [list(get(variant, plan, paradigm, t).values()) for t in tasks]
             if not any(vals):
                 continue
-            means = [scale[t] * statistics.fmean(v) for t, v in zip(tasks, vals) if v]
-            avg = f"{statistics.fmean(means):.2f}" if len(means) == len(tasks) else ""
+            means = {t: scale[t] * statistics.fmean(v) for t, v in zip(tasks, vals) if v}
+            avgs = [f"{statistics.fmean(means[t] for t in ts):.2f}" if ts and all(t in means for t in ts) else ""
+                    for ts in ([tasks, kept] if below else [tasks])]
             out.append("| " + " | ".join([plan if plan != "none" else "—", LABELS.get(paradigm, paradigm),
-                                          *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), avg]) + " |")
+                                          *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), *avgs]) + " |")
         out += ["", "Paired by seed: CLM+CPET − CLM+PET, and the share of the compression gap CLM+CPET recovers "
                 "((CPET − PET) / (base − PET) on seed means).", "",
-                "| plan | " + " | ".join(tasks) + " | avg recovered |", "|" + "---|" * (len(tasks) + 2)]
+                "| plan | " + " | ".join(f"{t} †" if t in below else t for t in tasks) + " | avg recovered |"
+                + (" avg recovered w/o † |" if below else ""), "|" + "---|" * (len(tasks) + 2 + bool(below))]
         for plan in plans:
-            cells, shares = [], []
+            cells, shares = [], {}
             for t in tasks:
                 pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
                 base = get(variant, "none", "base_pet", t)
@@ -225,11 +239,12 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                     gap = statistics.fmean(base.values()) - statistics.fmean(pet[s] for s in seeds)
                     if abs(gap) > 1e-9:
                         share = (statistics.fmean(cpet[s] for s in seeds) - statistics.fmean(pet[s] for s in seeds)) / gap
-                        shares.append(share)
+                        shares[t] = share
                         text += f"; {100 * share:.0f}% of {scale[t] * gap:.2f}"
                 cells.append(text)
-            avg = f"{100 * statistics.fmean(shares):.0f}%" if shares else ""
-            out.append(f"| {plan} | " + " | ".join(cells) + f" | {avg} |")
+            avgs = [f"{100 * statistics.fmean(xs):.0f}%" if (xs := [shares[t] for t in ts if t in shares]) else ""
+                    for ts in ([tasks, kept] if below else [tasks])]
+            out.append(f"| {plan} | " + " | ".join([*cells, *avgs]) + " |")
         out.append("")
     return "\n".join(out)
 

@@ -159,6 +159,25 @@ def test_sections_show_shared_baselines_beside_each_variant():
     assert text.count("| — | base+PET | 50.00") == 2
 
 
+def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apart():
+    from cpet.report import tables
+
+    rows = []
+    def add(task, paradigm, plan, acc):
+        rows.extend({"task": task, "plan": plan, "paradigm": paradigm, "seed": 1, "variant": "", "cell": "c",
+                     "fingerprint": "f", "metric": m, "value": acc} for m in ("accuracy", "val_accuracy"))
+    for task, base, pet, cpet in (("mnli", 0.50, 0.40, 0.48), ("wic", 0.53, 0.50, 0.54)):
+        add(task, "base_pet", "none", base)
+        add(task, "clm_pet", "Q", pet)
+        add(task, "clm_cpet", "Q", cpet)
+    text = tables(rows, {"mnli": 0.35, "wic": 0.50})  # wic: 3 points over trivial, under the 5-point bar
+    assert "| wic † |" in text and "| mnli |" in text and "avg w/o †" in text
+    assert "| Q | CLM+CPET | 48.00 ± 0.00 | 54.00 ± 0.00 | 51.00 | 48.00 |" in text  # both averages
+    recovered = next(line for line in text.splitlines() if line.startswith("| Q |") and "%" in line)
+    assert recovered.endswith("| 107% | 80% |")  # (80% + 133%) / 2 with wic, 80% without
+    assert "†" not in tables(rows, {"mnli": 0.35, "wic": 0.40})  # both clear the bar: no marks, one average
+
+
 def test_a_paradigm_with_a_teacher_keeps_the_teachers_chosen_lr():
     from cpet.report import select_on_validation
 
