@@ -112,7 +112,9 @@ class RecoveryConfig:
     # input to its output error against the uncompressed model, on calibration text: see recovery.fit_recovery)
     init: str = "zero"
     init_samples: int = 64  # calibration windows (of model.max_length tokens) for init=fit
-    lr: float | None = None  # learning rate of the recovery modules (None = train.lr)
+    # learning rate of the recovery modules (None = train.lr; 0 = kept as they start: not trained, which
+    # only makes sense for init=fit)
+    lr: float | None = None
 
     def __post_init__(self):
         coerce_fields(self, "recovery")
@@ -123,7 +125,10 @@ class RecoveryConfig:
         require(0 <= self.dropout < 1, "recovery.dropout", self.dropout, "in [0, 1)")
         require(self.init in ("zero", "fit"), "recovery.init", self.init, "zero or fit")
         require(self.init_samples >= 1, "recovery.init_samples", self.init_samples, ">= 1")
-        require(self.lr is None or self.lr > 0, "recovery.lr", self.lr, "> 0, or null for train.lr")
+        require(self.lr is None or self.lr >= 0, "recovery.lr", self.lr, ">= 0, or null for train.lr")
+        if self.lr == 0 and self.init == "zero":
+            raise CpetError("recovery.lr=0 keeps the recovery modules as they start, and with recovery.init=zero "
+                            "they start as a no-op (U = 0): set recovery.init=fit, or give them a learning rate")
         require(self.init != "fit" or self.activation == "identity" or self.r >= 2, "recovery.r", self.r,
                 ">= 2 for init=fit with a nonlinear activation (the fit uses the rank in +/- pairs)")
 

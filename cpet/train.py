@@ -94,19 +94,25 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     ``resume`` an existing checkpoint there is continued exactly. ``on_step(step)`` runs after each
     optimizer step (used by tests to interrupt a run). ``fingerprint`` (of everything the run depends on)
     is stored in each checkpoint; resuming a checkpoint made with another one is refused.
-    ``recovery_lr``: the learning rate of recovery modules (default ``cfg.lr``, as everything else).
+    ``recovery_lr``: the learning rate of recovery modules (default ``cfg.lr``, as everything else; 0: they
+    are kept as they are, frozen, and saved with the rest).
     """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     trainable = freeze_backbone(model)
+    if recovery_lr == 0:  # kept: frozen like the backbone (still task tensors: saved and loaded with the task)
+        for n, p in model.named_parameters():
+            if kind_of(n) == "recovery":
+                p.requires_grad_(False)
+        trainable = [n for n in trainable if kind_of(n) != "recovery"]
     if not trainable:
         raise ValueError("nothing to train: the model has no PET / recovery / head parameters")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = []  # (decay or not) x (recovery modules at their own lr, or the rest at train.lr)
     for decays in (True, False):
-        for own, lr in ((False, cfg.lr), (True, recovery_lr or cfg.lr)):  # PET + head; recovery modules
+        for own, lr in ((False, cfg.lr), (True, cfg.lr if recovery_lr is None else recovery_lr)):  # PET + head; recovery
             params = [p for n, p in named.items() if (p.ndim >= 2) == decays and (kind_of(n) == "recovery") == own]
             if params:
                 groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,

@@ -142,6 +142,32 @@ def test_config_rules():
     with pytest.raises(CpetError, match="clm_cpet_zero"):
         load_config(None, ["paradigms=[base_pet, clm_cpet_zero]"])
     assert load_config(None, ["recovery.lr=1e-2"]).recovery.lr == 0.01
+    with pytest.raises(CpetError, match="no-op"):
+        load_config(None, ["recovery.lr=0"])  # kept at U = 0: nothing
+    with pytest.raises(CpetError, match="recovery.lr"):
+        load_config(None, ["recovery.lr=-1e-3"])
+    assert load_config(None, ["recovery.init=fit", "recovery.lr=0"]).recovery.lr == 0
+
+
+def test_recovery_kept_at_its_fit_while_the_task_modules_train(tmp_path, data_dir, tiny_model_dir):
+    """recovery.lr=0: CLM+CPET trains LoRA + head on top of the fitted recovery modules, which stay exactly
+    as fitted (the same tensors as the no-data assembly's) and are saved with the task."""
+    from safetensors.torch import load_file
+
+    from cpet.experiments import run_experiment
+
+    run_experiment(load_config(None, [
+        f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+        "task.val_size=16", "task.max_test=8", "train.epochs=1", "compress=UP+Q", "recovery.init=fit",
+        "recovery.r=4", "recovery.init_samples=4", "recovery.lr=0",
+        "paradigms=[base_pet, clm_cpet, clm_cpet_zero]", f"output_dir={tmp_path}"]), log=lambda s: None)
+    trained, assembled = (load_file(next((tmp_path / p / "task").glob("*.safetensors")))
+                          for p in ("clm_cpet", "clm_cpet_zero"))
+    rec = [k for k in trained if ".recovery." in k]
+    assert rec and set(rec) == {k for k in assembled if ".recovery." in k}
+    assert any(assembled[k].abs().max() > 0 for k in rec)  # fitted, not zero
+    assert all(torch.equal(trained[k], assembled[k]) for k in rec)
+    assert any(not torch.equal(trained[k], assembled[k]) for k in trained if ".lora." in k)  # LoRA trained
 
 
 def test_cpet_adapt_moves_a_task_to_a_compressed_backbone_without_task_data(tmp_path, data_dir, tiny_model_dir,
