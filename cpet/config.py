@@ -359,9 +359,24 @@ def _build(cls, data: Any, path: str):
         raise CpetError(f"{path or 'config'}: {e}") from None
 
 
+# Named recovery recipes (``recovery: paper``): each sets how the modules start and whether they train.
+RECOVERY_PRESETS = {
+    "paper": {"init": "zero", "lr": None},  # U = 0, trained with the task at train.lr (the paper, the authors' code)
+    "fitted": {"init": "fit", "lr": 0},  # fitted to the compression error, kept through training
+}
+
+
 def _section(key: str, value: Any) -> Any:
-    """``pet: ia3`` is ``pet: {method: ia3}``, so it merges with ``pet.*`` keys given beside it."""
-    return {"method": value} if key == "pet" and isinstance(value, str) else value
+    """``pet: ia3`` is ``pet: {method: ia3}``, and ``recovery: paper`` is that preset's fields, so either
+    merges with ``pet.*`` / ``recovery.*`` keys given beside it."""
+    if key == "pet" and isinstance(value, str):
+        return {"method": value}
+    if key == "recovery" and isinstance(value, str):
+        if value not in RECOVERY_PRESETS:
+            raise CpetError(f"recovery={value!r}: a recovery preset is one of {sorted(RECOVERY_PRESETS)}, or give "
+                            "the fields (recovery.init, recovery.lr, ...)")
+        return dict(RECOVERY_PRESETS[value])
+    return value
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

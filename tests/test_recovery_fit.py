@@ -147,6 +147,12 @@ def test_config_rules():
     with pytest.raises(CpetError, match="recovery.lr"):
         load_config(None, ["recovery.lr=-1e-3"])
     assert load_config(None, ["recovery.init=fit", "recovery.lr=0"]).recovery.lr == 0
+    paper = load_config(None, ["recovery=paper", "recovery.r=16"]).recovery
+    assert (paper.init, paper.lr, paper.r) == ("zero", None, 16)
+    fitted = load_config(None, ["recovery.r=8", "recovery=fitted"]).recovery
+    assert (fitted.init, fitted.lr, fitted.r) == ("fit", 0, 8)
+    with pytest.raises(CpetError, match="recovery preset"):
+        load_config(None, ["recovery=eora"])
 
 
 def test_recovery_kept_at_its_fit_while_the_task_modules_train(tmp_path, data_dir, tiny_model_dir):
