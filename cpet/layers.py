@@ -74,6 +74,24 @@ class Adapted(nn.Module):
     def has_branches(self) -> bool:
         return any(k != "base" for k in self._modules)
 
+    def transform_in(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after the layer's input transforms: what its base and additive branches read."""
+        for kind in _ORDER["in"]:
+            if self._modules.get(kind) is not None:
+                x = self._modules[kind](x)
+        return x
+
+    def added(self, x: torch.Tensor, skip: tuple[str, ...] = ()) -> torch.Tensor:
+        """base(x) + the additive branches not in ``skip``, for an ``x`` already past the input transforms
+        (before any output transform)."""
+        mods = self._modules
+        y = self.base(x)
+        for kind in _ORDER["add"]:
+            branch = mods.get(kind)
+            if branch is not None and kind not in skip:
+                y = branch.add_to(y.clone(), x) if kind == "bank" else y + branch(x)
+        return y
+
     def forward_with(self, x: torch.Tensor, base) -> torch.Tensor:
         """The stages around ``base(x')`` (``self.base`` in ``forward``; a compound module that computes an
         inner projection itself, the MoE FFN's, passes its own)."""

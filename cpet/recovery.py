@@ -18,7 +18,7 @@ import torch.nn as nn
 from cpet.config import RecoveryConfig
 from cpet.compress.moefication import dense_ffn, ffn_blocks
 from cpet.errors import CpetError
-from cpet.layers import Adapted, attach, branch_layers, register_kind, stage_of
+from cpet.layers import Adapted, attach, branch_layers, register_kind
 from cpet.models import target_modules
 
 register_kind("recovery", "add", rank=20)
@@ -100,7 +100,7 @@ def _reference_fns(student: nn.Module, reference: nn.Module, names: list[str]) -
                 full = x.new_zeros(*x.shape[:-1], ref.in_features)
                 full[..., kept_in] = x
                 x = full
-            y = ref(x)
+            y = ref.added(x) if isinstance(ref, Adapted) else ref(x)  # x is past the (shared) input transforms
             return y[..., kept_out] if kept_out is not None and y.shape[-1] != kept_out.numel() else y
         fns[n] = fn
     return fns
@@ -134,20 +134,16 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     names = branch_layers(student, "recovery")
     if not names:
         return {}
-    for n in names:  # the fit reads the layer as base + additive branches: an input / output transform breaks that
-        other = [k for k in student.get_submodule(n)._modules
-                 if k not in ("base", "recovery") and stage_of(k) not in ("add", "model")]  # model: a prefix, not in the layer's path
-        if other:
-            raise CpetError(f"recovery.init=fit: {n} also carries {other[0]}, which transforms the layer's "
-                            "input or output, so its error is not base + branches; use recovery.init=zero "
-                            "with this PET method")
     ref_fn = _reference_fns(student, reference, names)
     stats: dict[str, dict] = {}
 
     def accumulate(name):
         def hook(module, args, output):
-            x = args[0].detach()
-            y = output.detach() - module.recovery(x)  # the layer without its (starting) recovery
+            # where the recovery module acts: after the layer's input transforms (IA3 on an FFN's inner
+            # activations, say), before its output ones (a serial adapter); both sides share those transforms
+            # (inherited, or fresh ones that start as the identity), so the error to undo is the add stage's
+            x = module.transform_in(args[0].detach())
+            y = module.added(x, skip=("recovery",))
             r = (ref_fn[name](x).double() - y.double()).reshape(-1, y.shape[-1])
             x = x.reshape(-1, x.shape[-1]).double()
             s = stats.setdefault(name, {"C": x.new_zeros(x.shape[1], x.shape[1]),

@@ -12,7 +12,7 @@ from cpet.compress.calibration import Calibration
 from cpet.config import LoraConfig, RecoveryConfig, load_config
 from cpet.errors import CpetError
 from cpet.inherit import inherit
-from cpet.layers import Adapted
+from cpet.layers import Adapted, kind_of
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model
 from tests.conftest import tiny_bert, tiny_llama_lm, tiny_t5_lm
@@ -60,6 +60,33 @@ def test_fit_undoes_a_low_rank_error_exactly(activation, r):
     assert before > 0.05
     assert after < 1e-3 * before, (before, after)
     assert min(removed.values()) > 0.999
+
+
+@pytest.mark.parametrize("pet", ["ia3", "adapter", "parallel_adapter", "bitfit", "lora"])
+def test_fit_is_exact_beside_every_pet_method(pet):
+    """The fit acts where the recovery module does: after a layer's input transforms (IA3 scaling an FFN's
+    inner activations) and before its output ones (a serial adapter). With the teacher's PET inherited
+    (non-trivial values), a rank-2 error per layer is still undone exactly on tokens the fit never saw."""
+    from cpet.pet import get
+
+    cfg = get(pet).Config() if pet != "lora" else None
+    kw = {"pet": cfg} if cfg is not None else {"lora": LoraConfig(r=2)}
+    reference = build_task_model(tiny_bert(), 2, **kw)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if kind_of(n) not in (None, "head"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))  # the teacher's PET, off its no-op start
+    student_bb = tiny_bert()
+    _perturb_low_rank(student_bb, rank=2)
+    student = build_task_model(student_bb, 2, recovery=RecoveryConfig(r=2, activation="identity"), **kw)
+    assert inherit(student, reference)
+    held = _calib(4, 16, seed=7).input_ids
+    before = _rel(_hidden(student, held), _hidden(reference, held))
+    fit_recovery(student, reference, _calib(), damp=1e-7, log=lambda s: None)
+    after = _rel(_hidden(student, held), _hidden(reference, held))
+    assert before > 0.05
+    assert after < 1e-3 * before, (pet, before, after)
 
 
 def test_nonlinear_start_is_the_linear_fit_and_still_trains():
