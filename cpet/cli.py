@@ -282,8 +282,9 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
     return 1 if failed else 0
 
 
-def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None) -> int:
-    from cpet.grid import SELECT, results_of
+def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None,
+            grids: list[str] | None = None) -> int:
+    from cpet.grid import SELECT, load_grid, results_of
     from cpet.io import read_json
     from cpet.report import write_report
 
@@ -295,7 +296,8 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
     elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
         select = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")["keys"]
         print(f"hyper-parameters chosen on validation: {', '.join(select)} (the grid's select; --select to change)")
-    paths = write_report(results_of(root_p), out or root_p, title=f"Results of {root_p.name}", bench=bench,
+    cells = {c.id for g in grids for c in load_grid(g, output_dir=root).cells} if grids else None
+    paths = write_report(results_of(root_p, cells), out or root_p, title=f"Results of {root_p.name}", bench=bench,
                          select=tuple(select or ()))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
@@ -332,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", nargs="+", default=None, metavar="KEY",
                    help="grid axes (e.g. train.lr) chosen per task, plan and paradigm on validation (default: "
                         "the grid's select keys, if it has them; 'none': every run, nothing chosen)")
+    p.add_argument("--grid", nargs="+", default=None, metavar="GRID",
+                   help="report only the cells these grid files define now (default: every cell in the folder; "
+                        "needed when a grid's config changed or several grids share the folder)")
     p = sub.add_parser("predict", help="predictions of trained tasks on new text (JSON lines), many tasks on one backbone")
     p.add_argument("tasks", nargs="+", metavar="TASK", help="task folder, or NAME=FOLDER (name default: its task)")
     p.add_argument("--backbone", required=True, help="the cpet compress folder the tasks were trained on "
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             return _adapt(args.task_dir, args.compressed, args.output_dir, args.recovery_r, args.activation,
                           args.samples, args.max_length, args.data_dir, args.task)
         if args.verb == "report":
-            return _report(args.dir, args.output_dir, args.bench, args.select)
+            return _report(args.dir, args.output_dir, args.bench, args.select, args.grid)
         if args.verb == "compress":
             return _compress(args.model, args.plan, args.output_dir, args.data_dir, args.formulation)
         if args.verb == "bench":

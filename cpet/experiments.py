@@ -152,7 +152,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             res = train(model, tokenizer, spec, data.train, data.val, ptc, max_len, out_dir=pdir,
                         teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
                         fmt=fmt_of(model), fingerprint=fp,
-                        recovery_lr=cfg.recovery.lr if PARADIGM_SPECS[paradigm].recover else None)
+                        recovery_lr=modules[1].lr if PARADIGM_SPECS[paradigm].recover and modules[1] else None)
         else:  # as assembled: no task data touches the modules
             val = evaluate(model, tokenizer, spec, data.val, max_len, tc.eval_batch_size, fmt=fmt_of(model))
             res = TrainResult(val, 0)
@@ -337,7 +337,7 @@ def paradigm_modules(cfg: ExperimentConfig, paradigm: str, backbone) -> tuple[Lo
 
     # PET sits on a MoE FFN's inner projections (its ports), recovery on the MoE as a whole
     cpet = cfg.lora.r * width(cfg.lora.targets, True) + cfg.recovery.r * width(cfg.recovery.targets, False)
-    fresh = replace(cfg.recovery, init="zero")
+    fresh = replace(cfg.recovery, init="zero", lr=cfg.recovery.lr or None)  # fresh modules train
     sized = lambda roles, ports=False: max(1, round(cpet / width(roles, ports)))  # noqa: E731
     if how.modules == "lora+lora":
         return cfg.lora, replace(fresh, activation="identity")

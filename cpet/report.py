@@ -24,6 +24,7 @@ from cpet.compress import PRESETS, plan_to_json
 from cpet.config import PARADIGM_SPECS, PARADIGMS, TaskConfig
 from cpet.experiments import LABELS
 from cpet.errors import CpetError
+from cpet.fingerprint import diff as config_diff
 from cpet.io import atomic_write, read_json
 from cpet.tasks import load_task, trivial_baseline
 
@@ -96,6 +97,25 @@ def long_rows(results: list[dict]) -> list[dict]:
                   "trainable_params": r["trainable_params"]}
         rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
     return rows
+
+
+def check_one_run_per_row(results: list[dict]) -> None:
+    """Stop when two different runs land on one table entry (task, plan, paradigm, seed and the axes the
+    paradigm depends on): a store a grid kept writing to after its base config changed (or another grid
+    with the same axes) holds both, and a table would silently show one of them."""
+    seen: dict[tuple, dict] = {}
+    for r in results:
+        cfg = r["cell_config"]
+        plan, variant = plan_and_variant(r["paradigm"], cfg, r.get("labels", {}))
+        key = (r["task"], plan, r["paradigm"], cfg["train"]["seed"], variant)
+        other = seen.setdefault(key, r)
+        if other is not r and other.get("fingerprint") != r.get("fingerprint"):
+            diff = config_diff(other["cell_config"], r["cell_config"])
+            raise CpetError(
+                f"two different {r['paradigm']} runs for task {key[0]}, plan {plan}, seed {key[3]}"
+                f"{', ' + variant if variant else ''} (cells {other['cell']} and {r['cell']}; they differ in "
+                f"{diff or 'their inputs'}): this folder holds cells of more than one grid config. Report the "
+                "cells of the current grid file(s) with --grid GRID.yaml, or delete the stale cell records")
 
 
 def main_metrics(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
@@ -452,6 +472,7 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     if not results:
         raise CpetError("no finished results to report (run the grid first, or check the folder)")
     out = Path(out_dir)
+    check_one_run_per_row(results)
     rows = long_rows(results)
     write_csv(rows, out / "results.csv")
     provenance = sorted({f"cpet {r['provenance'].get('cpet')} ({r['provenance'].get('commit')}), torch "

@@ -63,6 +63,29 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     assert "![plot_Q](plot_Q.png)" in md
 
 
+def test_report_refuses_two_runs_for_one_entry_and_reports_one_grids_cells(tmp_path, data_dir, tiny_model_dir,
+                                                                          capsys):
+    """A grid rerun after its base changed (here the recovery recipe) leaves the old cells beside the new:
+    the report stops rather than show one of two CLM+CPET runs for one entry; --grid reports the grid's
+    current cells."""
+    axes = "  task.name: [sst2]\n  compress: [UP]\n  paradigms: [[base_pet, clm_cpet]]\n"
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir, axes)
+    assert main(["grid", g]) == 0
+    text = Path(g).read_text().replace("recovery: {r: 4}", "recovery: {r: 4, init: zero, lr: null}")
+    Path(g).write_text(text)
+    assert main(["grid", g]) == 0
+    out = capsys.readouterr().out
+    assert "already done" in out  # the teacher is shared: only CLM+CPET ran again
+    root = tmp_path / "g"
+    assert main(["report", str(root)]) != 0
+    err = capsys.readouterr()
+    assert "two different clm_cpet runs" in err.out + err.err and "recovery.init: '" in err.err
+    assert main(["report", str(root), "--grid", g]) == 0
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert sorted({r["paradigm"] for r in rows if r["metric"] == "accuracy"}) == ["base_pet", "clm_cpet"]
+    assert len([r for r in rows if r["metric"] == "accuracy"]) == 2
+
+
 def test_failed_cell_is_recorded_and_the_rest_go_on(tmp_path, data_dir, tiny_model_dir, capsys):
     g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  task.name: [cb, sst2]\n  paradigms: [[base_pet]]\n")
     assert main(["grid", g]) == 1  # cb's data is not in the tiny data folder
@@ -221,13 +244,15 @@ def test_ray_executor_runs_cells_side_by_side_and_makes_shared_work_once(tmp_pat
 
 def test_cell_ids_outlive_new_config_keys():
     """A store made before model.small, mmlu.lm_eval and pet existed keeps its cell ids (this one was
-    computed by cpet at b1e5e35); a non-default value of a new key makes a new cell."""
+    computed by cpet at b1e5e35, when recovery's defaults were the paper preset's); a non-default value of a
+    new key makes a new cell, and so does a changed default (recovery: fitted since 2026-11-30)."""
     from cpet.config import load_config
     from cpet.grid import Cell
 
-    assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3"])).id == "d72cf45886471485"
-    assert Cell(values={}, config=load_config(None, ["task.name=rte", "train.seed=3", "pet=ia3"])).id \
-        != "d72cf45886471485"
+    then = ["task.name=rte", "train.seed=3", "recovery=paper"]
+    assert Cell(values={}, config=load_config(None, then)).id == "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, [*then, "pet=ia3"])).id != "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, then[:2])).id != "d72cf45886471485"
 
 
 def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validation_chose(

@@ -70,12 +70,15 @@ def test_clm_lr_trains_the_compressed_paradigms_and_leaves_the_teacher_shared(tm
     monkeypatch.setattr(cpet.experiments, "train", record_lr)
     args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
             "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "train.lr=0.01",
-            "paradigms=[base_pet, clm_pet, clm_cpet, clm_inherit_zero]", f"output_dir={tmp_path / 'a'}"]
+            "paradigms=[base_pet, clm_pet, clm_cpet, clm_inherit_zero, clm_rec_rec]", f"output_dir={tmp_path / 'a'}"]
     plain = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, args), log=lambda s: None)}
-    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.01, None), "clm_cpet": (0.01, None)}
+    # CLM+CPET's fitted recovery is kept (lr 0, the default); Rec+Rec's fresh modules train at the task's rate
+    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.01, None), "clm_cpet": (0.01, 0.0),
+                   "clm_rec_rec": (0.01, None)}
     swept = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, [
         *args, "train.clm_lr=0.002", "recovery.lr=0.03", f"output_dir={tmp_path / 'b'}"]), log=lambda s: None)}
-    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.002, None), "clm_cpet": (0.002, 0.03)}
+    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.002, None), "clm_cpet": (0.002, 0.03),
+                   "clm_rec_rec": (0.002, 0.03)}
     assert swept["base_pet"] == plain["base_pet"]  # one teacher for every clm_lr
     assert swept["clm_pet"] != plain["clm_pet"] and swept["clm_cpet"] != plain["clm_cpet"]
     assert swept["clm_inherit_zero"] == plain["clm_inherit_zero"]  # no training: clm_lr plays no part
