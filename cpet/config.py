@@ -104,9 +104,10 @@ class PetConfig:
 class RecoveryConfig:
     """Knowledge-recovery bypass y = base(x) + act(x D^T) U^T on each target linear.
 
-    The default (``recovery: fitted``) starts each module as the best rank-r map that undoes its layer's
-    compression error and keeps it so while the task modules train (what the recipe study measured to
-    work, experiments/recipe); ``recovery: paper`` is the paper's: U = 0, trained with the task."""
+    The default (``recovery: paper``) is the paper's: U = 0, trained with the task. ``recovery: fitted``
+    starts each module as the best rank-r map that undoes its layer's compression error and keeps it so
+    while the task modules train: measured far better under 2:4 + int8 and far worse under structured
+    pruning, where the fit has nothing to undo (experiments/recipe, stage 7)."""
 
     r: int = 32
     activation: str = "gelu"
@@ -114,11 +115,11 @@ class RecoveryConfig:
     targets: tuple[str, ...] = ALL_ROLES
     # how the module starts: zero (U = 0, a no-op, the paper) | fit (the best rank-r map from the layer's
     # input to its output error against the uncompressed model, on calibration text: see recovery.fit_recovery)
-    init: str = "fit"
+    init: str = "zero"
     init_samples: int = 64  # calibration windows (of model.max_length tokens) for init=fit
     # learning rate of the recovery modules (None = train.lr; 0 = kept as they start: not trained, which
     # only makes sense for init=fit)
-    lr: float | None = 0.0
+    lr: float | None = None
 
     def __post_init__(self):
         coerce_fields(self, "recovery")
@@ -131,9 +132,9 @@ class RecoveryConfig:
         require(self.init_samples >= 1, "recovery.init_samples", self.init_samples, ">= 1")
         require(self.lr is None or self.lr >= 0, "recovery.lr", self.lr, ">= 0, or null for train.lr")
         if self.lr == 0 and self.init == "zero":
-            raise CpetError("recovery.lr=0 (the default: fitted modules are kept) with recovery.init=zero would "
-                            "keep the modules at their no-op start (U = 0): for the paper's recovery write "
-                            "recovery: paper (init zero, trained at train.lr), or set recovery.lr")
+            raise CpetError("recovery.lr=0 keeps the recovery modules as they start, and with recovery.init=zero "
+                            "they start as a no-op (U = 0): set recovery.init=fit (or recovery: fitted), or give "
+                            "them a learning rate")
         require(self.init != "fit" or self.activation == "identity" or self.r >= 2, "recovery.r", self.r,
                 ">= 2 for init=fit with a nonlinear activation (the fit uses the rank in +/- pairs)")
 

@@ -71,7 +71,7 @@ def test_report_refuses_two_runs_for_one_entry_and_reports_one_grids_cells(tmp_p
     axes = "  task.name: [sst2]\n  compress: [UP]\n  paradigms: [[base_pet, clm_cpet]]\n"
     g = _grid_file(tmp_path, data_dir, tiny_model_dir, axes)
     assert main(["grid", g]) == 0
-    text = Path(g).read_text().replace("recovery: {r: 4}", "recovery: {r: 4, init: zero, lr: null}")
+    text = Path(g).read_text().replace("recovery: {r: 4}", "recovery: {r: 4, init: fit, lr: 0}")
     Path(g).write_text(text)
     assert main(["grid", g]) == 0
     out = capsys.readouterr().out
@@ -244,15 +244,15 @@ def test_ray_executor_runs_cells_side_by_side_and_makes_shared_work_once(tmp_pat
 
 def test_cell_ids_outlive_new_config_keys():
     """A store made before model.small, mmlu.lm_eval and pet existed keeps its cell ids (this one was
-    computed by cpet at b1e5e35, when recovery's defaults were the paper preset's); a non-default value of a
-    new key makes a new cell, and so does a changed default (recovery: fitted since 2026-11-30)."""
+    computed by cpet at b1e5e35); a non-default value of a new key makes a new cell."""
     from cpet.config import load_config
     from cpet.grid import Cell
 
-    then = ["task.name=rte", "train.seed=3", "recovery=paper"]
+    then = ["task.name=rte", "train.seed=3"]
     assert Cell(values={}, config=load_config(None, then)).id == "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, [*then, "recovery=paper"])).id == "d72cf45886471485"
     assert Cell(values={}, config=load_config(None, [*then, "pet=ia3"])).id != "d72cf45886471485"
-    assert Cell(values={}, config=load_config(None, then[:2])).id != "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, [*then, "recovery=fitted"])).id != "d72cf45886471485"
 
 
 def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validation_chose(

@@ -72,8 +72,7 @@ def test_clm_lr_trains_the_compressed_paradigms_and_leaves_the_teacher_shared(tm
             "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "train.lr=0.01",
             "paradigms=[base_pet, clm_pet, clm_cpet, clm_inherit_zero, clm_rec_rec]", f"output_dir={tmp_path / 'a'}"]
     plain = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, args), log=lambda s: None)}
-    # CLM+CPET's fitted recovery is kept (lr 0, the default); Rec+Rec's fresh modules train at the task's rate
-    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.01, None), "clm_cpet": (0.01, 0.0),
+    assert lrs == {"base_pet": (0.01, None), "clm_pet": (0.01, None), "clm_cpet": (0.01, None),
                    "clm_rec_rec": (0.01, None)}
     swept = {r["paradigm"]: r["fingerprint"] for r in run_experiment(load_config(None, [
         *args, "train.clm_lr=0.002", "recovery.lr=0.03", f"output_dir={tmp_path / 'b'}"]), log=lambda s: None)}

@@ -167,10 +167,10 @@ def test_config_rules():
         load_config(None, ["recovery.init=fit", "recovery.r=1"])
     load_config(None, ["recovery.init=fit", "recovery.r=1", "recovery.activation=identity"])
     with pytest.raises(CpetError, match="clm_cpet_zero"):
-        load_config(None, ["recovery=paper", "paradigms=[base_pet, clm_cpet_zero]"])
+        load_config(None, ["paradigms=[base_pet, clm_cpet_zero]"])
     assert load_config(None, ["recovery.lr=1e-2"]).recovery.lr == 0.01
-    with pytest.raises(CpetError, match="recovery: paper"):
-        load_config(None, ["recovery.init=zero"])  # kept (the default lr 0) at U = 0: nothing; says what to write
+    with pytest.raises(CpetError, match="no-op"):
+        load_config(None, ["recovery.lr=0"])  # kept at U = 0: nothing
     with pytest.raises(CpetError, match="recovery.lr"):
         load_config(None, ["recovery.lr=-1e-3"])
     assert load_config(None, ["recovery.init=fit", "recovery.lr=0"]).recovery.lr == 0
