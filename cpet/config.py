@@ -115,6 +115,9 @@ class RecoveryConfig:
     targets: tuple[str, ...] = ALL_ROLES
     # how the module starts: zero (U = 0, a no-op, the paper) | fit (the best rank-r map from the layer's
     # input to its output error against the uncompressed model, on calibration text: see recovery.fit_recovery)
+    # | auto (per layer: fitted and kept where compression left the layer's shape, so its error is a weight
+    # error the fit undoes (int8, unstructured, 2:4); zero and trained where it removed computation
+    # (structured pruning, MoE FFNs), as the paper)
     init: str = "zero"
     init_samples: int = 64  # calibration windows (of model.max_length tokens) for init=fit
     # learning rate of the recovery modules (None = train.lr; 0 = kept as they start: not trained, which
@@ -128,14 +131,18 @@ class RecoveryConfig:
             raise CpetError(f"recovery.activation={self.activation!r}: use gelu, relu, silu or identity")
         require(self.r >= 1, "recovery.r", self.r, ">= 1")
         require(0 <= self.dropout < 1, "recovery.dropout", self.dropout, "in [0, 1)")
-        require(self.init in ("zero", "fit"), "recovery.init", self.init, "zero or fit")
+        require(self.init in ("zero", "fit", "auto"), "recovery.init", self.init, "zero, fit or auto")
         require(self.init_samples >= 1, "recovery.init_samples", self.init_samples, ">= 1")
         require(self.lr is None or self.lr >= 0, "recovery.lr", self.lr, ">= 0, or null for train.lr")
+        if self.lr == 0 and self.init == "auto":
+            raise CpetError("recovery.lr=0 with recovery.init=auto would keep the zero-started modules (on "
+                            "structurally pruned and MoE layers) as no-ops; auto keeps the fitted ones itself: "
+                            "leave recovery.lr null, or give the trained ones a rate")
         if self.lr == 0 and self.init == "zero":
             raise CpetError("recovery.lr=0 keeps the recovery modules as they start, and with recovery.init=zero "
                             "they start as a no-op (U = 0): set recovery.init=fit (or recovery: fitted), or give "
                             "them a learning rate")
-        require(self.init != "fit" or self.activation == "identity" or self.r >= 2, "recovery.r", self.r,
+        require(self.init == "zero" or self.activation == "identity" or self.r >= 2, "recovery.r", self.r,
                 ">= 2 for init=fit with a nonlinear activation (the fit uses the rank in +/- pairs)")
 
 
@@ -308,7 +315,7 @@ class ExperimentConfig:
         taught = [p for p in self.paradigms if PARADIGM_SPECS[p].needs_teacher]
         if taught and "base_pet" not in self.paradigms:
             raise CpetError(f"paradigms: {taught[0]} inherits from or distils base_pet, so base_pet must run too")
-        if "clm_cpet_zero" in self.paradigms and self.recovery.init != "fit":
+        if "clm_cpet_zero" in self.paradigms and self.recovery.init == "zero":
             raise CpetError("paradigms: clm_cpet_zero adds recovery modules with no training; with "
                             "recovery.init=zero they are no-ops (that is clm_inherit_zero): set recovery.init=fit")
         table4 = [p for p in self.paradigms if PARADIGM_SPECS[p].modules != "pet"]
@@ -369,6 +376,7 @@ def _build(cls, data: Any, path: str):
 RECOVERY_PRESETS = {
     "paper": {"init": "zero", "lr": None},  # U = 0, trained with the task at train.lr (the paper, the authors' code)
     "fitted": {"init": "fit", "lr": 0},  # fitted to the compression error, kept through training
+    "auto": {"init": "auto", "lr": None},  # fitted + kept where the layer kept its shape, paper elsewhere
 }
 
 

@@ -261,9 +261,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                                                recovery=rec_cfg, head=head)
                     if how.inherit:
                         inherit(student, teacher)
-                    if rec_cfg is not None and rec_cfg.init == "fit":
+                    if rec_cfg is not None and rec_cfg.init != "zero":
                         fit_recovery_from(student, teacher if teacher is not None else backbone, how.inherit,
-                                          init_calib, log)
+                                          init_calib, log, rec_cfg)
                     rec = run_paradigm(paradigm, student, teacher=teacher if how.distill else None,
                                        modules=(lora_cfg, rec_cfg))
             records.append(rec)
@@ -297,7 +297,7 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     else:
         compressed, calib = compression_inputs(model["weights"], cfg.compress, tokenizer, lm=text,
                                                data_dir=cfg.task.data_dir)
-    fits = cfg.recovery.init == "fit" and any(PARADIGM_SPECS[p].configured_recovery for p in cfg.paradigms)
+    fits = cfg.recovery.init != "zero" and any(PARADIGM_SPECS[p].configured_recovery for p in cfg.paradigms)
     init_calib = make_calibration(tokenizer, samples=cfg.recovery.init_samples, seq_len=cfg.model.max_length,
                                   data_dir=cfg.task.data_dir) if fits else None
     clm = {**base, "compressed": digest(compressed), "train": {**train, "lr": cfg.train.clm_lr or cfg.train.lr}}
@@ -390,16 +390,19 @@ def backbone_record(cfg: ExperimentConfig, paradigm: str, fps: dict, records_in:
     return {"fingerprint": fps["compressed"], "path": str(cdir), "plan": plan_to_json(cfg.compress)}
 
 
-def fit_recovery_from(student, reference, with_pet: bool, calib, log) -> dict[str, float]:
-    """``recovery.init=fit``: fit the student's recovery modules to the compression error against the
-    uncompressed ``reference``, the teacher's PET included when the student inherited it (its output is
-    then what the student should reproduce), the plain backbone otherwise."""
+def fit_recovery_from(student, reference, with_pet: bool, calib, log, cfg: RecoveryConfig) -> dict[str, float]:
+    """``recovery.init=fit`` / ``auto``: fit the student's recovery modules (auto: those on layers that kept
+    their shape) to the compression error against the uncompressed ``reference``, the teacher's PET
+    included when the student inherited it (its output is then what the student should reproduce), the
+    plain backbone otherwise. Fitted modules are kept through training under auto or recovery.lr=0."""
+    kw = {"log": lambda s: log("  " + s), "only_kept_shape": cfg.init == "auto",
+          "keep": cfg.init == "auto" or cfg.lr == 0}
     if with_pet:
-        return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
+        return fit_recovery(student, reference, calib, **kw)
     with ExitStack() as stack:  # the plain uncompressed backbone: every PET branch of the teacher off
         for kind in PET_KINDS:
             stack.enter_context(branches_off(reference, kind))
-        return fit_recovery(student, reference, calib, log=lambda s: log("  " + s))
+        return fit_recovery(student, reference, calib, **kw)
 
 
 def _check_folder(folder: Path, record: dict, what: str, fresh: bool, log) -> None:

@@ -27,6 +27,8 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn
 
 
 class Recovery(nn.Module):
+    kept = False  # set by a fit whose start training must keep (recovery.init=auto, or recovery.lr=0)
+
     def __init__(self, in_features: int, out_features: int, r: int, activation: str = "gelu", dropout: float = 0.0):
         super().__init__()
         self.D = nn.Parameter(torch.empty(r, in_features))
@@ -113,9 +115,18 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
+def keeps_shape(layer: nn.Module) -> bool:
+    """Whether compression left this (wrapped) layer's shape: its error is then a weight error a fit can
+    undo (int8, unstructured, 2:4); not after structured pruning (rows / columns gone) or for a MoE FFN
+    (experts skipped), where what is lost depends on computation the student no longer does."""
+    base = getattr(layer, "base", layer)
+    return not getattr(base, "roles", None) and all(getattr(base, a, None) is None for a in ("kept_in", "kept_out"))
+
+
 @torch.no_grad()
 def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 0.01,
-                 log: Callable[[str], None] = print) -> dict[str, float]:
+                 log: Callable[[str], None] = print, only_kept_shape: bool = False,
+                 keep: bool = False) -> dict[str, float]:
     """Start every recovery module of ``student`` as the best rank-r linear map that undoes its layer's
     compression error, fitted on calibration text (no task data, no training): EoRA's fit, generalised.
 
@@ -130,9 +141,15 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     M = U D; a nonlinear one spends its rank on pairs, act(xA^T)B^T - act(-xA^T)B^T = (xA^T)B^T exactly
     for GELU / ReLU / SiLU, so it starts at the same function with rank r // 2 and training can bend it.
     Returns per module the share of ||R||^2 the fit removes on the calibration tokens.
+
+    ``only_kept_shape``: fit only the layers whose shape compression kept (``keeps_shape``; the rest keep
+    their start). ``keep``: mark the fitted modules ``kept``, so training leaves them as fitted.
     """
     names = branch_layers(student, "recovery")
+    if only_kept_shape:
+        names = [n for n in names if keeps_shape(student.get_submodule(n))]
     if not names:
+        log("recovery fit: no layer to fit (every recovery module sits on a structurally pruned or MoE layer)")
         return {}
     ref_fn = _reference_fns(student, reference, names)
     stats: dict[str, dict] = {}
@@ -192,6 +209,7 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
         else:
             D[:k], D[k: 2 * k] = A.to(D), -A.to(D)
             U[:, :k], U[:, k: 2 * k] = B.to(U), -B.to(U)
+        rec.kept = keep
     share = sum(removed.values()) / len(removed)
     log(f"recovery fit on {calib.input_ids.numel():,} calibration tokens: {len(names)} modules, "
         f"on average {100 * share:.0f}% of each layer's output error removed")

@@ -102,11 +102,13 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     trainable = freeze_backbone(model)
-    if recovery_lr == 0:  # kept: frozen like the backbone (still task tensors: saved and loaded with the task)
-        for n, p in model.named_parameters():
-            if kind_of(n) == "recovery":
-                p.requires_grad_(False)
-        trainable = [n for n in trainable if kind_of(n) != "recovery"]
+    # kept recovery modules (recovery.lr=0, or those a fit marked kept): frozen like the backbone, still task
+    # tensors (saved and loaded with the task)
+    kept = {id(p) for m in model.modules() if getattr(m, "kept", False) for p in m.parameters()}
+    for n, p in model.named_parameters():
+        if kind_of(n) == "recovery" and (recovery_lr == 0 or id(p) in kept):
+            p.requires_grad_(False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: the model has no PET / recovery / head parameters")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}

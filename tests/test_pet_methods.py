@@ -238,7 +238,7 @@ def test_review_fixes_lora_init_order_overrides_and_fit_reference(batch):
     _perturb(teacher)
     student = build_task_model(_compressed("Q"), 2, pet=BitFitConfig(), recovery=RecoveryConfig(r=4, init="fit"))
     twin = copy.deepcopy(student)
-    fit_recovery_from(student, teacher, False, _calib(), log=lambda s: None)
+    fit_recovery_from(student, teacher, False, _calib(), lambda s: None, RecoveryConfig(r=4, init="fit"))
     fit_recovery(twin, build_task_model(tiny_bert(), 2, pet=BitFitConfig()), _calib(), log=lambda s: None)
     s1, s2 = dict(student.named_parameters()), dict(twin.named_parameters())
     assert all(torch.allclose(s1[k], s2[k], atol=1e-6) for k in s1 if ".recovery." in k)

@@ -203,6 +203,33 @@ def test_recovery_kept_at_its_fit_while_the_task_modules_train(tmp_path, data_di
     assert any(not torch.equal(trained[k], assembled[k]) for k in trained if ".lora." in k)  # LoRA trained
 
 
+def test_auto_fits_and_keeps_shape_kept_layers_and_trains_the_rest_from_zero(tmp_path, data_dir, tiny_model_dir):
+    """recovery: auto under int8 + 2:4 + MoE: the attention linears (shape kept: a weight error) start
+    fitted and stay so through training; the MoE FFN's module (experts skipped: nothing a fit can undo)
+    starts at U = 0 and trains, as the paper's."""
+    from safetensors.torch import load_file
+
+    from cpet.experiments import run_experiment
+
+    plan = ("[{method: int8}, {method: unstructured, pattern: '2:4'}, "
+            "{method: moefication, experts: 4, top: 0.5, min_speedup: 0, router_steps: 5}]")
+    run_experiment(load_config(None, [
+        f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+        "task.val_size=16", "task.max_test=8", "train.epochs=1", f"compress={plan}", "recovery=auto",
+        "recovery.r=4", "recovery.init_samples=4", "paradigms=[base_pet, clm_cpet, clm_cpet_zero]",
+        f"output_dir={tmp_path}"]), log=lambda s: None)
+    trained, start = (load_file(next((tmp_path / p / "task").glob("*.safetensors")))
+                      for p in ("clm_cpet", "clm_cpet_zero"))
+    attn = [k for k in start if ".recovery.U" in k and ".attention." in k]
+    ffn = [k for k in start if ".recovery.U" in k and ".attention." not in k]
+    assert attn and ffn
+    assert all(start[k].abs().max() > 0 and torch.equal(trained[k], start[k]) for k in attn)  # fitted, kept
+    assert all(start[k].abs().max() == 0 for k in ffn)  # the MoE FFN's starts at zero ...
+    assert any(trained[k].abs().max() > 0 for k in ffn)  # ... and trains
+    with pytest.raises(CpetError, match="init=auto"):
+        load_config(None, ["recovery=auto", "recovery.lr=0"])
+
+
 def test_cpet_adapt_moves_a_task_to_a_compressed_backbone_without_task_data(tmp_path, data_dir, tiny_model_dir,
                                                                             tokenizer):
     from cpet.cli import main
