@@ -117,7 +117,7 @@ class RecoveryConfig:
     # input to its output error against the uncompressed model, on calibration text: see recovery.fit_recovery)
     # | auto (per layer: fitted and kept where compression left the layer's shape, so its error is a weight
     # error the fit undoes (int8, unstructured, 2:4); zero and trained where it removed computation
-    # (structured pruning, MoE FFNs), as the paper)
+    # (structured pruning, MoE FFNs) or left the layer as it was, as the paper)
     init: str = "zero"
     init_samples: int = 64  # calibration windows (of model.max_length tokens) for init=fit
     # learning rate of the recovery modules (None = train.lr; 0 = kept as they start: not trained, which

@@ -142,8 +142,9 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     for GELU / ReLU / SiLU, so it starts at the same function with rank r // 2 and training can bend it.
     Returns per module the share of ||R||^2 the fit removes on the calibration tokens.
 
-    ``only_kept_shape``: fit only the layers whose shape compression kept (``keeps_shape``; the rest keep
-    their start). ``keep``: mark the fitted modules ``kept``, so training leaves them as fitted.
+    ``only_kept_shape``: fit only the layers whose shape compression kept (``keeps_shape``) and that it
+    changed at all (an uncompressed layer's error is zero); the rest keep their start. ``keep``: mark the
+    fitted modules ``kept``, so training leaves them as fitted.
     """
     names = branch_layers(student, "recovery")
     if only_kept_shape:
@@ -161,13 +162,15 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
             # (inherited, or fresh ones that start as the identity), so the error to undo is the add stage's
             x = module.transform_in(args[0].detach())
             y = module.added(x, skip=("recovery",))
-            r = (ref_fn[name](x).double() - y.double()).reshape(-1, y.shape[-1])
+            ref_y = ref_fn[name](x).double()
+            r = (ref_y - y.double()).reshape(-1, y.shape[-1])
             x = x.reshape(-1, x.shape[-1]).double()
             s = stats.setdefault(name, {"C": x.new_zeros(x.shape[1], x.shape[1]),
                                         "G": x.new_zeros(r.shape[1], x.shape[1]), "rr": 0.0, "n": 0})
             s["C"] += x.T @ x
             s["G"] += r.T @ x
             s["rr"] += float(r.pow(2).sum())
+            s["yy"] = s.get("yy", 0.0) + float(ref_y.pow(2).sum())
             s["n"] += x.shape[0]
         return hook
 
@@ -187,6 +190,8 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
     for n in names:
         module, s = student.get_submodule(n), stats[n]
         rec = module.recovery
+        if only_kept_shape and s["rr"] <= 1e-10 * s["yy"]:  # not compressed (M alone leaves attention as it was):
+            continue  # no error to undo, so it keeps its start and trains
         C, G = s["C"], s["G"]
         eps = damp * float(C.diagonal().mean()) + 1e-12
         lam, Q = torch.linalg.eigh(C + eps * torch.eye(C.shape[0], dtype=C.dtype))
@@ -210,7 +215,10 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
             D[:k], D[k: 2 * k] = A.to(D), -A.to(D)
             U[:, :k], U[:, k: 2 * k] = B.to(U), -B.to(U)
         rec.kept = keep
+    if not removed:
+        log("recovery fit: no compressed layer to fit")
+        return removed
     share = sum(removed.values()) / len(removed)
-    log(f"recovery fit on {calib.input_ids.numel():,} calibration tokens: {len(names)} modules, "
+    log(f"recovery fit on {calib.input_ids.numel():,} calibration tokens: {len(removed)} modules, "
         f"on average {100 * share:.0f}% of each layer's output error removed")
     return removed

@@ -230,6 +230,24 @@ def test_auto_fits_and_keeps_shape_kept_layers_and_trains_the_rest_from_zero(tmp
         load_config(None, ["recovery=auto", "recovery.lr=0"])
 
 
+def test_auto_leaves_uncompressed_layers_to_train():
+    """MoE alone leaves the attention linears as they were: no error to fit, so auto neither fits nor
+    keeps their modules (they train from U = 0); a fit over int8 layers fits and keeps every one."""
+    from cpet.recovery import Recovery
+
+    reference = build_task_model(tiny_bert(), 2)
+    for plan, kept in (([{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0, "router_steps": 5}],
+                        False), ([{"method": "int8"}], True)):
+        bb = tiny_bert()
+        compress(bb, plan, calibration=_calib())
+        student = build_task_model(bb, 2, recovery=RecoveryConfig(r=4, init="auto"))
+        removed = fit_recovery(student, reference, _calib(), log=lambda s: None, only_kept_shape=True, keep=True)
+        attn = [m for n, m in student.named_modules() if isinstance(m, Recovery) and ".attention." in n]
+        assert attn and all(m.kept == kept for m in attn)
+        assert all((m.U.abs().max() > 0) == kept for m in attn)
+        assert bool(removed) == kept
+
+
 def test_cpet_adapt_moves_a_task_to_a_compressed_backbone_without_task_data(tmp_path, data_dir, tiny_model_dir,
                                                                             tokenizer):
     from cpet.cli import main
