@@ -449,7 +449,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> ExperimentConfig:
     """Read an experiment YAML (optional), apply dotted overrides, validate, return the config."""
-    data: dict = dict(base or {})
+    data: dict = _merge({}, base or {})  # sections given by name (recovery: auto, pet: ia3) expand here too
     if path is not None:
         data = _merge(data, read_yaml_mapping(path, "config file"))
     data = _merge(data, parse_overrides(overrides or []))

@@ -180,6 +180,8 @@ def test_config_rules():
     assert (fitted.init, fitted.lr, fitted.r) == ("fit", 0, 8)
     with pytest.raises(CpetError, match="recovery preset"):
         load_config(None, ["recovery=eora"])
+    from_base = load_config(None, ["recovery.r=8"], base={"recovery": "auto", "pet": "ia3"})  # a grid's base
+    assert (from_base.recovery.init, from_base.recovery.r, from_base.pet.method) == ("auto", 8, "ia3")
 
 
 def test_recovery_kept_at_its_fit_while_the_task_modules_train(tmp_path, data_dir, tiny_model_dir):
