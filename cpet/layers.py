@@ -81,32 +81,23 @@ class Adapted(nn.Module):
                 x = self._modules[kind](x)
         return x
 
-    def added(self, x: torch.Tensor, skip: tuple[str, ...] = ()) -> torch.Tensor:
+    def added(self, x: torch.Tensor, skip: tuple[str, ...] = (), base=None) -> torch.Tensor:
         """base(x) + the additive branches not in ``skip``, for an ``x`` already past the input transforms
-        (before any output transform)."""
+        (before any output transform); ``base`` defaults to ``self.base``."""
         mods = self._modules
-        y = self.base(x)
+        y = (self.base if base is None else base)(x)  # (..., out)
         for kind in _ORDER["add"]:
             branch = mods.get(kind)
             if branch is not None and kind not in skip:
-                y = branch.add_to(y.clone(), x) if kind == "bank" else y + branch(x)
+                y = branch.add_to(y, x) if kind == "bank" else y + branch(x)  # the bank accumulates in place
         return y
 
     def forward_with(self, x: torch.Tensor, base) -> torch.Tensor:
         """The stages around ``base(x')`` (``self.base`` in ``forward``; a compound module that computes an
         inner projection itself, the MoE FFN's, passes its own)."""
-        mods = self._modules
-        for kind in _ORDER["in"]:
-            branch = mods.get(kind)
-            if branch is not None:
-                x = branch(x)
-        y = base(x)  # (..., out)
-        for kind in _ORDER["add"]:
-            branch = mods.get(kind)
-            if branch is not None:
-                y = branch.add_to(y, x) if kind == "bank" else y + branch(x)  # the bank accumulates in place
+        y = self.added(self.transform_in(x), base=base)
         for kind in _ORDER["out"]:
-            branch = mods.get(kind)
+            branch = self._modules.get(kind)
             if branch is not None:
                 y = branch(y)
         return y

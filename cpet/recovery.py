@@ -166,11 +166,11 @@ def fit_recovery(student: nn.Module, reference: nn.Module, calib, damp: float = 
             r = (ref_y - y.double()).reshape(-1, y.shape[-1])
             x = x.reshape(-1, x.shape[-1]).double()
             s = stats.setdefault(name, {"C": x.new_zeros(x.shape[1], x.shape[1]),
-                                        "G": x.new_zeros(r.shape[1], x.shape[1]), "rr": 0.0, "n": 0})
+                                        "G": x.new_zeros(r.shape[1], x.shape[1]), "rr": 0.0, "yy": 0.0, "n": 0})
             s["C"] += x.T @ x
             s["G"] += r.T @ x
             s["rr"] += float(r.pow(2).sum())
-            s["yy"] = s.get("yy", 0.0) + float(ref_y.pow(2).sum())
+            s["yy"] += float(ref_y.pow(2).sum())
             s["n"] += x.shape[0]
         return hook
 
