@@ -50,7 +50,7 @@ def test_grid_shares_work_resumes_and_reports(tmp_path, data_dir, tiny_model_dir
     acc = [r for r in rows if r["metric"] == "accuracy"]
     assert len(acc) == 4 + 8 + 8 and {r["seed"] for r in acc} == {"1", "2"}
     md = (root / "results.md").read_text()
-    assert "| Q | CLM+CPET |" in md and "± " in md and "avg recovered" in md
+    assert "| Q | CLM+CPET |" in md and "± " in md and "recovered" in md and "CPET > PET" in md
     assert "| — | trivial (majority class; SQuAD: first words) |" in md  # beside base+PET, from the runs' data
     bench = Path(__file__).resolve().parent.parent / "bench" / "results" / "compress_minilm.json"
     assert main(["report", str(root), "--bench", str(bench), "-o", str(tmp_path / "with_bench")]) == 0
@@ -197,7 +197,8 @@ def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apa
     assert "| wic † |" in text and "| mnli |" in text and "avg w/o †" in text
     assert "| Q | CLM+CPET | 48.00 ± 0.00 | 54.00 ± 0.00 | 51.00 | 48.00 |" in text  # both averages
     recovered = next(line for line in text.splitlines() if line.startswith("| Q |") and "%" in line)
-    assert recovered.endswith("| 107% | 80% |")  # (80% + 133%) / 2 with wic, 80% without
+    # the share of the summed gap: (8 + 4) / (10 + 3) with wic, 8 / 10 without; CPET above PET on both
+    assert recovered.endswith("| 92% of 13.00 | 2/2 | 80% of 10.00 | 1/1 |")
     assert "†" not in tables(rows, {"mnli": 0.35, "wic": 0.40})  # both clear the bar: no marks, one average
 
 
