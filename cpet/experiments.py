@@ -279,6 +279,8 @@ def _fingerprint_inputs(cfg: ExperimentConfig, data, text: bool, tokenizer):
     the digest of the exact train / val / test examples; and the plan's calibration windows (made once,
     for the record and for compressing)."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_batch_size", "checkpoint_every", "clm_lr")}
+    if not cfg.train.group_by_length:  # added later: off is how every earlier result was made, so it keeps their fingerprints
+        del train["group_by_length"]
     model = {"name": cfg.model.name, "weights": model_digest(resolve_model_path(cfg.model.name)),
              "max_length": cfg.model.max_length,
              "pooling": cfg.model.pooling, "formulation": "text" if text else "head"}

@@ -82,6 +82,29 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+GROUP_BATCHES = 16  # train.group_by_length: batches per length-sorted chunk (512 examples at batch 32)
+
+
+def epoch_batches(features: list[dict], cfg: TrainConfig, epoch: int, shard: int = 0, shards: int = 1) -> list[list[int]]:
+    """Feature indices of each optimizer step of ``epoch`` on process ``shard`` of ``shards``: a function of
+    (seed, epoch) only, so a resumed run replays it. Random batches, or with ``cfg.group_by_length`` batches
+    of similar length: the same permutation cut into chunks of ``GROUP_BATCHES`` batches, each chunk sorted
+    by length (ties keep the random order), the batches then shuffled. Chunks are whole batches, so both
+    give ceil(n / batch_size) steps."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    perm = torch.randperm(len(features), generator=g).tolist()[shard::shards]
+    size = cfg.batch_size
+    if not cfg.group_by_length:
+        return [perm[s: s + size] for s in range(0, len(perm), size)]
+    length = lambda i: max(len(r["input_ids"]) for r in features[i]["rows"])  # noqa: E731
+    chunk = GROUP_BATCHES * size
+    batches = []
+    for c in range(0, len(perm), chunk):
+        part = sorted(perm[c: c + chunk], key=length, reverse=True)
+        batches += [part[s: s + size] for s in range(0, len(part), size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
 def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example], val_set: list[Example],
           cfg: TrainConfig, max_length: int, out_dir: str | Path | None = None,
           teacher: nn.Module | None = None, distill: DistillConfig | None = None,
@@ -197,10 +220,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     if cfg.eval_every and step == 0 and not curve:
         curve_point()  # where training starts (inherited modules start above chance)
     while epoch < cfg.epochs:
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(len(features), generator=g).tolist()
-        perm = perm[accelerator.process_index:: accelerator.num_processes]
-        batches = [perm[s: s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
+        batches = epoch_batches(features, cfg, epoch, accelerator.process_index, accelerator.num_processes)
         prepared.train()
         if teach is not None:
             teach.model.eval()

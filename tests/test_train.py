@@ -13,7 +13,7 @@ from cpet.layers import task_state_dict
 from cpet.task_modules import build_task_model
 from cpet.tasks import load_task
 from cpet.formats import HeadFormat
-from cpet.train import train
+from cpet.train import GROUP_BATCHES, epoch_batches, train
 
 
 class Interrupt(Exception):
@@ -29,8 +29,37 @@ def _setup(data_dir, tokenizer):
     return data, model
 
 
-def test_resume_after_interruption_is_exact(tmp_path, data_dir, tokenizer):
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, checkpoint_every=3, seed=7)
+def test_length_grouped_batches_cover_each_epoch_with_less_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 120, (1000,), generator=gen).tolist()
+    features = [{"rows": [{"input_ids": [1] * n}]} for n in lengths]
+    plain, grouped = TrainConfig(batch_size=32, seed=3), TrainConfig(batch_size=32, seed=3, group_by_length=True)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    for epoch in (0, 1):
+        rand, grp = epoch_batches(features, plain, epoch), epoch_batches(features, grouped, epoch)
+        assert len(grp) == len(rand) == 32  # ceil(1000 / 32): the lr schedule's step count holds
+        assert sorted(i for b in grp for i in b) == list(range(1000))  # every example once
+        assert padded(grp) < 0.75 * padded(rand)
+        # within a chunk the batches are length-sorted: each batch's spread is small
+        spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grp]
+        assert sorted(spread)[len(spread) // 2] < 20
+        assert grp == epoch_batches(features, grouped, epoch)  # a function of (seed, epoch): resume replays it
+    assert epoch_batches(features, grouped, 0) != epoch_batches(features, grouped, 1)
+    # off: exactly the batches every earlier run trained on (the permutation cut in order)
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(3 * 1000)).tolist()
+    assert epoch_batches(features, plain, 0) == [perm[s: s + 32] for s in range(0, 1000, 32)]
+    # two processes split each epoch's permutation, every example on one of them
+    halves = [epoch_batches(features, grouped, 0, shard, 2) for shard in (0, 1)]
+    assert sorted(i for h in halves for b in h for i in b) == list(range(1000))
+    assert GROUP_BATCHES * 32 < 1000  # the test spans more than one chunk
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_after_interruption_is_exact(tmp_path, data_dir, tokenizer, grouped):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, checkpoint_every=3, seed=7, group_by_length=grouped)
     data, model = _setup(data_dir, tokenizer)
     ref_model = copy.deepcopy(model)
     ref = train(ref_model, tokenizer, data.spec, data.train, data.val, cfg, 32, out_dir=tmp_path / "ref", log=lambda s: None)

@@ -95,6 +95,7 @@ def test_yaml_1_1_numbers_arrive_as_numbers(tmp_path):
     ("task.max_train=20", "task.max_train: None -> 20"),
     ("compress=[{method: unstructured, sparsity: 0.5}]", "compressed"),
     ("lora.r=4", "lora.r: 8 -> 4"),
+    ("train.group_by_length=true", "train.group_by_length"),
 ])
 def test_rerun_with_another_config_is_refused_then_fresh_reruns(override, needle, tiny_run, tmp_path, capsys):
     assert run_cli(tiny_run(), capsys)[0] == 0
@@ -111,7 +112,9 @@ def test_rerun_with_another_config_is_refused_then_fresh_reruns(override, needle
 def test_same_config_continues_and_output_only_keys_do_not_count(tiny_run, tmp_path, capsys):
     assert run_cli(tiny_run("paradigms=[base_pet]"), capsys)[0] == 0
     base = (tmp_path / "run" / "base_pet" / "result.json").read_bytes()
-    assert run_cli(tiny_run("train.eval_batch_size=7", "train.checkpoint_every=3"), capsys)[0] == 0
+    # group_by_length=false is how every run before the key existed trained: the same fingerprint
+    assert run_cli(tiny_run("train.eval_batch_size=7", "train.checkpoint_every=3", "train.group_by_length=false"),
+                   capsys)[0] == 0
     assert (tmp_path / "run" / "base_pet" / "result.json").read_bytes() == base  # reused, not retrained
 
 
