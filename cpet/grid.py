@@ -32,9 +32,9 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
-from cpet.config import PARADIGM_SPECS, ExperimentConfig, TaskConfig, load_config, read_yaml_mapping
+from cpet.config import PARADIGM_SPECS, ExperimentConfig, TaskConfig, TrainConfig, load_config, read_yaml_mapping
 from cpet.errors import CpetError
 from cpet.experiments import StoreLayout, run_experiment
 from cpet.fingerprint import digest
@@ -42,6 +42,7 @@ from cpet.io import atomic_write_json, read_json
 from cpet.models import resolve_model_path
 from cpet.report import choose_on_validation, long_rows, plan_and_variant, split_variant
 from cpet.tasks import load_task
+from cpet.train import epoch_batches
 
 CELLS = "cells"
 SELECT = "select.json"  # the grid's search (keys, seeds): cpet report applies it by default
@@ -160,7 +161,9 @@ def cell_record(root: Path, cell: Cell) -> dict | None:
 
 # Seconds per example measured by the demo (all-MiniLM-L6-v2, 128 tokens, batch 32, 2 cores, 2026-11-30):
 # training per epoch (base+PET, a CLM paradigm, one with recovery modules) and evaluation.
-RATES = {"train": 0.025, "train_clm": 0.030, "train_recover": 0.042, "eval": 0.0067}
+RATES = {"train": 0.025, "train_clm": 0.030, "train_recover": 0.042, "eval": 0.0067}  # s / example, MiniLM
+REF_TOKENS = {"train": 40.0, "eval": 20.0}  # tokens per example the RATES were measured at (SST-2: padded
+# training batches of 32 drawn at random, length-sorted eval batches), so other tasks scale by their own
 _MINILM_SIZE = 384 * 384 * 6
 
 
@@ -177,13 +180,42 @@ def _model_size(name: str) -> float:
 
 
 @lru_cache(maxsize=None)
+def _task_data(task: TaskConfig):
+    """The task's data; None when it cannot be read (the run will record that cell as failed)."""
+    try:
+        return load_task(task)
+    except CpetError:
+        return None
+
+
 def _split_sizes(task: TaskConfig) -> tuple[int, int, int] | None:
     """(train, val, test) sizes of a task config; None when its data cannot be read."""
+    data = _task_data(task)
+    return None if data is None else (len(data.train), len(data.val), len(data.test))
+
+
+@lru_cache(maxsize=None)
+def _token_scale(task: TaskConfig, model: str, max_length: int, batch_size: int, grouped: bool) -> tuple[float, float]:
+    """(training, eval) tokens per example of this task relative to ``REF_TOKENS``: the training batches as
+    ``epoch_batches`` draws them (padded to each batch's longest; fewer with ``group_by_length``), eval at the
+    mean length (its batches are length-sorted). Lengths are the text pair (or text + each choice) as the
+    model's tokenizer cuts them at ``max_length``; where that cannot be read, ``max_length / 128``."""
     try:
-        data = load_task(task)
-    except CpetError:
-        return None  # the run will record this cell as failed
-    return len(data.train), len(data.val), len(data.test)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
+        data = _task_data(task)
+        if data is None or not data.train:
+            raise CpetError("no data")
+        def rows(e):
+            pairs = [(e.text_a, c) for c in e.choices] if e.choices else [(e.text_a, e.text_b)]
+            return [len(tok(a, b, truncation=True, max_length=max_length)["input_ids"]) for a, b in pairs]
+        lengths = [rows(e) for e in data.train]
+    except Exception:  # noqa: BLE001 - an estimate only
+        return max_length / 128, max_length / 128
+    features = [{"rows": [{"input_ids": range(n)} for n in r]} for r in lengths]
+    batches = epoch_batches(features, TrainConfig(batch_size=batch_size, group_by_length=grouped), 0)
+    padded = sum(len(b) * max(max(lengths[i]) for i in b) * len(lengths[b[0]]) for b in batches) / len(lengths)
+    mean = sum(sum(r) for r in lengths) / len(lengths)
+    return padded / REF_TOKENS["train"], mean / REF_TOKENS["eval"]
 
 
 def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_only: bool = False) -> float:
@@ -215,9 +247,11 @@ def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_on
             continue
         shared.add(key)
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
-        total += share * ((n_train * epochs * rate if spec.trains else 0.0)
-                          + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"])
-    return total * _model_size(cfg.model.name) * cfg.model.max_length / 128
+        train_scale, eval_scale = _token_scale(cfg.task, cfg.model.name, cfg.model.max_length,
+                                                 cfg.train.batch_size, cfg.train.group_by_length)
+        total += share * ((n_train * epochs * rate * train_scale if spec.trains else 0.0)
+                          + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"] * eval_scale)
+    return total * _model_size(cfg.model.name)
 
 
 def _train_key(train, lr) -> tuple:
@@ -242,7 +276,7 @@ def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
     """Time left: the prior of the cells to run, scaled by how finished cells compared with their prior."""
     ratio = sum(s for s, _ in done) / max(1e-9, sum(p for _, p in done)) if done else 1.0
     how = f"measured / prior = {ratio:.2f} over {len(done)} finished cells" if done else \
-        "prior from the demo's rates scaled by model size; refined as cells finish"
+        "prior from the demo's rates scaled by model size and each task's tokens; refined as cells finish"
     return f"ETA ~{prior_left * ratio / 60:.0f} min ({how})"
 
 

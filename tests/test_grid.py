@@ -329,3 +329,20 @@ def test_each_teacher_choice_binds_the_paradigms_that_share_its_axes():
     assert sorted((r["paradigm"], r["variant"], r["value"]) for r in chosen if r["metric"] == "accuracy") == [
         ("base_pet", "pet=lora", 0.9), ("base_pet", "pet=prompt", 0.9),
         ("clm_cpet", "pet=lora", 0.85), ("clm_cpet", "pet=prompt", 0.85)]
+
+
+def test_time_prior_counts_each_tasks_tokens(data_dir, tiny_model_dir):
+    """The dry run's estimate scales by the tokens a task's batches hold: pairs cost more than short phrases,
+    length-grouped batches less than random ones, and max_length caps it."""
+    from cpet.config import TaskConfig
+    from cpet.grid import REF_TOKENS, _token_scale
+
+    sst = TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16)
+    rte = TaskConfig(name="rte", data_dir=str(data_dir), val_size=6)
+    s_train, s_eval = _token_scale(sst, tiny_model_dir, 128, 8, False)
+    r_train, r_eval = _token_scale(rte, tiny_model_dir, 128, 8, False)
+    assert r_train > 1.5 * s_train and r_eval > 1.5 * s_eval
+    assert _token_scale(rte, tiny_model_dir, 128, 8, True)[0] <= r_train
+    assert _token_scale(rte, tiny_model_dir, 6, 8, False)[0] == pytest.approx(6 / REF_TOKENS["train"])
+    assert _token_scale(TaskConfig(name="sst2", data_dir=str(data_dir / "nowhere")), tiny_model_dir, 64, 8,
+                        False) == (0.5, 0.5)  # unreadable data: max_length / 128, as before
