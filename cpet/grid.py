@@ -48,7 +48,8 @@ CELLS = "cells"
 SELECT = "select.json"  # the grid's search (keys, seeds): cpet report applies it by default
 # config keys added after grids were first committed, with the value that means "as before" (cell ids
 # of existing stores stay valid; a non-default value is part of the id like any key)
-ADDED_LATER = ((("model", "small"), None), (("mmlu", "lm_eval"), False), (("pet",), {"method": "lora", "options": {}}))
+ADDED_LATER = ((("model", "small"), None), (("mmlu", "lm_eval"), False), (("pet",), {"method": "lora", "options": {}}),
+               (("train", "group_by_length"), False))
 
 
 @dataclass(frozen=True)

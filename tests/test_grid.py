@@ -244,7 +244,7 @@ def test_ray_executor_runs_cells_side_by_side_and_makes_shared_work_once(tmp_pat
 
 
 def test_cell_ids_outlive_new_config_keys():
-    """A store made before model.small, mmlu.lm_eval and pet existed keeps its cell ids (this one was
+    """A store made before model.small, mmlu.lm_eval, pet and train.group_by_length existed keeps its cell ids (this one was
     computed by cpet at b1e5e35); a non-default value of a new key makes a new cell."""
     from cpet.config import load_config
     from cpet.grid import Cell
@@ -254,6 +254,8 @@ def test_cell_ids_outlive_new_config_keys():
     assert Cell(values={}, config=load_config(None, [*then, "recovery=paper"])).id == "d72cf45886471485"
     assert Cell(values={}, config=load_config(None, [*then, "pet=ia3"])).id != "d72cf45886471485"
     assert Cell(values={}, config=load_config(None, [*then, "recovery=fitted"])).id != "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, [*then, "train.group_by_length=false"])).id == "d72cf45886471485"
+    assert Cell(values={}, config=load_config(None, [*then, "train.group_by_length=true"])).id != "d72cf45886471485"
 
 
 def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validation_chose(
