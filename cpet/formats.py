@@ -27,6 +27,11 @@ MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_id
 PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": -100, "decoder_attention_mask": 0}
 
 
+def feature_length(feature: dict) -> int:
+    """Tokens of a feature's longest row: what padding a batch to its longest costs per row."""
+    return max(len(r["input_ids"]) for r in feature["rows"])
+
+
 def pad_rows(rows: list[dict], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad each key of the row dicts to the longest row: ids with ``pad_id``, labels with -100, masks with 0.
     ``attention_mask`` (and ``decoder_attention_mask`` where decoder ids exist) are derived from lengths."""
@@ -86,7 +91,7 @@ class Format:
     @staticmethod
     def _batches(features: list[dict], batch_size: int):
         """Feature indices in batches of similar length (less padding)."""
-        order = sorted(range(len(features)), key=lambda i: max(len(r["input_ids"]) for r in features[i]["rows"]))
+        order = sorted(range(len(features)), key=lambda i: feature_length(features[i]))
         return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
 
 

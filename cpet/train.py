@@ -24,7 +24,7 @@ import torch.nn as nn
 from cpet.config import DistillConfig, TrainConfig
 from cpet.distill import Teacher, distill_loss
 from cpet.errors import CpetError
-from cpet.formats import Format, get_format, model_inputs
+from cpet.formats import Format, feature_length, get_format, model_inputs
 from cpet.io import load_safetensors, read_json
 from cpet.layers import freeze_backbone, kind_of, task_state_dict
 from cpet.tasks import Example, TaskSpec
@@ -96,11 +96,10 @@ def epoch_batches(features: list[dict], cfg: TrainConfig, epoch: int, shard: int
     size = cfg.batch_size
     if not cfg.group_by_length:
         return [perm[s: s + size] for s in range(0, len(perm), size)]
-    length = lambda i: max(len(r["input_ids"]) for r in features[i]["rows"])  # noqa: E731
     chunk = GROUP_BATCHES * size
     batches = []
     for c in range(0, len(perm), chunk):
-        part = sorted(perm[c: c + chunk], key=length, reverse=True)
+        part = sorted(perm[c: c + chunk], key=lambda i: feature_length(features[i]), reverse=True)
         batches += [part[s: s + size] for s in range(0, len(part), size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
