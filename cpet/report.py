@@ -414,6 +414,18 @@ def split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
     return ", ".join(p for p in parts if p not in chosen), ", ".join(chosen)
 
 
+def _candidate_order(candidate: str) -> tuple:
+    """Sort key of "k=v, ..." with numbers compared as numbers (1e-05 before 0.001), so a tie on validation
+    goes to the lowest values (the smaller learning rate), whatever way the numbers are written."""
+    def value(part: str) -> tuple:
+        key, _, v = part.partition("=")
+        try:
+            return (key, 0, float(v), "")
+        except ValueError:
+            return (key, 1, 0.0, v)
+    return tuple(value(p) for p in candidate.split(", ") if p)
+
+
 def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[tuple, str], list[str]]:
     """Per (task, plan, paradigm, other axes): the values of ``keys`` ("k=v, ...") with the best validation
     mean, compared on the seeds every candidate has (a grid that searches on some seeds runs the others
@@ -448,7 +460,7 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[
         common = set.intersection(*(set(v) for v in val.values()))
         scored = {c: statistics.fmean(v[s] for s in common) if common else statistics.fmean(v.values())
                   for c, v in val.items()}
-        best = max(sorted(scored), key=lambda c: scored[c])  # ties: the first in sorted order
+        best = max(sorted(scored, key=_candidate_order), key=lambda c: scored[c])  # ties: the lowest values
         choices[group] = best
         if paradigm == "base_pet":
             teacher[(task, parts(rest))] = set(parts(best))
@@ -491,9 +503,8 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     if select:
         rows, table = select_on_validation(rows, tuple(select))
         search = (f"## Hyper-parameters chosen on validation\n\n{', '.join(select)} chosen per task, plan and "
-                  "paradigm by the validation mean over the seeds every candidate ran (test never consulted); the "
-                  "tables below show "
-                  "the chosen runs.\n\n" + table + "\n\n")
+                  "paradigm by the validation mean over the seeds every candidate ran (test never consulted; a tie goes "
+                  "to the lower values); the tables below show the chosen runs.\n\n" + table + "\n\n")
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
             f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows, trivial_baselines(results))

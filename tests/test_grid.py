@@ -202,6 +202,21 @@ def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apa
     assert "†" not in tables(rows, {"mnli": 0.35, "wic": 0.40})  # both clear the bar: no marks, one average
 
 
+def test_a_tie_on_validation_goes_to_the_lower_value_as_a_number():
+    """1e-05 is below 0.001 though it sorts after it as text; a tie must pick it in either spelling."""
+    from cpet.report import select_on_validation
+
+    for low, high in (("1e-05", "0.001"), ("0.001", "0.005"), ("0.002", "0.01")):
+        rows = []
+        for lr, test in ((high, 0.9), (low, 0.1)):
+            base = {"task": "sst2", "plan": "Q", "paradigm": "clm_pet", "seed": 1, "variant": f"train.lr={lr}",
+                    "cell": "c", "fingerprint": "f"}
+            rows += [{**base, "metric": "val_accuracy", "value": 0.5}, {**base, "metric": "accuracy", "value": test}]
+        chosen, table = select_on_validation(rows, ("train.lr",))
+        assert {r["value"] for r in chosen if r["metric"] == "accuracy"} == {0.1}, (low, high)
+        assert f"| train.lr={low} |" in table
+
+
 def test_a_paradigm_with_a_teacher_keeps_the_teachers_chosen_lr():
     from cpet.report import select_on_validation
 
