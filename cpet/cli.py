@@ -293,12 +293,15 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
     if select == ["none"]:  # every run, nothing chosen
         select = []
-    elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
-        select = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")["keys"]
-        print(f"hyper-parameters chosen on validation: {', '.join(select)} (the grid's select; --select to change)")
+    seeds = None
+    if select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
+        spec = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")
+        select, seeds = spec["keys"], tuple(spec["seeds"])
+        print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
+              "select; --select to change)")
     cells = {c.id for g in grids for c in load_grid(g, output_dir=root).cells} if grids else None
     paths = write_report(results_of(root_p, cells), out or root_p, title=f"Results of {root_p.name}", bench=bench,
-                         select=tuple(select or ()))
+                         select=tuple(select or ()), select_seeds=seeds)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 

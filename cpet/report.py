@@ -29,6 +29,7 @@ from cpet.io import atomic_write, read_json
 from cpet.tasks import load_task, trivial_baseline
 
 BAR = 5.0  # points over the trivial baseline below which a task's base+PET is marked as not learning it
+GAP_FLOOR = 1.0  # points: a compression gap (base+PET - CLM+PET) below this is noise, not a gap to recover
 COLUMNS = ("task", "plan", "paradigm", "seed", "metric", "value", "variant", "cell", "fingerprint")
 ORDER = {name: i for i, name in enumerate(PARADIGMS)}
 
@@ -150,11 +151,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _fmt(xs: list[float], scale: float) -> str:
+def _fmt(xs: list[float], scale: float, sign: str = "") -> str:
+    """mean ± std (n); one seed has no spread to show: "mean (n=1)"."""
     if not xs:
         return ""
     m, s = _mean_std(xs)
-    return f"{scale * m:.2f} ± {scale * s:.2f}" + (f" ({len(xs)})" if len(xs) > 1 else "")
+    return f"{scale * m:{sign}.2f} ± {scale * s:.2f} ({len(xs)})" if len(xs) > 1 else f"{scale * m:{sign}.2f} (n=1)"
 
 
 def trivial_baselines(results: list[dict]) -> dict[str, float]:
@@ -209,7 +211,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
     variants = sorted(v for v in found if not any(parts(v) < parts(w) for w in found))  # the widest sections
     plans = sorted({k[1] for k in by if k[1] != "none"})
     out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
-           + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n).", ""]
+           + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n); one seed: mean (n=1).", ""]
     for variant in variants:
         if variant:
             out += [f"### {variant}", ""]
@@ -239,15 +241,18 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                     for ts in ([tasks, kept] if below else [tasks])]
             out.append("| " + " | ".join([plan if plan != "none" else "—", LABELS.get(paradigm, paradigm),
                                           *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), *avgs]) + " |")
-        out += ["", "Paired by seed: CLM+CPET − CLM+PET, and the share of the compression gap CLM+CPET recovers "
-                "((CPET − PET) / (base − PET) on seed means). 'recovered' over tasks is the share of the summed "
-                "gap (Σ(CPET − PET) / Σ(base − PET)), so a task whose gap is near zero cannot swing it; 'CPET > PET' "
-                "counts the tasks where CLM+CPET's seed mean is above CLM+PET's.", "",
+        out += ["", "Paired by seed: CLM+CPET − CLM+PET (each paradigm at its own chosen hyper-parameters), and the "
+                "share of the compression gap CLM+CPET recovers ((CPET − PET) / (base − PET) on the means over the "
+                f"seeds all three have); a gap under {GAP_FLOOR:g} point is noise, not a gap: shown, with no share. "
+                "'recovered' over tasks is the share of the summed gap (Σ(CPET − PET) / Σ(base − PET)) over the "
+                f"tasks whose gap is at least {GAP_FLOOR:g} point, so no one task can swing it; 'CPET > PET' counts "
+                "the tasks where CLM+CPET's mean is above CLM+PET's, over every task with both. Where some tasks "
+                "have no pair yet, both say over how many of the columns' tasks they are.", "",
                 "| plan | " + " | ".join(f"{t} †" if t in below else t for t in tasks) + " | recovered | CPET > PET |"
                 + (" recovered w/o † | CPET > PET w/o † |" if below else ""),
                 "|" + "---|" * (len(tasks) + 3 + 2 * bool(below))]
         for plan in plans:
-            cells, diffs, gaps = [], {}, {}
+            cells, diffs, gaps, gap_diffs = [], {}, {}, {}
             for t in tasks:
                 pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
                 base = get(variant, "none", "base_pet", t)
@@ -255,24 +260,28 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                 if not seeds:
                     cells.append("")
                     continue
-                d = [scale[t] * (cpet[s] - pet[s]) for s in seeds]
-                m, sd = _mean_std(d)
-                text = f"{m:+.2f} ± {sd:.2f}"
+                text = _fmt([cpet[s] - pet[s] for s in seeds], scale[t], sign="+")
                 diffs[t] = scale[t] * (statistics.fmean(cpet[s] for s in seeds) - statistics.fmean(pet[s] for s in seeds))
-                if base:
-                    gap = scale[t] * (statistics.fmean(base.values()) - statistics.fmean(pet[s] for s in seeds))
-                    gaps[t] = gap
-                    if abs(gap) > 1e-9:
-                        text += f"; {100 * diffs[t] / gap:.0f}% of {gap:.2f}"
+                matched = [s for s in seeds if s in base]  # the gap on the seeds base+PET also has
+                if matched:
+                    gap = scale[t] * (statistics.fmean(base[s] for s in matched) - statistics.fmean(pet[s] for s in matched))
+                    if gap >= GAP_FLOOR:
+                        gaps[t] = gap
+                        share = statistics.fmean(cpet[s] - pet[s] for s in matched) * scale[t] / gap
+                        text += f"; {100 * share:.0f}% of {gap:.2f}"
+                    else:
+                        text += f"; gap {gap:.2f} (< {GAP_FLOOR:g})"
+                    gap_diffs[t] = scale[t] * statistics.fmean(cpet[s] - pet[s] for s in matched)
                 cells.append(text)
             summary = []
             for ts in ([tasks, kept] if below else [tasks]):
-                with_gap = [t for t in ts if t in gaps]
-                total = sum(gaps[t] for t in with_gap)
-                summary.append("" if not with_gap else f"no gap ({total:+.2f})" if total <= 1e-9 else
-                               f"{100 * sum(diffs[t] for t in with_gap) / total:.0f}% of {total:.2f}")
                 done = [t for t in ts if t in diffs]
-                summary.append(f"{sum(diffs[t] > 0 for t in done)}/{len(done)}" if done else "")
+                partial = f" ({len(done)}/{len(ts)} tasks)" if done and len(done) < len(ts) else ""
+                with_gap = [t for t in done if t in gaps]
+                total = sum(gaps[t] for t in with_gap)
+                summary.append("" if not done else f"no gap ≥ {GAP_FLOOR:g}{partial}" if not with_gap else
+                               f"{100 * sum(gap_diffs[t] for t in with_gap) / total:.0f}% of {total:.2f}{partial}")
+                summary.append(f"{sum(diffs[t] > 0 for t in done)}/{len(done)}{partial}" if done else "")
             out.append(f"| {plan} | " + " | ".join([*cells, *summary]) + " |")
         out.append("")
     return "\n".join(out)
@@ -426,11 +435,13 @@ def _candidate_order(candidate: str) -> tuple:
     return tuple(value(p) for p in candidate.split(", ") if p)
 
 
-def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[tuple, str], list[str]]:
+def choose_on_validation(rows: list[dict], keys: tuple[str, ...],
+                         seeds: tuple[int, ...] | None = None) -> tuple[dict[tuple, str], list[str]]:
     """Per (task, plan, paradigm, other axes): the values of ``keys`` ("k=v, ...") with the best validation
     mean, compared on the seeds every candidate has (a grid that searches on some seeds runs the others
-    with the chosen values only); paradigms with a teacher choose among the candidates that keep the
-    values chosen for base+PET (a teacher's lr is not theirs to pick). Returns the choices and a markdown
+    with the chosen values only; ``seeds``: only these seeds' validation counts); paradigms with a teacher choose among the candidates that keep the
+    values chosen for base+PET (a teacher's lr is not theirs to pick; with no such run yet the group is
+    left unchosen, never set beside another teacher). Returns the choices and a markdown
     table of the search (candidates' validation means, the chosen one's test mean over all its seeds)."""
     main_metric, scale = main_metrics(rows)
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -452,8 +463,11 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[
             base_keys = {p.split("=", 1)[0]: p for p in teacher[max(mine, key=lambda k: len(k[1]))]}
             kept = {c: rs for c, rs in cands.items()
                     if all(base_keys.get(p.split("=", 1)[0], p) == p for p in c.split(", ") if p)}
-            cands = kept or cands
-        val = {c: {r["seed"]: float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"} for c, rs in cands.items()}
+            if not kept:  # no run yet with the teacher's chosen values: nothing to choose from (never another teacher's)
+                continue
+            cands = kept
+        val = {c: {r["seed"]: float(r["value"]) for r in rs if r["metric"] == f"val_{metric}"
+                   and (seeds is None or r["seed"] in seeds)} for c, rs in cands.items()}
         val = {c: v for c, v in val.items() if v}
         if not val:
             continue
@@ -472,10 +486,11 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[dict[
     return choices, lines
 
 
-def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], str]:
+def select_on_validation(rows: list[dict], keys: tuple[str, ...],
+                         seeds: tuple[int, ...] | None = None) -> tuple[list[dict], str]:
     """Hyper-parameters chosen on validation only (``choose_on_validation``): the rows of the chosen
     runs (the selected keys moved out of the variant) and the markdown table of the search."""
-    choices, lines = choose_on_validation(rows, keys)
+    choices, lines = choose_on_validation(rows, keys, seeds)
     out = []
     for r in rows:
         rest, chosen = split_variant(r["variant"], keys)
@@ -485,11 +500,13 @@ def select_on_validation(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[
 
 
 def write_report(results: list[dict], out_dir: str | Path, title: str = "Results",
-                 bench: str | Path | None = None, select: tuple[str, ...] = ()) -> dict[str, Path]:
+                 bench: str | Path | None = None, select: tuple[str, ...] = (),
+                 select_seeds: tuple[int, ...] | None = None) -> dict[str, Path]:
     """results.csv + results.md (+ PNGs) under ``out_dir`` from result records; with ``bench`` (cpet bench
     JSON) a table of quality against measured speed, size and fidelity per plan. ``select``: config keys
     (grid axes) whose value is chosen per task, plan and paradigm on validation; the tables then show
-    the chosen runs and a search table says what was tried and chosen (results.csv keeps every run)."""
+    the chosen runs and a search table says what was tried and chosen (results.csv keeps every run);
+    ``select_seeds``: choose on these seeds' validation only (the grid's search seeds, as the grid did)."""
     if not results:
         raise CpetError("no finished results to report (run the grid first, or check the folder)")
     out = Path(out_dir)
@@ -501,10 +518,13 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
                          f"{r['provenance'].get('threads')} threads" for r in results if "provenance" in r})
     search = ""
     if select:
-        rows, table = select_on_validation(rows, tuple(select))
+        rows, table = select_on_validation(rows, tuple(select), select_seeds)
+        on = (f"seeds {', '.join(map(str, select_seeds))} (the grid's search)" if select_seeds else
+              "the seeds every candidate ran")
         search = (f"## Hyper-parameters chosen on validation\n\n{', '.join(select)} chosen per task, plan and "
-                  "paradigm by the validation mean over the seeds every candidate ran (test never consulted; a tie goes "
-                  "to the lower values); the tables below show the chosen runs.\n\n" + table + "\n\n")
+                  f"paradigm by the validation mean over {on} (test never consulted; a tie goes to the lower "
+                  "values; a paradigm with a teacher chooses among the runs at its teacher's chosen values); the "
+                  "tables below show the chosen runs on every seed.\n\n" + table + "\n\n")
     pngs = plot(rows, out) + plot_curves(results, out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
             f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows, trivial_baselines(results))

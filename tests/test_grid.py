@@ -195,11 +195,76 @@ def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apa
         add(task, "clm_cpet", "Q", cpet)
     text = tables(rows, {"mnli": 0.35, "wic": 0.50})  # wic: 3 points over trivial, under the 5-point bar
     assert "| wic † |" in text and "| mnli |" in text and "avg w/o †" in text
-    assert "| Q | CLM+CPET | 48.00 ± 0.00 | 54.00 ± 0.00 | 51.00 | 48.00 |" in text  # both averages
+    assert "| Q | CLM+CPET | 48.00 (n=1) | 54.00 (n=1) | 51.00 | 48.00 |" in text  # both averages
     recovered = next(line for line in text.splitlines() if line.startswith("| Q |") and "%" in line)
     # the share of the summed gap: (8 + 4) / (10 + 3) with wic, 8 / 10 without; CPET above PET on both
     assert recovered.endswith("| 92% of 13.00 | 2/2 | 80% of 10.00 | 1/1 |")
     assert "†" not in tables(rows, {"mnli": 0.35, "wic": 0.40})  # both clear the bar: no marks, one average
+
+
+def _paired_rows(spec):
+    """(task, paradigm, plan, seed, accuracy) -> long rows (test = val)."""
+    return [{"task": t, "plan": plan, "paradigm": par, "seed": seed, "variant": "", "cell": "c", "fingerprint": "f",
+             "metric": m, "value": acc} for t, par, plan, seed, acc in spec for m in ("accuracy", "val_accuracy")]
+
+
+def _recovered_line(text: str, plan: str = "Q") -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {plan} |") and "CLM" not in line)
+
+
+def test_a_negative_or_tiny_gap_gets_no_share_and_cannot_swing_the_summed_one():
+    """CLM+PET above base+PET (a negative gap) must not read as '62% recovered', nor cancel another task's
+    gap into a tiny denominator ('836% of 0.37' in a committed report)."""
+    from cpet.report import tables
+
+    text = tables(_paired_rows([
+        ("qnli", "base_pet", "none", 1, 0.721), ("qnli", "clm_pet", "Q", 1, 0.699), ("qnli", "clm_cpet", "Q", 1, 0.741),
+        ("sst2", "base_pet", "none", 1, 0.8005), ("sst2", "clm_pet", "Q", 1, 0.8188), ("sst2", "clm_cpet", "Q", 1, 0.8073)]))
+    line = _recovered_line(text)
+    assert "+4.20 (n=1); 191% of 2.20" in line
+    assert "-1.15 (n=1); gap -1.83 (< 1)" in line and "% of -1.83" not in line
+    assert line.endswith("| 191% of 2.20 | 1/2 |")  # sst2's noise-level gap left out of the sum, counted in 1/2
+
+
+def test_the_gap_is_read_on_the_seeds_the_pair_has():
+    """base+PET on seeds 1-3, the compressed pair on seed 1 only: the gap is seed 1's (80 - 78 = 2), not
+    base+PET's 3-seed mean against one PET seed (73.3 - 78 = -4.7)."""
+    from cpet.report import tables
+
+    text = tables(_paired_rows([("mnli", "base_pet", "none", 1, 0.80), ("mnli", "base_pet", "none", 2, 0.70),
+                                ("mnli", "base_pet", "none", 3, 0.70), ("mnli", "clm_pet", "Q", 1, 0.78),
+                                ("mnli", "clm_cpet", "Q", 1, 0.79)]))
+    assert "+1.00 (n=1); 50% of 2.00" in _recovered_line(text)
+
+
+def test_summaries_over_part_of_the_tasks_say_so():
+    from cpet.report import tables
+
+    spec = [("mnli", "base_pet", "none", s, 0.50) for s in (1, 2)] + [("qnli", "base_pet", "none", 1, 0.70)]
+    spec += [("mnli", "clm_pet", "Q", s, 0.40) for s in (1, 2)] + [("mnli", "clm_cpet", "Q", 1, 0.45),
+                                                                   ("mnli", "clm_cpet", "Q", 2, 0.47)]
+    line = _recovered_line(tables(_paired_rows(spec)))
+    assert "+6.00 ± 1.41 (2); 60% of 10.00" in line
+    assert line.endswith("| 60% of 10.00 (1/2 tasks) | 1/1 (1/2 tasks) |")
+
+
+def test_a_paradigm_never_reads_beside_another_teacher_and_the_search_seeds_decide():
+    from cpet.report import select_on_validation
+
+    def row(paradigm, plan, variant, seed, val):
+        base = {"task": "qnli", "plan": plan, "paradigm": paradigm, "seed": seed, "variant": variant,
+                "cell": "c", "fingerprint": "f"}
+        return [{**base, "metric": "val_accuracy", "value": val}, {**base, "metric": "accuracy", "value": val}]
+    rows = row("base_pet", "none", "train.lr=0.005", 42, 0.70) + row("base_pet", "none", "train.lr=0.001", 42, 0.60)
+    rows += row("clm_cpet", "Q", "train.lr=0.001", 42, 0.65)  # only under the teacher validation did not choose
+    chosen, _ = select_on_validation(rows, ("train.lr",))
+    assert not [r for r in chosen if r["paradigm"] == "clm_cpet"]
+    # a non-chosen candidate also run on seed 7 (a retried cell, say): the grid chose on seed 42 only
+    rows += row("base_pet", "none", "train.lr=0.005", 7, 0.50) + row("base_pet", "none", "train.lr=0.001", 7, 0.95)
+    on_42, _ = select_on_validation(rows, ("train.lr",), seeds=(42,))
+    on_all, _ = select_on_validation(rows, ("train.lr",))
+    assert {r["value"] for r in on_42 if r["paradigm"] == "base_pet"} == {0.70, 0.50}
+    assert {r["value"] for r in on_all if r["paradigm"] == "base_pet"} == {0.60, 0.95}
 
 
 def test_a_tie_on_validation_goes_to_the_lower_value_as_a_number():
@@ -296,7 +361,7 @@ def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validat
     assert main(["grid", g]) == 0 and "12 already recorded" in capsys.readouterr().out  # nothing left to run
 
     assert main(["report", str(root)]) == 0
-    assert "chosen on validation: train.lr, train.clm_lr" in capsys.readouterr().out
+    assert "chosen on validation of seeds [1]: train.lr, train.clm_lr" in capsys.readouterr().out
     rows = list(csv.DictReader((root / "results.csv").open()))
     val = {}  # (paradigm, candidate) -> seed 1 validation accuracy
     for r in rows:
