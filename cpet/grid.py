@@ -273,6 +273,12 @@ def _priors(grid: Grid) -> dict[str, float]:
             for c in grid.cells}
 
 
+def _ran(rec: dict) -> bool:
+    """Whether a finished cell ran anything: one that only reused runs recorded by other cells (or had
+    nothing chosen to run) takes well under a second and would drag measured / prior towards 0."""
+    return rec["seconds"] >= 1.0
+
+
 def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
     """Time left: the prior of the cells to run, scaled by how finished cells compared with their prior."""
     ratio = sum(s for s, _ in done) / max(1e-9, sum(p for _, p in done)) if done else 1.0
@@ -290,7 +296,8 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
         status = rec["status"] if rec else "todo"
         prior = priors[cell.id]
         if status == "done":
-            done.append((rec["seconds"], prior))
+            if _ran(rec):
+                done.append((rec["seconds"], prior))
         else:
             prior_left += prior
         rows.append({"cell": cell.id, "status": status, "est_min": round(prior / 60, 1), **cell.labels})
@@ -339,7 +346,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
             log(f"  cell {cell.id} failed: {rec['error']}")
         if not final and rec["status"] != "failed":
             return
-        if rec["status"] == "done" and rec["seconds"] > 0:  # (a cell where nothing was chosen took no time)
+        if rec["status"] == "done" and _ran(rec):
             done.append((rec["seconds"], priors[cell.id]))
         if cell.id in left:
             left.remove(cell.id)
