@@ -436,8 +436,8 @@ def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str
 def _choices(grid: Grid) -> dict[tuple, str]:
     """The values validation chose so far, from the search seeds' results of this grid's cells (another
     grid sharing the store has its own search)."""
-    rows = [r for r in long_rows(results_of(grid.root, {c.id for c in grid.cells})) if r["seed"] in grid.select.seeds]
-    return choose_on_validation(rows, grid.select.keys)[0] if rows else {}
+    rows = long_rows(results_of(grid.root, {c.id for c in grid.cells}))
+    return choose_on_validation(rows, grid.select.keys, grid.select.seeds)[0] if rows else {}
 
 
 def _chosen_paradigms(cell: Cell, sel: Selection, choices: dict) -> tuple[list[str], dict[str, str]]:

@@ -252,7 +252,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                 + (" recovered w/o † | CPET > PET w/o † |" if below else ""),
                 "|" + "---|" * (len(tasks) + 3 + 2 * bool(below))]
         for plan in plans:
-            cells, diffs, gaps, gap_diffs = [], {}, {}, {}
+            cells, diffs, recovered = [], {}, {}  # task -> CPET - PET (paired seeds); (CPET - PET, gap) on the matched
             for t in tasks:
                 pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
                 base = get(variant, "none", "base_pet", t)
@@ -260,27 +260,26 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                 if not seeds:
                     cells.append("")
                     continue
-                text = _fmt([cpet[s] - pet[s] for s in seeds], scale[t], sign="+")
-                diffs[t] = scale[t] * (statistics.fmean(cpet[s] for s in seeds) - statistics.fmean(pet[s] for s in seeds))
+                d = {s: cpet[s] - pet[s] for s in seeds}
+                text = _fmt(list(d.values()), scale[t], sign="+")
+                diffs[t] = scale[t] * statistics.fmean(d.values())
                 matched = [s for s in seeds if s in base]  # the gap on the seeds base+PET also has
                 if matched:
-                    gap = scale[t] * (statistics.fmean(base[s] for s in matched) - statistics.fmean(pet[s] for s in matched))
+                    gap = scale[t] * statistics.fmean(base[s] - pet[s] for s in matched)
                     if gap >= GAP_FLOOR:
-                        gaps[t] = gap
-                        share = statistics.fmean(cpet[s] - pet[s] for s in matched) * scale[t] / gap
-                        text += f"; {100 * share:.0f}% of {gap:.2f}"
+                        recovered[t] = (scale[t] * statistics.fmean(d[s] for s in matched), gap)
+                        text += f"; {100 * recovered[t][0] / gap:.0f}% of {gap:.2f}"
                     else:
                         text += f"; gap {gap:.2f} (< {GAP_FLOOR:g})"
-                    gap_diffs[t] = scale[t] * statistics.fmean(cpet[s] - pet[s] for s in matched)
                 cells.append(text)
             summary = []
             for ts in ([tasks, kept] if below else [tasks]):
                 done = [t for t in ts if t in diffs]
                 partial = f" ({len(done)}/{len(ts)} tasks)" if done and len(done) < len(ts) else ""
-                with_gap = [t for t in done if t in gaps]
-                total = sum(gaps[t] for t in with_gap)
+                with_gap = [recovered[t] for t in done if t in recovered]
+                total = sum(gap for _, gap in with_gap)
                 summary.append("" if not done else f"no gap ≥ {GAP_FLOOR:g}{partial}" if not with_gap else
-                               f"{100 * sum(gap_diffs[t] for t in with_gap) / total:.0f}% of {total:.2f}{partial}")
+                               f"{100 * sum(diff for diff, _ in with_gap) / total:.0f}% of {total:.2f}{partial}")
                 summary.append(f"{sum(diffs[t] > 0 for t in done)}/{len(done)}{partial}" if done else "")
             out.append(f"| {plan} | " + " | ".join([*cells, *summary]) + " |")
         out.append("")
@@ -439,10 +438,11 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...],
                          seeds: tuple[int, ...] | None = None) -> tuple[dict[tuple, str], list[str]]:
     """Per (task, plan, paradigm, other axes): the values of ``keys`` ("k=v, ...") with the best validation
     mean, compared on the seeds every candidate has (a grid that searches on some seeds runs the others
-    with the chosen values only; ``seeds``: only these seeds' validation counts); paradigms with a teacher choose among the candidates that keep the
-    values chosen for base+PET (a teacher's lr is not theirs to pick; with no such run yet the group is
-    left unchosen, never set beside another teacher). Returns the choices and a markdown
-    table of the search (candidates' validation means, the chosen one's test mean over all its seeds)."""
+    with the chosen values only; ``seeds``: only these seeds' validation counts, as the grid's search);
+    paradigms with a teacher choose among the candidates that keep the values chosen for base+PET (a
+    teacher's lr is not theirs to pick; with no such run yet the group is left unchosen, never set beside
+    another teacher). Returns the choices and a markdown table of the search (candidates' validation
+    means, the chosen one's test mean over all its seeds)."""
     main_metric, scale = main_metrics(rows)
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
