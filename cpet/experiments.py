@@ -169,6 +169,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                   "test": test, "best_val": res.best_val, "best_epoch": res.best_epoch,
                   "history": res.history, "curve": res.curve, "steps": res.steps,
                   "train_seconds": round(res.train_seconds, 2),
+                  **({"step_seconds": round(res.step_seconds, 3)} if res.step_seconds is not None else {}),
                   "eval_seconds": round(eval_s, 2),
                   "trainable_params": n_params,
                   **({"mmlu": mmlu} if mmlu else {}),

@@ -99,9 +99,20 @@ def diff(old: dict, new: dict, limit: int = 6) -> str:
 
 def provenance() -> dict:
     """Versions and machine a result was produced with."""
-    return {"cpet": cpet.__version__, "commit": _git_commit(), "torch": torch.__version__,
+    return {"cpet": cpet.__version__, "commit": _COMMIT, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name where the OS says it (Linux), else what ``platform`` knows (often just x86_64)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:
@@ -118,3 +129,7 @@ def _git_commit() -> str | None:
         return head[:12]
     except OSError:
         return None
+
+
+# read once, when cpet is imported: a long run records the code it started with, not a commit made while it ran
+_COMMIT = _git_commit()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 import traceback
@@ -250,8 +251,12 @@ def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_on
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
         train_scale, eval_scale = _token_scale(cfg.task, cfg.model.name, cfg.model.max_length,
                                                  cfg.train.batch_size, cfg.train.group_by_length)
+        passes = 1  # validation passes over n_val: one per epoch, plus the curve's points (step 0 and every eval_every)
+        if spec.trains:
+            steps = math.ceil(n_train / cfg.train.batch_size) * epochs
+            passes = epochs + ((steps // cfg.train.eval_every + 1) if cfg.train.eval_every else 0)
         total += share * ((n_train * epochs * rate * train_scale if spec.trains else 0.0)
-                          + (n_val * (epochs if spec.trains else 1) + n_test) * RATES["eval"] * eval_scale)
+                          + (n_val * passes + n_test) * RATES["eval"] * eval_scale)
     return total * _model_size(cfg.model.name)
 
 

@@ -94,8 +94,13 @@ def long_rows(results: list[dict]) -> list[dict]:
                 "variant": variant, "cell": r.get("cell", ""), "fingerprint": r.get("fingerprint", "")}
         values = {**r["test"], **{f"val_{k}": v for k, v in r["best_val"].items()},
                   "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
-                  "train_seconds_per_step": r["train_seconds"] / max(1, r["steps"]),
                   "trainable_params": r["trainable_params"]}
+        if r["steps"]:
+            values["train_seconds_per_step"] = r["train_seconds"] / r["steps"]  # validation passes included
+        if r.get("step_seconds") is not None and r["steps"]:
+            values["step_seconds"] = r["step_seconds"] / r["steps"]  # the training steps alone
+        if (r.get("split_sizes") or {}).get("test"):
+            values["eval_ms_per_example"] = 1000 * r["eval_seconds"] / r["split_sizes"]["test"]
         rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
     return rows
 
@@ -379,40 +384,91 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(results: list[dict], out: Path) -> list[Path]:
-    """Convergence (Figure 3): validation metric against optimizer steps per paradigm (mean over seeds)
-    for every (task, plan) whose results carry a curve (``train.eval_every``); zero-data paradigms as
-    dashed levels."""
-    plt = _pyplot()
-    if plt is None:
-        return []
+def chosen_runs(results: list[dict], rows: list[dict]) -> list[dict]:
+    """The result records behind ``rows`` (after ``select_on_validation``: the chosen runs only)."""
+    chosen = {(r["cell"], r["fingerprint"], r["paradigm"]) for r in rows}
+    return [r for r in results if (r.get("cell", ""), r.get("fingerprint", ""), r["paradigm"]) in chosen]
+
+
+def curve_series(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(task, plan): {"metric": m, "curves": {paradigm: [(step, mean val over its runs)]}, "levels":
+    {paradigm: mean val}}} for every (task, plan) whose results carry a curve (``train.eval_every``); the
+    paradigms that do not train (zero data) as levels. Pass the chosen runs only (one per paradigm and
+    seed), or the means mix hyper-parameter candidates."""
     groups = defaultdict(list)
     for r in results:
         plan = plan_name(r["cell_config"]["compress"]) if "cell_config" in r else "?"
         groups[(r["task"], plan)].append(r)
-    paths = []
-    for (task, plan), rs in sorted(groups.items()):
+    series = {}
+    for key, rs in sorted(groups.items()):
         curved = [r for r in rs if r.get("curve")]
         if not curved:
             continue
         metric = next(iter(curved[0]["best_val"]))
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for paradigm in sorted({r["paradigm"] for r in curved}, key=ORDER.get):
+        curves = {}
+        for paradigm in sorted({r["paradigm"] for r in curved}, key=lambda p: ORDER.get(p, len(ORDER))):
             by_step = defaultdict(list)
             for r in curved:
                 if r["paradigm"] == paradigm:
                     for pt in r["curve"]:
                         by_step[pt["step"]].append(pt[f"val_{metric}"])
-            steps = sorted(by_step)
-            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=LABELS.get(paradigm, paradigm))
+            curves[paradigm] = [(s, statistics.fmean(by_step[s])) for s in sorted(by_step)]
+        flat = defaultdict(list)
         for r in rs:
             if not PARADIGM_SPECS.get(r["paradigm"], PARADIGM_SPECS["clm_pet"]).trains:
-                ax.axhline(r["best_val"][metric], ls="--", lw=1, color="grey")
+                flat[r["paradigm"]].append(r["best_val"][metric])
+        series[key] = {"metric": metric, "curves": curves,
+                       "levels": {p: statistics.fmean(v) for p, v in sorted(flat.items())}}
+    return series
+
+
+def plot_curves(results: list[dict], out: Path) -> list[Path]:
+    """Convergence (Figure 3): validation metric against optimizer steps per paradigm (mean over seeds),
+    zero-data paradigms as dashed levels (``curve_series``)."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    paths = []
+    for (task, plan), s in curve_series(results).items():
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for paradigm, pts in s["curves"].items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=LABELS.get(paradigm, paradigm))
+        for paradigm, level in s["levels"].items():
+            ax.axhline(level, ls="--", lw=1, color="grey", label=LABELS.get(paradigm, paradigm))
         ax.set_xlabel("optimizer steps")
-        ax.set_ylabel(f"val {metric}")
+        ax.set_ylabel(f"val {s['metric']}")
         ax.set_title(f"{task}, plan {plan}")
         paths.append(_save(fig, out / f"curve_{task}_{_slug(plan)}.png"))
     return paths
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Table 5's costs per plan and paradigm, medians over the runs the tables show (every task and seed):
+    seconds per training step (the steps alone where the run recorded them, else its whole training time
+    over its steps, validation passes included: marked), evaluation milliseconds per test example (batched,
+    not one request's latency) and the task parameters trained."""
+    vals = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        vals[(r["plan"], r["paradigm"], r["variant"])][r["metric"]].append(float(r["value"]))
+    if not vals:
+        return ""
+    out = ["## Costs per paradigm (Table 5)", "",
+           "Medians over the chosen runs of every task and seed. Measured inside the grid's runs, on a machine "
+           "that may have been shared: read ratios within a plan, not absolute speed (for that, `cpet bench`). "
+           "Train s/step marked * include the validation passes (runs from before step timing was recorded).", "",
+           "| plan | paradigm | train s/step | eval ms/example | task params | runs |", "|---|---|---|---|---|---|"]
+    for (plan, paradigm, variant), m in sorted(vals.items(), key=lambda kv: (kv[0][0], ORDER.get(kv[0][1], len(ORDER)),
+                                                                          kv[0][2])):
+        runs = len(m["trainable_params"])
+        if m["step_seconds"] and len(m["step_seconds"]) == runs:
+            step = f"{statistics.median(m['step_seconds']):.3f}"
+        else:
+            step = f"{statistics.median(m['train_seconds_per_step']):.3f}*" if m["train_seconds_per_step"] else "-"
+        ev = f"{statistics.median(m['eval_ms_per_example']):.2f}" if m["eval_ms_per_example"] else "-"
+        params = f"{statistics.median(m['trainable_params']):,.0f}" if m["trainable_params"] else "-"
+        name = LABELS.get(paradigm, paradigm) + (f" ({variant})" if variant else "")
+        out.append(f"| {plan} | {name} | {step} | {ev} | {params} | {runs} |")
+    return "\n".join(out) + "\n"
 
 
 def split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
@@ -513,9 +569,14 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     check_one_run_per_row(results)
     rows = long_rows(results)
     write_csv(rows, out / "results.csv")
-    provenance = sorted({f"cpet {r['provenance'].get('cpet')} ({r['provenance'].get('commit')}), torch "
-                         f"{r['provenance'].get('torch')}, transformers {r['provenance'].get('transformers')}, "
-                         f"{r['provenance'].get('threads')} threads" for r in results if "provenance" in r})
+    prov = defaultdict(set)  # field -> the values the results were produced with
+    for r in results:
+        for k, v in (r.get("provenance") or {}).items():
+            if k in ("cpet", "commit", "torch", "transformers", "threads", "cpu"):
+                prov[k].add(str(v))
+    provenance = [f"{k} {', '.join(sorted(prov[k]))}" for k in ("cpet", "commit", "torch", "transformers", "threads", "cpu")
+                  if prov[k]]
+    data = sorted({f"{r['task']} {r['provenance']['data']}" for r in results if (r.get("provenance") or {}).get("data")})
     search = ""
     if select:
         rows, table = select_on_validation(rows, tuple(select), select_seeds)
@@ -525,9 +586,11 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
                   f"paradigm by the validation mean over {on} (test never consulted; a tie goes to the lower "
                   "values; a paradigm with a teacher chooses among the runs at its teacher's chosen values); the "
                   "tables below show the chosen runs on every seed.\n\n" + table + "\n\n")
-    pngs = plot(rows, out) + plot_curves(results, out)
+    pngs = plot(rows, out) + plot_curves(chosen_runs(results, rows), out)
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
-            f"Produced with: {'; '.join(provenance) or 'unknown'}.\n\n" + search + tables(rows, trivial_baselines(results))
+            f"Produced with: {'; '.join(provenance) or 'unknown'}."
+            + (f" Examples used (digest per task): {', '.join(data)}." if data else "") + "\n\n" + search + tables(rows, trivial_baselines(results))
+            + "\n" + timing_table(rows)
             + ("\n" + cost_table(rows, load_bench(bench)) if bench else "")
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
     atomic_write(out / "results.md", text.encode())

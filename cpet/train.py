@@ -74,6 +74,9 @@ class TrainResult:
     train_seconds: float = 0.0
     steps: int = 0
     curve: list[dict] = field(default_factory=list)  # validation every ``eval_every`` steps (step 0 included)
+    # seconds in the training steps alone (batch, forward, backward, optimizer), without validation, curve
+    # points or checkpoints; None when resumed from a checkpoint that did not record it
+    step_seconds: float | None = None
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -158,7 +161,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir else None
     step, epoch, pos = 0, 0, 0
     best_val, best_epoch, best_state, history, curve = None, -1, None, [], []
-    elapsed = 0.0
+    elapsed, step_seconds = 0.0, 0.0
     loaded = _load_checkpoint(ckpt_dir) if (ckpt_dir and resume) else None
     if loaded:
         tensors, meta = loaded
@@ -182,6 +185,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
         best_val, best_epoch, history, elapsed = meta["best_val"], meta["best_epoch"], meta["history"], meta["elapsed"]
         curve = meta.get("curve", [])
+        step_seconds = meta.get("step_seconds")  # None: a checkpoint from before it was recorded
         if any(k.startswith("best.") for k in tensors):
             best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         log(f"  resumed from {ckpt_dir} at step {step} (epoch {epoch + 1}, batch {pos})")
@@ -197,7 +201,8 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
         meta = {"step": step, "epoch": epoch, "pos": pos, "best_val": best_val, "best_epoch": best_epoch,
-                "history": history, "elapsed": elapsed, "fingerprint": fingerprint, "curve": curve}
+                "history": history, "elapsed": elapsed, "fingerprint": fingerprint, "curve": curve,
+                "step_seconds": step_seconds}
         _atomic_save(tensors, meta, ckpt_dir)
 
     key_metric = spec.metrics[0]
@@ -225,6 +230,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             teach.model.eval()
         running, seen = 0.0, 0
         for b in range(pos, len(batches)):
+            t_step = time.perf_counter()
             batch = fmt.collate(features, batches[b], tokenizer.pad_token_id)
             out = prepared(**model_inputs(batch, device), **layer_outputs)
             loss = fmt.loss(out, batch)
@@ -239,6 +245,8 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             optimizer.zero_grad(set_to_none=True)
             step, pos = step + 1, b + 1
             running, seen = running + loss.item(), seen + 1
+            if step_seconds is not None:
+                step_seconds += time.perf_counter() - t_step
             if (b + 1) % max(1, len(batches) // 5) == 0 or b + 1 == len(batches):
                 log(f"  epoch {epoch + 1}/{cfg.epochs} batch {b + 1}/{len(batches)} "
                     f"loss {running / seen:.4f} ({time.perf_counter() - t_start:.0f}s)")
@@ -261,7 +269,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     model = accelerator.unwrap_model(prepared)
     if best_state is not None:
         load_task_state(model, best_state)
-    return TrainResult(best_val, best_epoch, history, time.perf_counter() - t_start, step, curve)
+    return TrainResult(best_val, best_epoch, history, time.perf_counter() - t_start, step, curve, step_seconds)
 
 
 def load_task_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

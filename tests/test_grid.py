@@ -136,6 +136,44 @@ def test_curves_and_zero_data_point(tmp_path, data_dir, tiny_model_dir, capsys):
     assert (tmp_path / "g" / "curve_sst2_Q.png").is_file()
 
 
+def test_curves_show_the_chosen_runs_and_steps_are_timed_apart_from_validation(tmp_path, data_dir, tiny_model_dir):
+    """With a searched learning rate the convergence curves average the runs validation chose, not every
+    candidate (they mixed both rates of the search seed before); a run times its training steps apart from
+    its validation passes (Table 5's s/step), and the report's cost table reads that."""
+    from dataclasses import replace
+
+    from cpet.grid import Cell, load_grid, prior_seconds, results_of
+    from cpet.report import chosen_runs, curve_series, long_rows, select_on_validation
+
+    g = _grid_file(tmp_path, data_dir, tiny_model_dir,
+                   "  task.name: [sst2]\n  train.eval_every: [1]\n  train.clm_lr: [0.001, 0.05]\n"
+                   "  paradigms: [[base_pet, clm_pet, clm_inherit_zero]]\n")
+    assert main(["grid", g]) == 0
+    results = results_of(tmp_path / "g")
+    pets = [r for r in results if r["paradigm"] == "clm_pet"]
+    assert len(pets) == 2 and pets[0]["curve"] != pets[1]["curve"]
+    for r in pets:  # a validation pass after every step: the steps alone take a part of the training time
+        assert 0 < r["step_seconds"] < r["train_seconds"]
+    rows, _ = select_on_validation(long_rows(results), ("train.clm_lr",))
+    chosen = chosen_runs(results, rows)
+    picked = [r for r in chosen if r["paradigm"] == "clm_pet"]
+    assert len(picked) == 1 and len(chosen) == len(results) - 1
+    series = curve_series(chosen)[("sst2", "Q")]
+    metric = series["metric"]
+    assert series["curves"]["clm_pet"] == [(pt["step"], pt[f"val_{metric}"]) for pt in picked[0]["curve"]]
+    assert set(series["levels"]) == {"clm_inherit_zero"}
+    assert main(["report", str(tmp_path / "g")]) == 0
+    md = (tmp_path / "g" / "results.md").read_text()
+    assert "## Costs per paradigm (Table 5)" in md and "; cpu " in md
+    cost_rows = [line for line in md.splitlines() if line.startswith("| Q | CLM+PET")]
+    assert cost_rows and not any("*" in line for line in cost_rows)  # steps timed apart: no fallback mark
+    assert any(line.startswith("| Q | CLM+I, no data") and "| - |" in line for line in md.splitlines())  # no steps
+    # the dry run's estimate counts the curve's validation passes
+    cell = load_grid(g).cells[0]
+    flat = Cell(cell.values, replace(cell.config, train=replace(cell.config.train, eval_every=0)))
+    assert prior_seconds(cell, set()) > prior_seconds(flat, set())
+
+
 def test_hyper_parameters_are_chosen_on_validation_never_on_test():
     from cpet.report import depends_on, select_on_validation
 
