@@ -99,10 +99,11 @@ def _backbone_record(compressed_dir: str | os.PathLike, meta: dict) -> dict:
 
 
 def import_peft_task(peft_dir: str | os.PathLike, backbone_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                     task: str | None = None) -> Path:
-    """``cpet import-peft``: a PEFT LoRA or IA3 adapter of a language model as a cpet task folder on ``backbone_dir`` (a cpet
-    compressed folder, or the uncompressed model), as it is: no recovery modules, no fit (``cpet adapt``
-    adds those). Encoder tasks need cpet's task head, which a PEFT adapter does not carry: refused."""
+                     task: str | None = None, pet_only: bool = False) -> Path:
+    """``cpet import-peft``: a PEFT adapter (LoRA, IA3, prompt or prefix tuning) of a language model as a cpet task
+    folder on ``backbone_dir`` (a cpet compressed folder, or the uncompressed model), as it is: no recovery
+    modules, no fit (``cpet adapt`` adds those). Encoder tasks need cpet's task head, which a PEFT adapter does
+    not carry: refused. An adapter with ``modules_to_save`` is refused unless ``pet_only`` (``import_peft``)."""
     out = require_new_folder(out_dir)
     if (Path(backbone_dir) / "compression.json").is_file():
         bb, _, meta = load_compressed(backbone_dir)
@@ -114,7 +115,7 @@ def import_peft_task(peft_dir: str | os.PathLike, backbone_dir: str | os.PathLik
         raise CpetError(f"{backbone_dir} is an encoder: its tasks need cpet's task head, which a PEFT adapter does "
                         "not carry. Train the task with cpet run (or cpet adapt a cpet task folder)")
     model = LMTaskModel(bb)
-    import_peft(model, peft_dir)
+    import_peft(model, peft_dir, pet_only)
     extra = {"imported_from_peft": str(peft_dir), "backbone": record}
     if task is not None:
         if task not in TASKS:

@@ -35,6 +35,7 @@ from cpet.layers import Adapted, wrap
 from cpet.models import (ClassificationHead, LMTaskModel, SpanHead, TaskModel, get_arch, load_backbone,
                          resolve_model_path)
 from cpet.pet import METHODS
+from cpet.pet.base import entry_layers
 from cpet.recovery import ACTIVATIONS
 from cpet.task_modules import is_language_model, read_task_folder
 
@@ -176,14 +177,20 @@ class TaskBank:
         if recorded and self.fingerprint and recorded != self.fingerprint:
             raise CpetError(f"{p} was trained on backbone {recorded} ({(desc.get('backbone') or {}).get('path', '?')}),"
                             f" not on this one ({self.fingerprint}); load it on its own backbone")
-        inner = [n for n in (desc.get("lora") or {}).get("modules", []) if in_experts(n)]
-        if inner:
-            raise CpetError(f"{p} has LoRA inside a MoE FFN's experts ({inner[0]}); the bank fuses whole layers only. "
-                            "Load it on its own copy of the backbone (load_task_modules), or give LoRA attention targets")
         other = [m for m in METHODS if m in desc and not METHODS[m].fusable]
         if other:
-            raise CpetError(f"{p} tunes {other[0]}; the bank serves LoRA + recovery tasks (fused per layer). Evaluate "
-                            "it with cpet run, or load it on its own copy of the backbone (load_task_modules)")
+            fusable = ", ".join(m for m in METHODS if METHODS[m].fusable)
+            raise CpetError(f"{p} tunes {other[0]}; the bank serves tasks of low-rank additive PET ({fusable}) + "
+                            "recovery, fused per layer. Evaluate it with cpet run, or load it on its own copy of the "
+                            "backbone (load_task_modules)")
+        fused = [m for m in METHODS if m in desc]
+        if len(fused) > 1:
+            raise CpetError(f"{p} tunes {' and '.join(fused)}; a bank slot fuses one low-rank PET per layer")
+        inner = [n for m in fused for n in entry_layers(desc[m]) if in_experts(n)]
+        if inner:
+            raise CpetError(f"{p} has {fused[0]} inside a MoE FFN's experts ({inner[0]}); the bank fuses whole layers "
+                            f"only. Load it on its own copy of the backbone (load_task_modules), or give {fused[0]} "
+                            "attention targets")
         rec = desc.get("recovery")
         if rec and rec["activation"] != self.activation:
             raise CpetError(f"{p}: recovery activation {rec['activation']!r}, but this bank serves "
@@ -227,8 +234,10 @@ class TaskBank:
     @torch.no_grad()
     def _install(self, slot: int, desc: dict, state: dict[str, torch.Tensor], p: Path) -> nn.Module | None:
         prefix = "backbone."
-        lora, rec = desc.get("lora"), desc.get("recovery")
-        names = set((lora or {}).get("modules", [])) | set((rec or {}).get("modules", []))
+        rec = desc.get("recovery")
+        method = next((m for m in METHODS if m in desc), None)  # load() allows one, and only a fusable one
+        pairs = METHODS[method].low_rank_pairs(desc[method], state) if method else {}
+        names = set(pairs) | set((rec or {}).get("modules", []))
         for full in sorted(names):
             name = full[len(prefix):] if full.startswith(prefix) else full
             try:
@@ -238,11 +247,10 @@ class TaskBank:
                                 "architecture or compression plan?") from None
             br = self._branch(name)
             A = B = D = U = None
-            if lora is not None and full in lora["modules"]:
-                A, B = state[f"{full}.lora.A"], state[f"{full}.lora.B"]  # (r, in), (out, r)
-                self._check(p, full, A, (lora["r"], br.in_features))
-                self._check(p, full, B, (br.out_features, lora["r"]))
-                B = B * (lora["alpha"] / lora["r"])
+            if full in pairs:
+                A, B = pairs[full]  # (r, in), (out, r) with the scale folded in
+                self._check(p, full, A, (A.shape[0], br.in_features))
+                self._check(p, full, B, (br.out_features, A.shape[0]))
             if rec is not None and full in rec["modules"]:
                 D, U = state[f"{full}.recovery.D"], state[f"{full}.recovery.U"]
                 self._check(p, full, D, (rec["r"], br.in_features))

@@ -406,19 +406,23 @@ def main(argv: list[str] | None = None) -> int:
                         "same local questions (pip install 'cpet[lm-eval]')")
     p.add_argument("--lm-eval-hub", action="store_true",
                    help="with --lm-eval: lm-eval's own mmlu task (reads cais/mmlu's test split from the hub)")
-    p = sub.add_parser("export-peft", help="a cpet task folder's LoRA as a PEFT adapter folder (PeftModel.from_pretrained "
-                                           "loads it)")
+    p = sub.add_parser("export-peft", help="a cpet task folder's PET modules (LoRA, IA3, prompt or prefix tuning) as a "
+                                           "PEFT adapter folder (PeftModel.from_pretrained loads it)")
     p.add_argument("task_dir")
     p.add_argument("-o", "--output-dir", required=True, help="a new folder")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the model the task "
                                                        "was trained on, or the source of its compressed backbone)")
     p.add_argument("--pet-only", "--lora-only", action="store_true", help="export the PET modules even though the task also has recovery "
                                                             "modules or a task head, which PEFT cannot hold")
-    p = sub.add_parser("import-peft", help="a PEFT LoRA of a language model as a cpet task folder on a backbone")
+    p = sub.add_parser("import-peft", help="a PEFT adapter (LoRA, IA3, prompt or prefix tuning) of a language model as a "
+                                           "cpet task folder on a backbone")
     p.add_argument("peft_dir")
     p.add_argument("--backbone", required=True, help="a cpet compressed folder, or the uncompressed model")
     p.add_argument("-o", "--output-dir", required=True, help="a new folder")
     p.add_argument("--task", default=None, help="the cpet task it solves (a PEFT adapter does not say), e.g. sst2")
+    p.add_argument("--pet-only", action="store_true", help="import the PET modules even though the adapter also holds "
+                                                           "other tensors (modules_to_save: a trained head or "
+                                                           "embeddings), which cpet does not take")
     args = parser.parse_args(argv)
     try:
         if args.verb == "demo":
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "import-peft":
             from cpet.adapt import import_peft_task
 
-            path = import_peft_task(args.peft_dir, args.backbone, args.output_dir, args.task)
+            path = import_peft_task(args.peft_dir, args.backbone, args.output_dir, args.task, args.pet_only)
             print(f"task folder: {path.resolve()} (load it on {args.backbone})")
             return 0
         if args.verb == "adapt":

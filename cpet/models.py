@@ -92,11 +92,13 @@ def target_modules(model: nn.Module, roles: tuple[str, ...], arch: ArchMap | Non
     found: dict[str, str] = {}
     covered: set[str] = set()
     compound: list[str] = []
+    wrappers: list[str] = []  # "name." of each add-on wrapper: its base and its branch modules are inside
     for name, module in model.named_modules():
-        if name.endswith((".base", ".lora", ".recovery")) or ".base." in name \
-                or any(name.startswith(c) for c in compound):
+        if name.startswith(tuple(wrappers)) or any(name.startswith(c) for c in compound):
             continue  # inside a wrapper or a compound module: the outer module is the target
         inner = getattr(module, "base", module)
+        if inner is not module:
+            wrappers.append(name + ".")
         module_roles = getattr(inner, "roles", None)
         if module_roles:
             hit = [r for r in roles if r in module_roles]

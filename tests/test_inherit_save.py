@@ -171,6 +171,57 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path):
     assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--pet-only"]) == 2  # never overwrites
 
 
+def test_import_refuses_an_adapter_with_modules_to_save_unless_pet_only(tmp_path, batch):
+    """PEFT's classification adapters save the trained classifier beside LoRA (modules_to_save); cpet's task
+    head is its own, so importing the LoRA alone would silently drop the classifier: refused, naming it,
+    before anything is attached; pet_only imports the LoRA on purpose (and it matches peft's backbone)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cpet.models import TaskModel
+    from cpet.pet.peft_io import import_peft
+    from conftest import tiny_bert
+
+    torch.manual_seed(0)
+    cls = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64,
+                                                   max_position_embeddings=128, num_labels=2))
+    pm = peft.get_peft_model(cls, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                  target_modules=["query", "value"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "cls")
+    model = TaskModel(tiny_bert(), 2)
+    with pytest.raises(CpetError, match="classifier.*modules_to_save.*--pet-only"):
+        import_peft(model, tmp_path / "cls")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # nothing attached
+    names = import_peft(model, tmp_path / "cls", pet_only=True)
+    assert len(names) == 4
+    with torch.no_grad():
+        ref = pm.eval().base_model.model.bert(**batch).last_hidden_state
+        got = model.eval().backbone(**batch).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_pet_trained_on_a_structurally_pruned_backbone(tmp_path):
+    """Its tensors have the pruned widths, which no adapter of the dense model fits: a clear refusal, not a
+    shape error inside peft later."""
+    from conftest import tiny_bert
+    from cpet.cli import main
+    from cpet.pet.peft_io import export_peft
+
+    pruned = compress(tiny_bert(), [{"method": "structured", "heads": 0.5, "ffn": 0.5}])
+    model = build_task_model(pruned, 2, lora=LoraConfig(r=4, targets=("q", "v")))
+    with pytest.raises(CpetError, match="structurally pruned"):
+        export_peft(model, tmp_path / "a", pet_only=True)
+    task = save_task_modules(model, tmp_path / "task", extra={
+        "task": "sst2", "labels": ["negative", "positive"],
+        "backbone": {"path": "x", "plan": [{"method": "structured", "heads": 0.5, "ffn": 0.5}]}})
+    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--pet-only"]) == 2
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_export_peft_and_import_peft_round_trip_through_peft(tmp_path, tokenizer):
     """A text-to-text task of a causal LM: cpet export-peft -> the real peft package gives the same logits
     -> cpet import-peft brings back the same tensors as a task folder; an encoder backbone is refused."""

@@ -135,7 +135,7 @@ def test_refusals(tmp_path, batch):
     from cpet.bank import TaskBank
 
     folder = save_task_modules(build_task_model(copy.deepcopy(bb), 2, pet=BitFitConfig()), tmp_path / "bitfit")
-    with pytest.raises(CpetError, match="tunes bitfit; the bank serves LoRA"):
+    with pytest.raises(CpetError, match=r"tunes bitfit; the bank serves tasks of low-rank additive PET \(lora\)"):
         TaskBank(copy.deepcopy(bb)).load("b", folder)
     assert set(METHODS) >= {"lora", "ia3", "bitfit", "adapter"}
     with pytest.raises(CpetError, match="Table 4"):

@@ -5,11 +5,14 @@ with their stage (``register_kind``). Each branch module class declares ``AXES``
 parameters, which of its layer's sides a dimension runs along (``("in", d)`` or ``("out", d)``), so
 inheritance after structured pruning slices a teacher's tensor to the student's kept rows / columns
 without knowing the method (``cpet.inherit``). A method's task-folder entry (``describe`` /
-``rebuild``) says where its modules sit and their hyper-parameters.
+``rebuild``) says where its modules sit and their hyper-parameters. A method PEFT has a type for reads and
+writes that type's tensors (``peft_import`` / ``peft_export``; ``cpet.pet.peft_io`` does the folder, the
+checks and what no method can carry); one the bank fuses gives its low-rank pairs (``low_rank_pairs``).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from cpet.errors import CpetError
@@ -65,3 +68,53 @@ class PetMethod:
             if kind not in self.kinds:
                 raise CpetError(f"{self.name}: unknown module kind {kind!r} in the task folder (known: {self.kinds})")
             attach(model, names, kind, lambda i, o, k=kind: self.make(i, o, cfg, k))
+
+    # ------------------------------------------------------------ PEFT interop (methods with a peft_type)
+    def peft_reads(self, key: str) -> bool:
+        """Whether a tensor of a PEFT adapter of this type is one of this method's (``peft_io`` refuses an
+        adapter holding others before anything is attached)."""
+        return False
+
+    def peft_import(self, model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor],
+                    what: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Attach this method's modules from a PEFT adapter (its ``adapter_config.json`` as a dict and its
+        tensors): (wrapped layer names, {model parameter name: tensor} still to load)."""
+        raise CpetError(f"{self.name}: PEFT has no adapter type for it")
+
+    def peft_export(self, desc: dict, state: dict[str, torch.Tensor], base_config: dict | None,
+                    what: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """A task's modules of this method (the task's description, its entry under ``desc[self.name]``, and
+        tensors, keys as cpet saves them; ``base_config``: the base model's config as a dict, or None) as PEFT
+        stores them: (tensors, ``adapter_config.json`` fields of the type; ``peft_io`` adds the common ones)."""
+        raise CpetError(f"{self.name}: PEFT has no adapter type for it")
+
+    def low_rank_pairs(self, entry: dict, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer name: (down (r, in), up (out, r) with the scale folded in)} of a fusable method's branches."""
+        raise CpetError(f"{self.name}: not a low-rank additive branch (fusable is False)")
+
+
+def backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the backbone, the prefix of its parameter names in ``model``): a task model's, or the model itself."""
+    return (model.backbone, "backbone.") if hasattr(model, "backbone") and hasattr(model, "head") else (model, "")
+
+
+def peft_module_path(path: str, modules: dict, what: str, backbone: nn.Module) -> str:
+    """An adapter's module path matched to the backbone's by dropping leading components (an adapter trained
+    on ``BertForSequenceClassification``, paths ``bert.encoder...``, fits a ``BertModel``)."""
+    orig = path
+    while path not in modules and "." in path:
+        path = path.split(".", 1)[1]
+    if path not in modules:
+        raise CpetError(f"{what}: adapter module {orig!r} not found in {type(backbone).__name__}")
+    return path
+
+
+def peft_name(name: str) -> str:
+    """A cpet layer name as PEFT's module path under the base model (the task model's ``backbone.`` off)."""
+    return name[len("backbone."):] if name.startswith("backbone.") else name
+
+
+def entry_layers(entry: dict) -> list[str]:
+    """The layer names of a method's task-folder entry (``modules``: a list, or {kind: [names]})."""
+    mods = entry.get("modules", [])
+    return list(mods) if isinstance(mods, list) else [n for names in mods.values() for n in names]

@@ -12,18 +12,21 @@ selected experts (the MoE's last port), as on the dense FFN. PEFT's IA3 stores t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from cpet.layers import register_kind
-from cpet.pet.base import PetMethod
+from cpet.errors import CpetError
+from cpet.layers import attach, register_kind
+from cpet.pet.base import PetMethod, backbone_of, peft_module_path, peft_name
 from cpet.roles import check_roles
 from cpet.typed import coerce_fields
 
 register_kind("ia3_in", "in", rank=10)
 register_kind("ia3", "out", rank=10)
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,44 @@ class IA3Method(PetMethod):
 
     def make(self, in_features: int, out_features: int, cfg, kind: str) -> nn.Module:
         return Scale(in_features, "in") if kind == "ia3_in" else Scale(out_features, "out")
+
+    def peft_reads(self, key):
+        return _KEY.match(key) is not None
+
+    def peft_import(self, model, cfg, tensors, what):
+        """PEFT's ``<module path>.ia3_l``: (out, 1) scales a layer's output, (1, in) its input (the
+        ``feedforward_modules``); cpet's ``ia3.l`` / ``ia3_in.l`` hold the same vectors."""
+        backbone, prefix = backbone_of(model)
+        modules = dict(backbone.named_modules())
+        state, names = {}, set()
+        for key, value in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                continue
+            path = peft_module_path(m["path"], modules, what, backbone)
+            layer = modules[path]
+            if value.shape == (1, layer.in_features) and value.shape != (layer.out_features, 1):
+                kind, side, n = "ia3_in", "in", layer.in_features
+            elif value.shape == (layer.out_features, 1):
+                kind, side, n = "ia3", "out", layer.out_features
+            else:
+                raise CpetError(f"{what}: {key} has shape {tuple(value.shape)}, which fits neither the input "
+                                f"({layer.in_features}) nor the output ({layer.out_features}) of {path}")
+            attach(model, [prefix + path], kind, lambda i, o, side=side, n=n: Scale(n, side))
+            names.add(prefix + path)
+            state[f"{prefix}{path}.{kind}.l"] = value.float().flatten()
+        if not names:
+            raise CpetError(f"{what}: no IA3 tensors found in adapter_model.safetensors")
+        return sorted(names), state
+
+    def peft_export(self, desc, state, base_config, what):
+        entry = desc[self.name]
+        vectors = {peft_name(n): (state[f"{n}.{kind}.l"], kind == "ia3_in")
+                   for kind, names in entry["modules"].items() for n in names}
+        tensors = {f"base_model.model.{n}.ia3_l": (v[None, :] if inp else v[:, None]).contiguous()
+                   for n, (v, inp) in vectors.items()}
+        return tensors, {"target_modules": sorted(vectors), "init_ia3_weights": True,
+                         "feedforward_modules": sorted(n for n, (_, inp) in vectors.items() if inp)}
 
 
 METHOD = IA3Method()

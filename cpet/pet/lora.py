@@ -9,6 +9,7 @@ peft's orientation, so import/export to the PEFT format is a pure renaming (see 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,13 @@ import torch.nn as nn
 
 from cpet.layers import attach, register_kind
 from cpet.models import target_modules
-from cpet.pet.base import PetMethod
+from cpet.errors import CpetError
+from cpet.pet.base import PetMethod, backbone_of, peft_module_path, peft_name
 from cpet.roles import check_roles
 from cpet.typed import coerce_fields, require
 
 register_kind("lora", "add", rank=10)
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,44 @@ class LoraMethod(PetMethod):
 
     def rebuild(self, model: nn.Module, desc: dict) -> None:
         add_lora_to(model, desc["modules"], LoraConfig(r=desc["r"], alpha=desc["alpha"], dropout=desc["dropout"]))
+
+    def peft_reads(self, key):
+        return _KEY.match(key) is not None
+
+    def peft_import(self, model, cfg, tensors, what):
+        """PEFT keys ``base_model.model.<module path>.lora_A.weight`` (A: (r, in), B: (out, r)), scale
+        ``lora_alpha / r`` (``/ sqrt(r)`` with rslora): cpet's ``<path>.lora.A`` / ``.B``, a renaming."""
+        backbone, prefix = backbone_of(model)
+        modules = dict(backbone.named_modules())
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        if cfg.get("use_rslora"):
+            alpha = alpha * math.sqrt(r)  # alpha/sqrt(r) == (alpha*sqrt(r))/r
+        state, names = {}, set()
+        for key, value in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                continue
+            path = peft_module_path(m["path"], modules, what, backbone)
+            names.add(prefix + path)
+            state[f"{prefix}{path}.lora.{m['ab']}"] = value.float()
+        if not names:
+            raise CpetError(f"{what}: no LoRA tensors found in adapter_model.safetensors")
+        add_lora_to(model, names, LoraConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0))))
+        return sorted(names), state
+
+    def peft_export(self, desc, state, base_config, what):
+        entry = desc[self.name]
+        tensors = {}
+        for n in entry["modules"]:
+            tensors[f"base_model.model.{peft_name(n)}.lora_A.weight"] = state[f"{n}.lora.A"].contiguous()
+            tensors[f"base_model.model.{peft_name(n)}.lora_B.weight"] = state[f"{n}.lora.B"].contiguous()
+        return tensors, {"r": entry["r"], "lora_alpha": entry["alpha"], "lora_dropout": entry.get("dropout", 0.0),
+                         "target_modules": sorted(peft_name(n) for n in entry["modules"]), "bias": "none",
+                         "init_lora_weights": True}
+
+    def low_rank_pairs(self, entry, state):
+        scale = entry["alpha"] / entry["r"]
+        return {n: (state[f"{n}.lora.A"], state[f"{n}.lora.B"] * scale) for n in entry["modules"]}
 
 
 METHOD = LoraMethod()

@@ -30,7 +30,7 @@ from cpet.errors import CpetError
 from cpet.layers import attach, register_kind
 from cpet.models import ARCHITECTURES, cache_arg, get_arch, target_modules
 from cpet.pet.base import PetMethod
-from cpet.pet.prompt import TokensConfig, require_task_model
+from cpet.pet.prompt import TokensConfig, peft_task_type, require_task_model
 
 register_kind("prefix_kv", "model", rank=90)  # on the k / v projections; ``Adapted`` does not call it
 register_kind("prefix", "model", rank=20, trainable=False)  # the task model's hook that feeds them in
@@ -82,6 +82,18 @@ class PrefixMethod(PetMethod):
 
     def make(self, in_features: int, out_features: int, cfg: PrefixConfig, kind: str) -> nn.Module:
         return PrefixKV(cfg.tokens, out_features, cfg.init)
+
+    def peft_reads(self, key):
+        return key == "prompt_embeddings"
+
+    def peft_import(self, model, cfg, tensors, what):
+        """PEFT's ``prompt_embeddings`` (tokens, layers * 2 * width): per attention layer its key then its
+        value prefixes, cpet's ``prefix_kv.p`` on each key / value projection; ``prefix_projection: false``
+        only (no reparameterizing MLP)."""
+        return _peft_import(self, model, cfg, tensors, what)
+
+    def peft_export(self, desc, state, base_config, what):
+        return _peft_export(desc, state, base_config, what)
 
     def apply(self, model: nn.Module, cfg: PrefixConfig) -> list[str]:
         backbone = self._backbone(model)
@@ -146,6 +158,28 @@ class PrefixMethod(PetMethod):
                 names.append("backbone." + rel)
         self._hook(model)
         return sorted(names)
+
+
+def _peft_import(method, model, cfg, tensors, what):
+    if "prompt_embeddings" not in tensors:
+        raise CpetError(f"{what}: no prompt_embeddings in adapter_model.safetensors")
+    if cfg.get("prefix_projection"):
+        raise CpetError(f"{what}: prefix_projection (an MLP reparameterizing the prefixes) is not supported "
+                        "by cpet; re-save the adapter's computed prefixes, or train without it")
+    return method.attach_tensors(model, tensors["prompt_embeddings"], what), {}
+
+
+def _peft_export(desc, state, base_config, what):
+    if base_config is None:
+        raise CpetError(f"{what}: writing prefixes needs the base model's config (its head width); name the "
+                        "base model (--base-model)")
+    layers = len(desc["prefix"]["modules"]["prefix_kv"]) // 2  # a key and a value projection each
+    flat = peft_prefixes(desc["prefix"], state, what)
+    width = flat.shape[1] // (2 * layers)
+    return {"prompt_embeddings": flat}, {
+        "num_virtual_tokens": flat.shape[0], "token_dim": width, "num_layers": layers,
+        "num_attention_heads": width // head_dim(base_config), "encoder_hidden_size": width,
+        "prefix_projection": False, "num_transformer_submodules": 1, "task_type": peft_task_type(desc, base_config)}
 
 
 def peft_prefixes(entry: dict, state: dict[str, torch.Tensor], what: str) -> torch.Tensor:

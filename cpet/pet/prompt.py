@@ -104,6 +104,24 @@ class PromptMethod(PetMethod):
             model.prompt.embeddings.copy_(embeddings.float())
         return ["prompt"]
 
+    def peft_reads(self, key):
+        return key == "prompt_embeddings"
+
+    def peft_import(self, model, cfg, tensors, what):
+        """PEFT's ``prompt_embeddings`` (tokens, d) is cpet's ``prompt.embeddings``."""
+        if "prompt_embeddings" not in tensors:
+            raise CpetError(f"{what}: no prompt_embeddings in adapter_model.safetensors")
+        if int(cfg.get("num_transformer_submodules") or 1) != 1:
+            raise CpetError(f"{what}: num_transformer_submodules={cfg['num_transformer_submodules']} (prompts on the "
+                            "decoder input too); cpet puts virtual tokens on the encoder only")
+        return self.attach_tensors(model, tensors["prompt_embeddings"], what), {}
+
+    def peft_export(self, desc, state, base_config, what):
+        emb = state["prompt.embeddings"]
+        return {"prompt_embeddings": emb.contiguous()}, {
+            "num_virtual_tokens": emb.shape[0], "token_dim": emb.shape[1], "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM", "task_type": peft_task_type(desc, base_config)}
+
     @staticmethod
     def attach_to(model: nn.Module, module: VirtualTokens) -> None:
         require_task_model(model, "prompt tuning")
@@ -119,6 +137,15 @@ class PromptMethod(PetMethod):
     def rebuild(self, model: nn.Module, desc: dict) -> None:
         dim = model.backbone.get_input_embeddings().weight.shape[1]
         self.attach_to(model, VirtualTokens(int(desc["tokens"]), dim, desc.get("init", "vocab")))
+
+
+def peft_task_type(desc: dict, base_config: dict | None) -> str:
+    """The PEFT task type whose model class puts virtual tokens in front as cpet does: SEQ_2_SEQ_LM (the
+    encoder's input of an encoder-decoder), CAUSAL_LM (a decoder LM's text-to-text task), else
+    FEATURE_EXTRACTION (an encoder; cpet's task head is not PEFT's)."""
+    if (base_config or {}).get("is_encoder_decoder"):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM" if desc.get("head") == "lm" else "FEATURE_EXTRACTION"
 
 
 METHOD = PromptMethod()
