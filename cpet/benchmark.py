@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cpet.compress import parse_plan
+from cpet.compress import load_compressed, parse_plan
+from cpet.models import compressible_layers, load_backbone
 from cpet.timing import median_latency
 
 SHAPES = ((1, 16), (8, 128), (32, 128))
@@ -24,8 +25,6 @@ SHAPES = ((1, 16), (8, 128), (32, 128))
 
 def linear_flops(model: nn.Module) -> int:
     """Multiply-adds per token of the target linears (attention + FFN), as stored (after shrinking)."""
-    from cpet.models import compressible_layers
-
     total = 0
     for layer in compressible_layers(model, ("q", "k", "v", "o", "ffn_in", "ffn_out")).values():
         total += getattr(layer, "flops_per_token", None) or layer.in_features * layer.out_features
@@ -82,9 +81,6 @@ def _peak_main(path: str, batch: int, seq: int, threads: int) -> None:
     import json
 
     import transformers  # noqa: F401  (imports count as the baseline, not the model)
-
-    from cpet.compress import load_compressed
-    from cpet.models import load_backbone
 
     torch.set_num_threads(threads)
     base = _status_kb("VmRSS")

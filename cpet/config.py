@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cpet.compress import plan_to_json
 from cpet.errors import CpetError
 from cpet.pet import get as get_method
 from cpet.pet.lora import LoraConfig  # noqa: F401 - LoRA's config, re-exported (cpet.config.LoraConfig)
@@ -331,7 +332,6 @@ class ExperimentConfig:
                             "(an HF id or folder, e.g. a T5-base beside a T5-3B)")
         if len(set(self.paradigms)) != len(self.paradigms):
             raise CpetError(f"paradigms: {list(self.paradigms)} names a paradigm twice")
-        from cpet.compress import plan_to_json  # validates methods and their fields
 
         # every step spelled out with its typed fields (defaults included): what ran is what is recorded
         object.__setattr__(self, "compress", tuple(plan_to_json(self.compress)))

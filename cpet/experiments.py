@@ -26,12 +26,14 @@ from cpet.compress import (compress, compression_inputs, load_compressed, plan_t
 from cpet.compress.calibration import make_calibration
 from cpet.config import PARADIGM_SPECS, PARADIGMS, ExperimentConfig, LoraConfig, RecoveryConfig
 from cpet.errors import CpetError
-from cpet.formats import get_format
-from cpet.inherit import inherit
+from cpet.evals.mmlu import evaluate_mmlu, run_lm_eval
 from cpet.fingerprint import FORMAT as FINGERPRINT_FORMAT
 from cpet.fingerprint import diff, digest, examples_digest, model_digest, provenance, tensor_digest
+from cpet.formats import get_format
+from cpet.inherit import inherit
 from cpet.io import atomic_write_json, folder_lock, read_json
-from cpet.models import load_backbone, resolve_model_path, target_modules
+from cpet.layers import task_state_dict
+from cpet.models import ARCHITECTURES, is_lm_kind, load_backbone, resolve_model_path, target_modules
 from cpet.pet import PET_KINDS, method_of
 from cpet.recovery import branches_off, fit_recovery
 from cpet.task_modules import build_task_model, load_task_modules, save_task_modules
@@ -187,8 +189,6 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
         return record
 
     def run_mmlu(model, tokenizer, paradigm: str) -> dict:
-        from cpet.evals.mmlu import evaluate_mmlu, run_lm_eval
-
         if not text:
             raise CpetError("mmlu.enabled needs a language model (model.formulation=text on a decoder LM)")
         m = cfg.mmlu
@@ -466,8 +466,6 @@ def use_text_formulation(name: str, formulation: str = "auto") -> bool:
         return formulation == "text"
     from transformers import AutoConfig
 
-    from cpet.models import ARCHITECTURES, is_lm_kind, resolve_model_path
-
     try:
         model_type = AutoConfig.from_pretrained(resolve_model_path(name)).model_type
     except Exception:  # noqa: BLE001 - load_backbone reports an unreachable model with the full story
@@ -476,8 +474,6 @@ def use_text_formulation(name: str, formulation: str = "auto") -> bool:
 
 
 def _task_tensors(model):
-    from cpet.layers import task_state_dict
-
     return task_state_dict(model).values()
 
 

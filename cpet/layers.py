@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from cpet.errors import CpetError
+
 STAGES = ("in", "add", "out", "model")  # model: on the task model, not a layer (virtual input tokens)
 _STAGE: dict[str, tuple[str, int]] = {}  # branch kind -> (stage, rank within the stage: the forward order)
 _ORDER: dict[str, tuple[str, ...]] = {s: () for s in STAGES}
@@ -114,8 +116,6 @@ def wrap(model: nn.Module, name: str) -> Adapted:
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        from cpet.errors import CpetError
-
         raise CpetError(f"module {name!r} not found in {type(model).__name__}; "
                         "were these task modules made for another backbone?") from None
     if isinstance(module, Adapted):

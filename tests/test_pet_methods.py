@@ -23,6 +23,7 @@ from tests.conftest import tiny_bert, train_steps
 PLANS = {"none": [],
          "Q": [{"method": "int8"}],
          "UP+Q": [{"method": "unstructured", "pattern": "2:4"}, {"method": "int8"}],
+         "CSR": [{"method": "unstructured", "sparsity": 0.8, "kernel": "csr"}],  # CSRLinear layers
          "SP+Q": [{"method": "structured", "ffn": 0.5, "heads": 0.5}, {"method": "int8"}],
          "M+Q": [{"method": "moefication", "experts": 4, "top": 0.5, "min_speedup": 0, "router_steps": 20},
                  {"method": "int8"}]}
@@ -54,6 +55,10 @@ def _perturb(model, seed=0):
 def test_each_method_on_each_layer_type(method, plan, batch, tmp_path):
     cfg = CONFIGS[method]
     bb = _compressed(plan)
+    if plan == "CSR":
+        from cpet.compress.unstructured import CSRLinear
+
+        assert any(isinstance(m, CSRLinear) for m in bb.modules())
     with torch.no_grad():
         ref = bb(**batch).last_hidden_state
     model = build_task_model(copy.deepcopy(bb), 2, pet=cfg)
@@ -121,6 +126,24 @@ def test_a_run_tunes_the_chosen_method_through_every_paradigm(tmp_path, data_dir
         assert "ia3" in folders[p] and "lora" not in folders[p] and ("recovery" in folders[p]) == (p == "clm_cpet")
     assert ia3["clm_pet"]["trainable_params"] < lora["clm_pet"]["trainable_params"]  # IA3: a few vectors
     assert folders["clm_cpet"]["ia3"]["modules"] == folders["base_pet"]["ia3"]["modules"]
+
+
+@pytest.mark.parametrize("method", ["bitfit", "adapter", "parallel_adapter"])
+def test_cpet_inherits_recovers_and_distills_with_each_method(method, tmp_path, data_dir, tiny_model_dir):
+    """CLM+CPET with a method other than LoRA: the method's modules inherited from base+PET's (the same layers),
+    recovery modules beside them, and the distillation term in its loss (recorded in its config)."""
+    from cpet.experiments import run_experiment
+
+    res = {r["paradigm"]: r for r in run_experiment(load_config(None, [
+        f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+        "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "compress=UP+Q",
+        "paradigms=[base_pet, clm_cpet]", f"pet={{method: {method}}}", f"output_dir={tmp_path}"]), log=lambda s: None)}
+    folders = {p: json.loads((tmp_path / p / "task" / "task_config.json").read_text()) for p in res}
+    cpet = folders["clm_cpet"]
+    assert method in cpet and "recovery" in cpet and "lora" not in cpet
+    assert cpet[method] == folders["base_pet"][method]  # inherited: the same modules and hyper-parameters
+    assert res["clm_cpet"]["config"]["distill"]["alpha"] > 0 and res["clm_cpet"]["config"]["pet"]["method"] == method
+    assert res["clm_cpet"]["trainable_params"] > res["base_pet"]["trainable_params"]  # + the recovery modules
 
 
 def test_refusals(tmp_path, batch):

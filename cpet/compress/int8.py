@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpet.compress.calibration import input_stats
 from cpet.errors import CpetError
+from cpet.models import compressible_layers, target_modules
 from cpet.roles import ALL_ROLES, EMBED_ROLE, check_roles
 from cpet.typed import coerce_fields
 
@@ -229,6 +231,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    """The float weight (out, in) a possibly compressed linear computes with: an int8 layer's dequantized
+    weight, else its ``weight`` (nn.Linear's, or the dense view of a CSR / shrunk layer), detached."""
+    return layer.dequantize() if isinstance(layer, Int8Linear) else layer.weight.detach()
+
+
 class Int8Embedding(nn.Module):
     """Token embedding stored as int8 rows + one fp32 scale per row; a lookup dequantizes only those rows."""
 
@@ -264,16 +272,11 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
     """Replace every target nn.Linear / nn.Embedding by its int8 version (in place); returns the model."""
-    from cpet.models import compressible_layers
-
     layers = compressible_layers(model, cfg.targets)
     smooth = {}
     if cfg.smooth > 0:
-        from cpet.compress.calibration import input_stats
-
         if calib is None:
             raise CpetError("int8 smooth > 0 needs calibration text (pass a tokenizer to compress)")
-        from cpet.models import target_modules
 
         roles = {n + (".base" if n + ".base" in layers else ""): r for n, r in target_modules(model, cfg.targets).items()}
         linears = [n for n, l in layers.items() if isinstance(l, nn.Linear) and roles.get(n) in SMOOTH_ROLES]
@@ -302,7 +305,6 @@ def _kernels(model: nn.Module, cfg: Config) -> dict[str, str]:
     """Layer name (as compressible_layers names it) -> "dequant" for the weight-only roles."""
     if not cfg.weight_only:
         return {}
-    from cpet.models import target_modules
 
     names = target_modules(model, cfg.weight_only)
     return {n + suffix: "dequant" for n in names for suffix in ("", ".base")}
@@ -328,8 +330,6 @@ def _quantize_embedding(model: nn.Module, layer: nn.Embedding, kernel: str = "au
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
     """Int8 layers of the right shapes (with a ``smooth`` slot where one was saved); values load after."""
-    from cpet.models import compressible_layers
-
     kernels = _kernels(model, cfg)
     for name, layer in compressible_layers(model, cfg.targets).items():
         if isinstance(layer, nn.Linear):

@@ -27,9 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpet.compress.int8 import fake_quant_tokens, prepack, use_int8_kernel, w8a8_linear
+from cpet.compress.calibration import record_inputs, run
+from cpet.compress.int8 import (fake_quant_tokens, float_weight, prepack, quantize_per_channel, use_int8_kernel,
+                               w8a8_linear)
 from cpet.errors import CpetError
 from cpet.layers import Adapted, set_module
+from cpet.models import target_modules
 from cpet.timing import median_latency
 from cpet.typed import coerce_fields, require
 
@@ -78,8 +81,6 @@ class FFNBlock:
 
 
 def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
-    from cpet.models import target_modules
-
     mt = model.config.model_type
     outs = [n for n, r in target_modules(model, ("ffn_out",)).items()]
     blocks = []
@@ -104,10 +105,6 @@ def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
 
 
 # ---------------------------------------------------------------- the MoE FFN
-def _w(layer: nn.Module) -> torch.Tensor:
-    return layer.dequantize() if hasattr(layer, "weight_int8") else layer.weight.detach()
-
-
 def _b(layer: nn.Module) -> torch.Tensor | None:
     b = getattr(layer, "bias", None)
     return None if b is None else b.detach().float()
@@ -212,8 +209,6 @@ class MoEFFN(nn.Module):
     @torch.no_grad()
     def quantize_(self) -> None:
         """fp32 experts -> int8 with the dense layers' scales (per neuron for W_in, per output for W_out)."""
-        from cpet.compress.int8 import quantize_per_channel
-
         if self.int8:
             return
         n_in, E, m, d = self.w_in.shape
@@ -391,13 +386,13 @@ def _fill(moe: MoEFFN, model: nn.Module, blk: FFNBlock, perm: torch.Tensor) -> N
     E, m = moe.experts, moe.m
     moe.perm.copy_(perm)
     for i, layer in enumerate(ins):
-        w = layer.weight_int8 if moe.int8 else _w(layer)
+        w = layer.weight_int8 if moe.int8 else float_weight(layer)
         moe.w_in[i].copy_(w[perm].reshape(E, m, -1))
         if moe.int8:
             moe.s_in[i].copy_(layer.scale[perm].reshape(E, m))
         if moe.b_in is not None:
             moe.b_in[i].copy_(_b(layer)[perm].reshape(E, m))
-    w = out.weight_int8 if moe.int8 else _w(out)  # (d, d_ff)
+    w = out.weight_int8 if moe.int8 else float_weight(out)  # (d, d_ff)
     moe.w_out.copy_(w[:, perm].reshape(w.shape[0], E, m).permute(1, 0, 2))
     if moe.int8:
         moe.s_out.copy_(out.scale)
@@ -412,9 +407,6 @@ def _time(fn, x) -> float:
 
 @torch.no_grad()
 def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
-    from cpet.compress.calibration import record_inputs, run
-    from cpet.layers import Adapted
-
     if calib is None:
         raise CpetError("moefication needs calibration text to train its routers (pass a tokenizer to compress)")
     if any(isinstance(m, Adapted) for m in model.modules()):
@@ -432,7 +424,7 @@ def apply(model: nn.Module, cfg: Config, calib=None, log=print) -> nn.Module:
         hs = [layer(xs) for layer in ins]
         h = (moe.act(hs[0]) * hs[1] if len(hs) == 2 else moe.act(hs[0]))  # (N, d_ff) activations
         if cfg.clustering == "kmeans":
-            feats = torch.cat([_w(layer) for layer in ins], dim=1)
+            feats = torch.cat([float_weight(layer) for layer in ins], dim=1)
             feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-9)
         else:
             feats = (h > h.abs().mean()).float().T  # (d_ff, N) neuron co-activation patterns

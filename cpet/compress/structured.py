@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cpet.roles import ALL_ROLES
+from cpet.compress.calibration import input_stats, record_inputs, run
+from cpet.compress.int8 import Int8Linear, float_weight
 from cpet.errors import CpetError
-from cpet.layers import set_module
+from cpet.layers import Adapted, set_module
+from cpet.models import target_modules
+from cpet.roles import ALL_ROLES
 from cpet.typed import coerce_fields
 
 
@@ -47,15 +50,9 @@ class Config:
 
 
 # ---------------------------------------------------------------- slicing layers
-def _weight(layer: nn.Module) -> torch.Tensor:
-    return layer.dequantize() if hasattr(layer, "weight_int8") else layer.weight.detach()
-
-
 def slice_linear(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Module:
     """A smaller copy of ``layer`` (nn.Linear or Int8Linear) keeping ``rows`` (outputs) / ``cols`` (inputs),
     with ``kept_out`` / ``kept_in`` buffers holding the kept indices of the original layer."""
-    from cpet.compress.int8 import Int8Linear
-
     out_idx = torch.arange(layer.out_features) if rows is None else rows
     in_idx = torch.arange(layer.in_features) if cols is None else cols
     has_bias = getattr(layer, "bias", None) is not None
@@ -82,9 +79,6 @@ def slice_linear(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch
 
 # ---------------------------------------------------------------- grouping by transformer layer
 def _groups(model: nn.Module) -> dict[str, dict[str, list[str]]]:
-    from cpet.layers import Adapted
-    from cpet.models import target_modules
-
     if any(isinstance(m, Adapted) for m in model.modules()):
         raise CpetError("structured pruning must run before PET / recovery modules are added (it reshapes layers)")
     if any(getattr(m, "roles", None) for m in model.modules()):
@@ -106,8 +100,6 @@ def _head_dim(model: nn.Module) -> int:
 # ---------------------------------------------------------------- apply
 @torch.no_grad()
 def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
-    from cpet.compress.calibration import input_stats, record_inputs, run
-
     groups = _groups(model)
     if cfg.heads > 0 and model.config.model_type in ("t5", "mt5"):
         raise CpetError("structured.heads: T5 shares one relative-position bias across layers, so its heads "
@@ -141,14 +133,14 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
 
 
 def _prune_ffn(model, ins: list[str], out: str, ratio: float, act: torch.Tensor | None) -> None:
-    w_out = _weight(model.get_submodule(out))  # (hidden, d_ff)
+    w_out = float_weight(model.get_submodule(out))  # (hidden, d_ff)
     d_ff = w_out.shape[1]
     n_keep = max(1, d_ff - int(round(ratio * d_ff)))
     col = w_out.norm(dim=0)  # (d_ff,)
     if act is not None:
         score = act * col
     else:
-        score = sum(_weight(model.get_submodule(n)).norm(dim=1) for n in ins) * col
+        score = sum(float_weight(model.get_submodule(n)).norm(dim=1) for n in ins) * col
     keep = torch.topk(score, n_keep).indices.sort().values
     for n in ins:
         set_module(model, n, slice_linear(model.get_submodule(n), rows=keep))
@@ -160,7 +152,7 @@ def _prune_heads(model, g: dict[str, list[str]], ratio: float, act: torch.Tensor
     q, k, v, o = (model.get_submodule(g[r][0]) for r in ("q", "k", "v", "o"))
     n_heads, n_kv = q.out_features // hd, k.out_features // hd
     per = n_heads // n_kv  # query heads per KV head (1 without GQA)
-    w_o, w_v = _weight(o), _weight(v)
+    w_o, w_v = float_weight(o), float_weight(v)
     o_cols = w_o.reshape(w_o.shape[0], n_kv, per * hd).norm(dim=(0, 2))  # (n_kv,)
     if act is not None:
         score = act.reshape(n_kv, per).sum(1) * o_cols
@@ -179,8 +171,6 @@ def _prune_heads(model, g: dict[str, list[str]], ratio: float, act: torch.Tensor
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
     """Shrink each target layer to the kept indices recorded in the saved tensors."""
-    from cpet.models import target_modules
-
     for name in target_modules(model, ALL_ROLES):
         rows, cols = state.get(f"{name}.kept_out"), state.get(f"{name}.kept_in")
         if rows is not None or cols is not None:

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cpet.roles import ALL_ROLES, check_roles
+from cpet.compress.calibration import input_stats
+from cpet.compress.int8 import Int8Linear, float_weight
 from cpet.errors import CpetError
 from cpet.layers import set_module
+from cpet.models import compressible_layers
+from cpet.roles import ALL_ROLES, check_roles
 from cpet.timing import median_latency
 from cpet.typed import coerce_fields
 
@@ -152,16 +155,13 @@ def _weight_and_float(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored weight to zero in place, and its float value (whose magnitude ranks entries)."""
     if isinstance(layer, nn.Linear):
         return layer.weight.data, layer.weight.data
-    if hasattr(layer, "weight_int8"):
-        return layer.weight_int8, layer.dequantize()
+    if isinstance(layer, Int8Linear):
+        return layer.weight_int8, float_weight(layer)
     raise CpetError(f"unstructured pruning does not know layer type {type(layer).__name__}")
 
 
 @torch.no_grad()
 def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
-    from cpet.compress.calibration import input_stats
-    from cpet.models import compressible_layers
-
     layers = compressible_layers(model, cfg.targets)
     stored = {name: _weight_and_float(layer) for name, layer in layers.items()}  # (stored weight, float value)
     scores = {name: f.abs() for name, (_, f) in stored.items()}
@@ -195,8 +195,6 @@ def apply(model: nn.Module, cfg: Config, calib=None) -> nn.Module:
 
 def skeleton(model: nn.Module, cfg: Config, state: dict) -> nn.Module:
     """Shapes do not change; layers saved as CSR become empty CSRLinear slots of the saved size."""
-    from cpet.models import compressible_layers
-
     for name, layer in compressible_layers(model, cfg.targets).items():
         if f"{name}.crow" in state and isinstance(layer, nn.Linear):
             set_module(model, name, CSRLinear.empty(layer.out_features, layer.in_features, len(state[f"{name}.col"]),

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from cpet.errors import CpetError
+from cpet.formats import pad_rows
 from cpet.io import atomic_write, atomic_write_json, resolve_data_dir
-from cpet.models import cache_arg, require_causal_lm
+from cpet.models import LMTaskModel, cache_arg, require_causal_lm
 
 CHOICES = ("A", "B", "C", "D")
 SPLITS = ("val", "test", "dev")
@@ -155,8 +156,6 @@ def _takes_logits_to_keep(model) -> bool:
 
 def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token rows, right-padded."""
-    from cpet.formats import pad_rows
-
     batch = pad_rows([{"input_ids": r} for r in rows], pad_id)
     return batch["input_ids"], batch["attention_mask"]
 
@@ -186,8 +185,6 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
 def _causal_lm(model):
     """The HF causal LM to call with a KV cache (an LMTaskModel's backbone carries its LoRA / recovery
     branches inside), or None when the model cannot take one."""
-    from cpet.models import LMTaskModel
-
     lm = model.backbone if isinstance(model, LMTaskModel) else model
     if getattr(getattr(lm, "config", None), "is_encoder_decoder", False) or cache_arg(lm) is None:
         return None
