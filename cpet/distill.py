@@ -5,7 +5,8 @@
 
 The teacher is the uncompressed backbone with its own trained PET module and head, frozen, in eval
 mode, run under ``torch.no_grad()``. Being frozen and deterministic, its outputs are cached per
-training example the first time they are needed, so later epochs cost no teacher forward at all.
+training example the first time they are needed, so later epochs cost no teacher forward at all (and, with
+a shared ``store``, neither do the other paradigms of the experiment that distill the same teacher).
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ class Teacher:
     head's per-row output when ``"logits"`` is distilled.
     """
 
-    def __init__(self, model: nn.Module, cache: bool = True, outputs: tuple[str, ...] = ("hidden",)):
+    def __init__(self, model: nn.Module, cache: bool = True, outputs: tuple[str, ...] = ("hidden",),
+                 store: dict | None = None):
+        """``store``: a dict shared by the runs that distill this same teacher on the same training rows (the
+        paradigms of one experiment), so the teacher runs over each row once for all of them; its key is
+        the distilled outputs."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.cache, self.outputs = cache, tuple(outputs)
-        self._hidden: dict[int, torch.Tensor] = {}  # row index -> (T_i, H), real positions only
-        self._scores: dict[int, torch.Tensor] = {}  # row index -> the head's output for that row
-        self._layers: dict[int, torch.Tensor] = {}  # row index -> (L, T_i, H) with "layers"
+        kept = (store if store is not None and cache else {}).setdefault(self.outputs, ({}, {}, {}))
+        self._hidden: dict[int, torch.Tensor] = kept[0]  # row index -> (T_i, H), real positions only
+        self._scores: dict[int, torch.Tensor] = kept[1]  # row index -> the head's output for that row
+        self._layers: dict[int, torch.Tensor] = kept[2]  # row index -> (L, T_i, H) with "layers"
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

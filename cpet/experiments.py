@@ -139,6 +139,10 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     fmt_of = lambda model: get_format(spec, model, cfg.task.doc_stride)  # noqa: E731
     common["formulation"] = "text" if text else "head"
 
+    # the teacher's outputs per training row, shared by this experiment's distilling paradigms (one teacher,
+    # the same rows and batches): the teacher runs over the training set once, not once per paradigm
+    teacher_store: dict = {}
+
     def run_paradigm(paradigm: str, model, teacher=None, tokenizer=tokenizer,
                      modules: tuple = (cfg.pet_config, None)) -> dict:
         """``modules``: the (PET, recovery) configs ``model``'s task modules were built from."""
@@ -154,7 +158,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
             res = train(model, tokenizer, spec, data.train, data.val, ptc, max_len, out_dir=pdir,
                         teacher=teacher, distill=cfg.distill if teacher is not None else None, log=log,
                         fmt=fmt_of(model), fingerprint=fp,
-                        recovery_lr=modules[1].lr if PARADIGM_SPECS[paradigm].recover and modules[1] else None)
+                        recovery_lr=modules[1].lr if PARADIGM_SPECS[paradigm].recover and modules[1] else None,
+                        teacher_store=teacher_store)
         else:  # as assembled: no task data touches the modules
             val = evaluate(model, tokenizer, spec, data.val, max_len, tc.eval_batch_size, fmt=fmt_of(model))
             res = TrainResult(val, 0)

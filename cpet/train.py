@@ -112,7 +112,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
           teacher: nn.Module | None = None, distill: DistillConfig | None = None,
           log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
           resume: bool = True, fmt: Format | None = None, fingerprint: str | None = None,
-          recovery_lr: float | None = None) -> TrainResult:
+          recovery_lr: float | None = None, teacher_store: dict | None = None) -> TrainResult:
     """Train the task modules of ``model`` (backbone frozen) and leave the best-on-val state loaded.
 
     ``out_dir/checkpoint`` is written every ``cfg.checkpoint_every`` steps and at epoch ends; with
@@ -147,7 +147,7 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    teach = Teacher(teacher.to(device), cache=distill.cache_teacher, outputs=distill.outputs) \
+    teach = Teacher(teacher.to(device), cache=distill.cache_teacher, outputs=distill.outputs, store=teacher_store) \
         if teacher is not None else None
 
     layer_outputs = {"output_layers": True} if teach is not None and "layers" in distill.outputs else {}

@@ -104,6 +104,29 @@ def test_teacher_cache_equals_fresh_teacher(data_dir, tokenizer):
     assert len(cached._hidden) == 6
 
 
+def test_teachers_sharing_a_store_run_the_teacher_once_per_row(data_dir, tokenizer):
+    """The distilling paradigms of one experiment share the teacher's outputs per row: a second Teacher on the
+    same store returns the same tensors without running the model; other distilled outputs get their own."""
+    from conftest import tiny_bert
+
+    data = load_task(TaskConfig(name="sst2", data_dir=str(data_dir), val_size=16))
+    fmt = HeadFormat(data.spec)
+    enc = fmt.encode(tokenizer, data.train, 32)
+    teacher = build_task_model(tiny_bert(), 2, lora=LoraConfig())
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    store: dict = {}
+    b = fmt.collate(enc, [0, 5, 7], 0)
+    first = Teacher(teacher, outputs=("hidden",), store=store)(b)
+    assert len(calls) == 1
+    again = Teacher(teacher, outputs=("hidden",), store=store)(b)
+    assert len(calls) == 1 and torch.equal(first[0], again[0])
+    Teacher(teacher, outputs=("hidden", "logits"), store=store)(b)  # needs the logits too: its own entry
+    assert len(calls) == 2
+    Teacher(teacher, outputs=("hidden",), cache=False, store=store)(b)  # no cache: always runs
+    assert len(calls) == 3
+
+
 def test_distill_loss_zero_for_identical_models(data_dir, tokenizer):
     from conftest import tiny_bert
 
