@@ -251,10 +251,12 @@ def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_on
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
         train_scale, eval_scale = _token_scale(cfg.task, cfg.model.name, cfg.model.max_length,
                                                  cfg.train.batch_size, cfg.train.group_by_length)
-        passes = 1  # validation passes over n_val: one per epoch, plus the curve's points (step 0 and every eval_every)
-        if spec.trains:
-            steps = math.ceil(n_train / cfg.train.batch_size) * epochs
-            passes = epochs + ((steps // cfg.train.eval_every + 1) if cfg.train.eval_every else 0)
+        passes = 1  # validation passes over n_val: one per epoch, plus the curve's points (step 0 and every
+        if spec.trains:  # eval_every; an epoch ending on a curve point reuses it)
+            per_epoch, every = math.ceil(n_train / cfg.train.batch_size), cfg.train.eval_every
+            passes = epochs
+            if every:
+                passes += per_epoch * epochs // every + 1 - sum((e * per_epoch) % every == 0 for e in range(1, epochs + 1))
         total += share * ((n_train * epochs * rate * train_scale if spec.trains else 0.0)
                           + (n_val * passes + n_test) * RATES["eval"] * eval_scale)
     return total * _model_size(cfg.model.name)

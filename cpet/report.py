@@ -444,8 +444,8 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
 
 def timing_table(rows: list[dict]) -> str:
     """Table 5's costs per plan and paradigm, medians over the runs the tables show (every task and seed):
-    seconds per training step (the steps alone where the run recorded them, else its whole training time
-    over its steps, validation passes included: marked), evaluation milliseconds per test example (batched,
+    seconds per training step (the steps alone where the run recorded them, the teacher's cached forward
+    left out, else its whole training time over its steps, validation passes included: marked), evaluation milliseconds per test example (batched,
     not one request's latency) and the task parameters trained."""
     vals = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -455,7 +455,9 @@ def timing_table(rows: list[dict]) -> str:
     out = ["## Costs per paradigm (Table 5)", "",
            "Medians over the chosen runs of every task and seed. Measured inside the grid's runs, on a machine "
            "that may have been shared: read ratios within a plan, not absolute speed (for that, `cpet bench`). "
-           "Train s/step marked * include the validation passes (runs from before step timing was recorded).", "",
+           "Train s/step: the optimizer steps alone, the teacher's forward left out (its outputs are computed once "
+           "per experiment and cached); marked * they include the validation passes (runs from before step timing "
+           "was recorded).", "",
            "| plan | paradigm | train s/step | eval ms/example | task params | runs |", "|---|---|---|---|---|---|"]
     for (plan, paradigm, variant), m in sorted(vals.items(), key=lambda kv: (kv[0][0], ORDER.get(kv[0][1], len(ORDER)),
                                                                           kv[0][2])):
@@ -572,7 +574,7 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
     prov = defaultdict(set)  # field -> the values the results were produced with
     for r in results:
         for k, v in (r.get("provenance") or {}).items():
-            if k in ("cpet", "commit", "torch", "transformers", "threads", "cpu"):
+            if k in ("cpet", "commit", "torch", "transformers", "threads", "cpu") and v is not None:
                 prov[k].add(str(v))
     provenance = [f"{k} {', '.join(sorted(prov[k]))}" for k in ("cpet", "commit", "torch", "transformers", "threads", "cpu")
                   if prov[k]]

@@ -75,7 +75,8 @@ class TrainResult:
     steps: int = 0
     curve: list[dict] = field(default_factory=list)  # validation every ``eval_every`` steps (step 0 included)
     # seconds in the training steps alone (batch, forward, backward, optimizer), without validation, curve
-    # points or checkpoints; None when resumed from a checkpoint that did not record it
+    # points, checkpoints or the teacher's forward (its outputs are cached, so its cost depends on what ran
+    # before); None when resumed from a checkpoint that did not record it
     step_seconds: float | None = None
 
 
@@ -235,7 +236,10 @@ def train(model: nn.Module, tokenizer, spec: TaskSpec, train_set: list[Example],
             out = prepared(**model_inputs(batch, device), **layer_outputs)
             loss = fmt.loss(out, batch)
             if teach is not None and distill.alpha > 0:
-                loss = loss + distill.alpha * distill_loss(teach(batch), out, distill.outputs)
+                t_teach = time.perf_counter()
+                target = teach(batch)  # cached per row (and shared across an experiment's paradigms): timed apart
+                t_step += time.perf_counter() - t_teach
+                loss = loss + distill.alpha * distill_loss(target, out, distill.outputs)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, total, warmup)
             accelerator.backward(loss)

@@ -1,6 +1,7 @@
 """Many tasks in one bank on a shared compressed backbone, held to the plain one-task-per-copy reference."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -126,6 +127,12 @@ def test_refusals(tmp_path, batch):
     wrong = _task(big, tmp_path / "w", 3, 2, LoraConfig(r=2))
     with pytest.raises(CpetError, match="shape"):
         bank.load("w", wrong)
+    edited = _task(bb, tmp_path / "e", 4, 2, LoraConfig(r=2))  # a folder whose recorded rank is not its tensors'
+    cfg = json.loads((edited / "task_config.json").read_text())
+    cfg["lora"]["r"] = 4
+    (edited / "task_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CpetError, match="records r=4"):
+        bank.load("e", edited)
     assert set(bank.tasks) == set() and bank.slots == 0  # failed loads leave no slot behind
     assert all(not br.pairs for br in bank.branches.values())
     with pytest.raises(CpetError, match="bare backbone"):

@@ -211,15 +211,22 @@ def test_export_refuses_pet_trained_on_a_structurally_pruned_backbone(tmp_path):
     from cpet.cli import main
     from cpet.pet.peft_io import export_peft
 
-    pruned = compress(tiny_bert(), [{"method": "structured", "heads": 0.5, "ffn": 0.5}])
-    model = build_task_model(pruned, 2, lora=LoraConfig(r=4, targets=("q", "v")))
-    with pytest.raises(CpetError, match="structurally pruned"):
-        export_peft(model, tmp_path / "a", pet_only=True)
-    task = save_task_modules(model, tmp_path / "task", extra={
-        "task": "sst2", "labels": ["negative", "positive"],
-        "backbone": {"path": "x", "plan": [{"method": "structured", "heads": 0.5, "ffn": 0.5}]}})
-    assert main(["export-peft", str(task), "-o", str(tmp_path / "b"), "--pet-only"]) == 2
-    assert not (tmp_path / "b").exists()
+    for heads, refused in ((0.5, True), (0.0, False)):  # FFN neurons alone leave q and v at full width
+        plan = [{"method": "structured", "heads": heads, "ffn": 0.5}]
+        model = build_task_model(compress(tiny_bert(), plan), 2, lora=LoraConfig(r=4, targets=("q", "v")))
+        _randomize(model)
+        out = tmp_path / f"a{heads}"
+        if refused:
+            with pytest.raises(CpetError, match="structurally pruned"):
+                export_peft(model, out, pet_only=True)
+        else:
+            export_peft(model, out, pet_only=True)
+            pm = peft.PeftModel.from_pretrained(tiny_bert(), out)  # loads onto the dense model
+            assert pm is not None
+        task = save_task_modules(model, tmp_path / f"task{heads}", extra={
+            "task": "sst2", "labels": ["negative", "positive"], "backbone": {"path": "x", "plan": plan}})
+        rc = main(["export-peft", str(task), "-o", str(tmp_path / f"b{heads}"), "--pet-only"])
+        assert rc == (2 if refused else 0) and (tmp_path / f"b{heads}").exists() != refused
 
 
 def test_cli_export_peft_and_import_peft_round_trip_through_peft(tmp_path, tokenizer):

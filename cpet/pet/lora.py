@@ -121,8 +121,14 @@ class LoraMethod(PetMethod):
                          "init_lora_weights": True}
 
     def low_rank_pairs(self, entry, state):
-        scale = entry["alpha"] / entry["r"]
-        return {n: (state[f"{n}.lora.A"], state[f"{n}.lora.B"] * scale) for n in entry["modules"]}
+        scale, pairs = entry["alpha"] / entry["r"], {}
+        for n in entry["modules"]:
+            A, B = state[f"{n}.lora.A"], state[f"{n}.lora.B"]
+            if A.shape[0] != entry["r"] or B.shape[-1] != entry["r"]:  # the scale is alpha / the recorded r
+                raise CpetError(f"{n}: LoRA tensors of rank {A.shape[0]} / {B.shape[-1]}, but the task folder records "
+                                f"r={entry['r']}; the folder was edited or mixed up: re-save the task")
+            pairs[n] = (A, B * scale)
+        return pairs
 
 
 METHOD = LoraMethod()

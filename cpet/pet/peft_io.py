@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from safetensors.torch import load_file, save
 from cpet.compress.moefication import in_experts
 from cpet.errors import CpetError
 from cpet.io import atomic_write, atomic_write_json, require_new_folder
-from cpet.layers import task_state_dict
+from cpet.layers import Adapted, task_state_dict
+from cpet.models import ARCHITECTURES
 from cpet.pet import METHODS
 from cpet.pet.base import entry_layers
 from cpet.task_modules import describe, load_into, read_task_folder
@@ -68,21 +70,39 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, pet_only: bool
     cfg, tensors = read_peft(adapter_dir)
     what = str(adapter_dir)
     method = _by_peft_type(cfg.get("peft_type", "LORA"))
-    extra = sorted(cfg.get("modules_to_save") or []) or sorted(k for k in tensors if not method.peft_reads(k))
-    if extra and not pet_only:  # refused before anything is attached
-        raise CpetError(_extra_message(what, extra))
+    if cfg.get("modules_to_save") and not pet_only:  # refused before anything is attached
+        raise CpetError(_extra_message(what, sorted(cfg["modules_to_save"]), "PEFT's modules_to_save: a trained head "
+                                                                              "or embeddings"))
+    extra = sorted(k for k in tensors if not method.peft_reads(k))
+    if extra and not pet_only:
+        raise CpetError(_extra_message(what, extra, f"tensors cpet's {method.name} does not read: modules_to_save, "
+                                                    f"or a part of {method.name} cpet does not have, e.g. on embeddings"))
     names, state = method.peft_import(model, cfg, tensors, what)
     if state:
         load_into(model, state, what=what)
     return names
 
 
-def _extra_message(what: str, extra: list[str]) -> str:
+def _extra_message(what: str, extra: list[str], kind: str) -> str:
     shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-    return (f"{what}: the adapter also holds {shown} (PEFT's modules_to_save: a trained head or embeddings), which "
-            "cpet does not take from an adapter; importing would drop them and the model would not compute what "
-            "the adapter's model did. Import the PET modules alone on purpose with pet_only=True "
+    return (f"{what}: the adapter also holds {shown} ({kind}); importing would drop them and the model would not "
+            "compute what the adapter's model did. Import the rest alone on purpose with pet_only=True "
             "(cpet import-peft --pet-only)")
+
+
+def _shrunk(method, entry: dict, pruned: dict[str, set[str]]) -> str | None:
+    """The first layer whose PET tensors run along a side structured pruning shrank (by the branch module's
+    ``AXES``), or None."""
+    mods = entry.get("modules", [])
+    kinds = {method.kinds[0]: mods} if isinstance(mods, list) else mods
+    for kind, names in kinds.items():
+        if not any(pruned.get(n) for n in names):
+            continue
+        axes = getattr(method.make(8, 8, method.Config(), kind), "AXES", {})  # the module's sides, whatever its size
+        for n in names:
+            if {side for side, _ in axes.values()} & pruned.get(n, set()):
+                return n
+    return None
 
 
 def _lost(desc: dict) -> list[str]:
@@ -106,7 +126,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     it, unless ``pet_only``: never a silent drop. PET on a structurally pruned backbone is refused: its
     tensors have the pruned widths, which no adapter of the dense model fits."""
     config = getattr(getattr(model, "backbone", model), "config", None)
-    pruned = any(hasattr(m, "kept_out") or hasattr(m, "kept_in") for m in model.modules())
+    pruned = {name: {side for side in ("in", "out") if hasattr(m.base, f"kept_{side}")}
+              for name, m in model.named_modules() if isinstance(m, Adapted)}
     return _export(describe(model), task_state_dict(model), Path(out_dir), base_model_name_or_path, pet_only,
                    "export_peft", config.to_dict() if config is not None else None, pruned)
 
@@ -128,24 +149,42 @@ def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     base_config = None
     if base_model is not None and (Path(str(base_model)) / "config.json").is_file():
         base_config = json.loads((Path(str(base_model)) / "config.json").read_text())
-    pruned = any(isinstance(step, dict) and step.get("method") == "structured" for step in bb.get("plan") or [])
+    pruned = _pruned_sides(bb.get("plan") or [], [n for m in EXPORTED if m in desc for n in entry_layers(desc[m])])
     return _export(desc, state, out, base_model, pet_only, str(task_dir), base_config, pruned), base_model
 
 
+def _pruned_sides(plan: list, names: list[str]) -> dict[str, set[str]]:
+    """{layer: the sides ("in" / "out") a structured step of ``plan`` shrank} for the named layers, read from
+    the plan and the layers' roles: heads shrink q / k / v outputs and o's input, FFN neurons ffn_in's output and
+    ffn_out's input."""
+    steps = [st for st in plan if isinstance(st, dict) and st.get("method") == "structured"]
+    sides: dict[str, set[str]] = {}
+    for st in steps:
+        cut = ({"q": "out", "k": "out", "v": "out", "o": "in"} if st.get("heads", 0.0) > 0 else {}) | \
+              ({"ffn_in": "out", "ffn_out": "in"} if st.get("ffn", 0.5) > 0 else {})
+        for n in names:
+            role = next((r for a in ARCHITECTURES.values() for r, pat in a.roles.items() if re.search(pat, n)), None)
+            if role in cut:
+                sides.setdefault(n, set()).add(cut[role])
+    return sides
+
+
 def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: str | None, pet_only: bool,
-            what: str, base_config: dict | None = None, pruned: bool = False) -> Path:
+            what: str, base_config: dict | None = None, pruned: dict[str, set[str]] | None = None) -> Path:
     """A task (its description + tensors, keys as cpet saves them) as the PEFT folder of its one method with
     a PEFT type (``base_config``: the base model's config, for the task type prompts need and the head
-    width of prefixes; ``pruned``: trained on a structurally pruned backbone)."""
+    width of prefixes; ``pruned``: {layer: sides structured pruning shrank})."""
     present = [m for m in EXPORTED if m in desc]
     if not present:
         raise CpetError(f"{what}: no {', '.join(EXPORTED)} modules to export (the methods PEFT has a type for)")
     if len(present) > 1:
         raise CpetError(f"{what}: {' and '.join(present)} modules; a PEFT adapter is one type")
-    if pruned:
-        raise CpetError(f"{what}: its {present[0]} modules were trained on a structurally pruned backbone and have its "
-                        "pruned widths, which no PEFT adapter of the dense model fits; export the task trained on the "
-                        "uncompressed model (base+PET), or one on a backbone without structured pruning")
+    shrunk = _shrunk(METHODS[present[0]], desc[present[0]], pruned or {})
+    if shrunk:
+        raise CpetError(f"{what}: its {present[0]} modules on {shrunk} (and any others) were trained on a structurally "
+                        "pruned layer and have its pruned width, which no PEFT adapter of the dense model fits; export "
+                        "the task trained on the uncompressed model (base+PET), or one on a backbone without structured "
+                        "pruning of the layers its PET sits on")
     inner = [n for m in present for n in entry_layers(desc[m]) if in_experts(n)]
     if inner:
         raise CpetError(f"{what}: its PET sits inside a MoE FFN's experts ({inner[0]}), which no PEFT adapter of the "
