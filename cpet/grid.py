@@ -268,16 +268,29 @@ def _train_key(train, lr) -> tuple:
 
 
 def _priors(grid: Grid) -> dict[str, float]:
-    """Each cell's prior (``prior_seconds``): with a search, a seed that does not search runs one candidate
-    of each paradigm, and a searching seed tries a paradigm with a teacher at one teacher rate."""
+    """Each cell's prior (``prior_seconds``): with a search, a searching seed tries a paradigm with a teacher at
+    one teacher rate; a seed that does not search runs what validation chose, so once the search has chosen a
+    cell's paradigms its prior is the runs it will make (a cell whose candidates were not chosen: none), else
+    one candidate of each paradigm spread over the cells."""
     shared: set = set()
     sel = grid.select
     if sel is None:
         return {c.id: prior_seconds(c, shared) for c in grid.cells}
     rates = len({c.labels.get("train.lr") for c in grid.cells}) if "train.lr" in sel.keys else 1
+    choices = _choices(grid)
     chosen: set = set()
-    return {c.id: prior_seconds(c, shared, 1.0 / rates) if sel.searches(c) else prior_seconds(c, chosen, chosen_only=True)
-            for c in grid.cells}
+    priors = {}
+    for c in grid.cells:
+        if sel.searches(c):
+            priors[c.id] = prior_seconds(c, shared, 1.0 / rates)
+            continue
+        keep, skipped = _chosen_paradigms(c, sel, choices)
+        if any(p in skipped for p in keep):  # a paradigm not chosen yet: the spread-out estimate
+            priors[c.id] = prior_seconds(c, chosen, chosen_only=True)
+        else:
+            narrow = Cell(c.values, replace(c.config, paradigms=tuple(keep)))
+            priors[c.id] = prior_seconds(narrow, shared) if keep else 0.0
+    return priors
 
 
 def _ran(rec: dict) -> bool:

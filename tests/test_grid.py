@@ -397,6 +397,17 @@ def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validat
     assert any("chosen (validation, seeds 1)" in why for c in cells for why in c.get("not_chosen", {}).values())
     capsys.readouterr()
     assert main(["grid", g]) == 0 and "12 already recorded" in capsys.readouterr().out  # nothing left to run
+    # with the search done, a later seed's estimate is the runs it makes: cells whose candidates lost run nothing
+    from cpet.grid import _priors, load_grid
+
+    grid = load_grid(g)
+    priors = _priors(grid)
+    by_id = {c["cell"]: c for c in cells}
+    for seed in (2, 3):
+        later = [c for c in grid.cells if c.config.train.seed == seed]
+        idle = [c for c in later if not by_id[c.id].get("results")]  # every candidate of it lost on validation
+        assert idle and all(priors[c.id] == 0 for c in idle)
+        assert sum(priors[c.id] for c in later) > 0
 
     assert main(["report", str(root)]) == 0
     assert "chosen on validation of seeds [1]: train.lr, train.clm_lr" in capsys.readouterr().out
