@@ -109,6 +109,18 @@ def peft_module_path(path: str, modules: dict, what: str, backbone: nn.Module) -
     return path
 
 
+def peft_layers(model: nn.Module, tensors: dict[str, torch.Tensor], pattern, what: str):
+    """(tensor, key's match, layer name in ``model``, layer) for each adapter tensor whose key ``pattern`` (a
+    compiled regex with a ``path`` group) matches, the module path matched to the backbone's."""
+    backbone, prefix = backbone_of(model)
+    modules = dict(backbone.named_modules())
+    for key, value in tensors.items():
+        m = pattern.match(key)
+        if m is not None:
+            path = peft_module_path(m["path"], modules, what, backbone)
+            yield value, m, prefix + path, modules[path]
+
+
 def peft_name(name: str) -> str:
     """A cpet layer name as PEFT's module path under the base model (the task model's ``backbone.`` off)."""
     return name[len("backbone."):] if name.startswith("backbone.") else name

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from cpet.errors import CpetError
 from cpet.layers import attach, register_kind
-from cpet.pet.base import PetMethod, backbone_of, peft_module_path, peft_name
+from cpet.pet.base import PetMethod, peft_layers, peft_name
 from cpet.roles import check_roles
 from cpet.typed import coerce_fields
 
@@ -71,25 +71,18 @@ class IA3Method(PetMethod):
     def peft_import(self, model, cfg, tensors, what):
         """PEFT's ``<module path>.ia3_l``: (out, 1) scales a layer's output, (1, in) its input (the
         ``feedforward_modules``); cpet's ``ia3.l`` / ``ia3_in.l`` hold the same vectors."""
-        backbone, prefix = backbone_of(model)
-        modules = dict(backbone.named_modules())
         state, names = {}, set()
-        for key, value in tensors.items():
-            m = _KEY.match(key)
-            if m is None:
-                continue
-            path = peft_module_path(m["path"], modules, what, backbone)
-            layer = modules[path]
+        for value, m, name, layer in peft_layers(model, tensors, _KEY, what):
             if value.shape == (1, layer.in_features) and value.shape != (layer.out_features, 1):
                 kind, side, n = "ia3_in", "in", layer.in_features
             elif value.shape == (layer.out_features, 1):
                 kind, side, n = "ia3", "out", layer.out_features
             else:
-                raise CpetError(f"{what}: {key} has shape {tuple(value.shape)}, which fits neither the input "
-                                f"({layer.in_features}) nor the output ({layer.out_features}) of {path}")
-            attach(model, [prefix + path], kind, lambda i, o, side=side, n=n: Scale(n, side))
-            names.add(prefix + path)
-            state[f"{prefix}{path}.{kind}.l"] = value.float().flatten()
+                raise CpetError(f"{what}: {m.group(0)} has shape {tuple(value.shape)}, which fits neither the input "
+                                f"({layer.in_features}) nor the output ({layer.out_features}) of {name}")
+            attach(model, [name], kind, lambda i, o, side=side, n=n: Scale(n, side))
+            names.add(name)
+            state[f"{name}.{kind}.l"] = value.float().flatten()
         if not names:
             raise CpetError(f"{what}: no IA3 tensors found in adapter_model.safetensors")
         return sorted(names), state

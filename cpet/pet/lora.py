@@ -18,7 +18,7 @@ import torch.nn as nn
 from cpet.layers import attach, register_kind
 from cpet.models import target_modules
 from cpet.errors import CpetError
-from cpet.pet.base import PetMethod, backbone_of, peft_module_path, peft_name
+from cpet.pet.base import PetMethod, peft_layers, peft_name
 from cpet.roles import check_roles
 from cpet.typed import coerce_fields, require
 
@@ -92,19 +92,13 @@ class LoraMethod(PetMethod):
     def peft_import(self, model, cfg, tensors, what):
         """PEFT keys ``base_model.model.<module path>.lora_A.weight`` (A: (r, in), B: (out, r)), scale
         ``lora_alpha / r`` (``/ sqrt(r)`` with rslora): cpet's ``<path>.lora.A`` / ``.B``, a renaming."""
-        backbone, prefix = backbone_of(model)
-        modules = dict(backbone.named_modules())
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         if cfg.get("use_rslora"):
             alpha = alpha * math.sqrt(r)  # alpha/sqrt(r) == (alpha*sqrt(r))/r
         state, names = {}, set()
-        for key, value in tensors.items():
-            m = _KEY.match(key)
-            if m is None:
-                continue
-            path = peft_module_path(m["path"], modules, what, backbone)
-            names.add(prefix + path)
-            state[f"{prefix}{path}.lora.{m['ab']}"] = value.float()
+        for value, m, name, _ in peft_layers(model, tensors, _KEY, what):
+            names.add(name)
+            state[f"{name}.lora.{m['ab']}"] = value.float()
         if not names:
             raise CpetError(f"{what}: no LoRA tensors found in adapter_model.safetensors")
         add_lora_to(model, names, LoraConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0))))
