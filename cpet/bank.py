@@ -35,7 +35,6 @@ from cpet.layers import Adapted, wrap
 from cpet.models import (ClassificationHead, LMTaskModel, SpanHead, TaskModel, get_arch, load_backbone,
                          resolve_model_path)
 from cpet.pet import METHODS
-from cpet.pet.base import entry_layers
 from cpet.recovery import ACTIVATIONS
 from cpet.task_modules import is_language_model, read_task_folder
 
@@ -186,7 +185,7 @@ class TaskBank:
         fused = [m for m in METHODS if m in desc]
         if len(fused) > 1:
             raise CpetError(f"{p} tunes {' and '.join(fused)}; a bank slot fuses one low-rank PET per layer")
-        inner = [n for m in fused for n in entry_layers(desc[m]) if in_experts(n)]
+        inner = [n for m in fused for n in METHODS[m].layers_of(desc[m]) if in_experts(n)]
         if inner:
             raise CpetError(f"{p} has {fused[0]} inside a MoE FFN's experts ({inner[0]}); the bank fuses whole layers "
                             f"only. Load it on its own copy of the backbone (load_task_modules), or give {fused[0]} "

@@ -251,12 +251,11 @@ def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_on
         rate = RATES["train"] if not spec.compressed else RATES["train_recover" if spec.recover else "train_clm"]
         train_scale, eval_scale = _token_scale(cfg.task, cfg.model.name, cfg.model.max_length,
                                                  cfg.train.batch_size, cfg.train.group_by_length)
-        passes = 1  # validation passes over n_val: one per epoch, plus the curve's points (step 0 and every
-        if spec.trains:  # eval_every; an epoch ending on a curve point reuses it)
+        passes = 1  # validation passes over n_val: the steps validation runs at (epoch ends, and with eval_every
+        if spec.trains:  # the curve's points from step 0; a step that is both runs once)
             per_epoch, every = math.ceil(n_train / cfg.train.batch_size), cfg.train.eval_every
-            passes = epochs
-            if every:
-                passes += per_epoch * epochs // every + 1 - sum((e * per_epoch) % every == 0 for e in range(1, epochs + 1))
+            at = {e * per_epoch for e in range(1, epochs + 1)} | (set(range(0, per_epoch * epochs + 1, every)) if every else set())
+            passes = len(at)
         total += share * ((n_train * epochs * rate * train_scale if spec.trains else 0.0)
                           + (n_val * passes + n_test) * RATES["eval"] * eval_scale)
     return total * _model_size(cfg.model.name)

@@ -98,7 +98,7 @@ def long_rows(results: list[dict]) -> list[dict]:
         if r["steps"]:
             values["train_seconds_per_step"] = r["train_seconds"] / r["steps"]  # validation passes included
         if r.get("step_seconds") is not None and r["steps"]:
-            values["step_seconds"] = r["step_seconds"] / r["steps"]  # the training steps alone
+            values["train_step_seconds"] = r["step_seconds"] / r["steps"]  # one training step alone (no validation)
         if (r.get("split_sizes") or {}).get("test"):
             values["eval_ms_per_example"] = 1000 * r["eval_seconds"] / r["split_sizes"]["test"]
         rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
@@ -444,9 +444,9 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
 
 def timing_table(rows: list[dict]) -> str:
     """Table 5's costs per plan and paradigm, medians over the runs the tables show (every task and seed):
-    seconds per training step (the steps alone where the run recorded them, the teacher's cached forward
-    left out, else its whole training time over its steps, validation passes included: marked), evaluation milliseconds per test example (batched,
-    not one request's latency) and the task parameters trained."""
+    seconds per training step (the steps alone where the run recorded them, the teacher's cached forward left
+    out; else its whole training time over its steps, validation passes included: marked), evaluation
+    milliseconds per test example (batched, not one request's latency) and the task parameters trained."""
     vals = defaultdict(lambda: defaultdict(list))
     for r in rows:
         vals[(r["plan"], r["paradigm"], r["variant"])][r["metric"]].append(float(r["value"]))
@@ -462,8 +462,8 @@ def timing_table(rows: list[dict]) -> str:
     for (plan, paradigm, variant), m in sorted(vals.items(), key=lambda kv: (kv[0][0], ORDER.get(kv[0][1], len(ORDER)),
                                                                           kv[0][2])):
         runs = len(m["trainable_params"])
-        if m["step_seconds"] and len(m["step_seconds"]) == runs:
-            step = f"{statistics.median(m['step_seconds']):.3f}"
+        if m["train_step_seconds"] and len(m["train_step_seconds"]) == runs:
+            step = f"{statistics.median(m['train_step_seconds']):.3f}"
         else:
             step = f"{statistics.median(m['train_seconds_per_step']):.3f}*" if m["train_seconds_per_step"] else "-"
         ev = f"{statistics.median(m['eval_ms_per_example']):.2f}" if m["eval_ms_per_example"] else "-"

@@ -167,6 +167,9 @@ class ParallelAdapterMethod(PetMethod):
         return {"pairs": [[taps[id(model.get_submodule(o).padapter.__dict__["tap"])], o] for o in outs],
                 **first.hparams()}
 
+    def by_kind(self, entry: dict) -> dict[str, list[str]]:
+        return {"ptap": [p[0] for p in entry["pairs"]], "padapter": [p[1] for p in entry["pairs"]]}
+
     def rebuild(self, model: nn.Module, desc: dict) -> None:
         self._install(model, [tuple(p) for p in desc["pairs"]], ParallelAdapterConfig(
             **{k: v for k, v in desc.items() if k != "pairs"}))

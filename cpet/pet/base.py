@@ -69,6 +69,16 @@ class PetMethod:
                 raise CpetError(f"{self.name}: unknown module kind {kind!r} in the task folder (known: {self.kinds})")
             attach(model, names, kind, lambda i, o, k=kind: self.make(i, o, cfg, k))
 
+    def by_kind(self, entry: dict) -> dict[str, list[str]]:
+        """{kind: layer names} of a task-folder entry (``describe``'s: {"modules": {kind: [names]}}, or a list for a
+        method whose format keeps one kind)."""
+        mods = entry.get("modules", [])
+        return {self.kinds[0]: list(mods)} if isinstance(mods, list) else {k: list(v) for k, v in mods.items()}
+
+    def layers_of(self, entry: dict) -> list[str]:
+        """Every layer name a task-folder entry puts this method's modules on."""
+        return [n for names in self.by_kind(entry).values() for n in names]
+
     # ------------------------------------------------------------ PEFT interop (methods with a peft_type)
     def peft_reads(self, key: str) -> bool:
         """Whether a tensor of a PEFT adapter of this type is one of this method's (``peft_io`` refuses an
@@ -124,9 +134,3 @@ def peft_layers(model: nn.Module, tensors: dict[str, torch.Tensor], pattern, wha
 def peft_name(name: str) -> str:
     """A cpet layer name as PEFT's module path under the base model (the task model's ``backbone.`` off)."""
     return name[len("backbone."):] if name.startswith("backbone.") else name
-
-
-def entry_layers(entry: dict) -> list[str]:
-    """The layer names of a method's task-folder entry (``modules``: a list, or {kind: [names]})."""
-    mods = entry.get("modules", [])
-    return list(mods) if isinstance(mods, list) else [n for names in mods.values() for n in names]

@@ -26,7 +26,6 @@ from cpet.io import atomic_write, atomic_write_json, require_new_folder
 from cpet.layers import Adapted, task_state_dict
 from cpet.models import ARCHITECTURES
 from cpet.pet import METHODS
-from cpet.pet.base import entry_layers
 from cpet.task_modules import describe, load_into, read_task_folder
 
 PEFT_TYPES = tuple(m.peft_type for m in METHODS.values() if m.peft_type)
@@ -93,9 +92,7 @@ def _extra_message(what: str, extra: list[str], kind: str) -> str:
 def _shrunk(method, entry: dict, pruned: dict[str, set[str]]) -> str | None:
     """The first layer whose PET tensors run along a side structured pruning shrank (by the branch module's
     ``AXES``), or None."""
-    mods = entry.get("modules", [])
-    kinds = {method.kinds[0]: mods} if isinstance(mods, list) else mods
-    for kind, names in kinds.items():
+    for kind, names in method.by_kind(entry).items():
         if not any(pruned.get(n) for n in names):
             continue
         axes = getattr(method.make(8, 8, method.Config(), kind), "AXES", {})  # the module's sides, whatever its size
@@ -149,7 +146,7 @@ def export_task_folder(task_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     base_config = None
     if base_model is not None and (Path(str(base_model)) / "config.json").is_file():
         base_config = json.loads((Path(str(base_model)) / "config.json").read_text())
-    pruned = _pruned_sides(bb.get("plan") or [], [n for m in EXPORTED if m in desc for n in entry_layers(desc[m])])
+    pruned = _pruned_sides(bb.get("plan") or [], [n for m in EXPORTED if m in desc for n in METHODS[m].layers_of(desc[m])])
     return _export(desc, state, out, base_model, pet_only, str(task_dir), base_config, pruned), base_model
 
 
@@ -185,7 +182,7 @@ def _export(desc: dict, state: dict[str, torch.Tensor], out: Path, base_model: s
                         "pruned layer and have its pruned width, which no PEFT adapter of the dense model fits; export "
                         "the task trained on the uncompressed model (base+PET), or one on a backbone without structured "
                         "pruning of the layers its PET sits on")
-    inner = [n for m in present for n in entry_layers(desc[m]) if in_experts(n)]
+    inner = [n for m in present for n in METHODS[m].layers_of(desc[m]) if in_experts(n)]
     if inner:
         raise CpetError(f"{what}: its PET sits inside a MoE FFN's experts ({inner[0]}), which no PEFT adapter of the "
                         "dense model represents; export a task trained on a backbone without MoEfication")
