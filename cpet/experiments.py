@@ -144,8 +144,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
     teacher_store: dict = {}
 
     def run_paradigm(paradigm: str, model, teacher=None, tokenizer=tokenizer,
-                     modules: tuple = (cfg.pet_config, None)) -> dict:
-        """``modules``: the (PET, recovery) configs ``model``'s task modules were built from."""
+                     modules: tuple = (cfg.pet_config, None), previous: dict | None = None) -> dict:
+        """``modules``: the (PET, recovery) configs ``model``'s task modules were built from; ``previous``: the
+        record this run retrains (its task modules were lost), kept in the new record."""
         pdir, fp = pdirs[paradigm], fps[paradigm]
         if main:
             atomic_write_json(pdir / FINGERPRINT, {"hash": fp, "inputs": records_in[paradigm]})
@@ -185,6 +186,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
                              **({"distill": asdict(cfg.distill)} if PARADIGM_SPECS[paradigm].distill else {})},
                   "fingerprint": fp, "provenance": {**provenance(), "data": records_in[paradigm]["task"]["examples"],
                                                     "backbone_weights": records_in[paradigm]["model"]["weights"]}}
+        if previous is not None:  # what the lost modules scored, and whether training again reproduced it
+            record["retrained"] = {"why": "task modules missing", "previous_test": previous.get("test"),
+                                   "same_test": previous.get("test") == test,
+                                   "previous_provenance": previous.get("provenance")}
+            if previous.get("test") != test:
+                log(f"[{LABELS[paradigm]}] note: trained again, it scores {test} where the lost run scored "
+                    f"{previous.get('test')} (result.json now holds this run; the earlier one is in its 'retrained')")
         if main:
             atomic_write_json(pdir / "result.json", record)
             shutil.rmtree(pdir / "checkpoint", ignore_errors=True)
@@ -223,16 +231,25 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print, fr
 
     records = []
     teacher = None
+    # the paradigms still to run that learn from base+PET (inherit or distil): they need its task modules
+    taught = [p for p in clm if PARADIGM_SPECS[p].needs_teacher and not (pdirs[p] / "result.json").is_file()]
     if "base_pet" in cfg.paradigms:
         with making(pdirs["base_pet"]):
-            rec = done("base_pet")
+            rec, kept = done("base_pet"), None
+            tdir = pdirs["base_pet"] / "task"
+            if rec is not None and taught and not (tdir / "task_modules.safetensors").is_file():
+                # a store whose result.json was kept without the task folder (e.g. a git checkout: the
+                # folders are not committed): the same config and seed train the teacher again
+                log(f"[{LABELS['base_pet']}] its task modules ({tdir}) are missing and {LABELS[taught[0]]} learns "
+                    "from them: training it again with the same config")
+                kept, rec = rec, None
             if rec is None:
                 torch.manual_seed(tc.seed)
                 teacher = build_task_model(backbone, spec.head_size, cfg.model.pooling, pet=cfg.pet_config,
                                            head=head)
-                rec = run_paradigm("base_pet", teacher)
-            else:
-                teacher = load_task_modules(backbone, pdirs["base_pet"] / "task")
+                rec = run_paradigm("base_pet", teacher, previous=kept)
+            elif taught:
+                teacher = load_task_modules(backbone, tdir)
         records.append(rec)
 
     if "small_pet" in cfg.paradigms:

@@ -2,6 +2,7 @@
 distillation trains what its name says, on a tiny BERT."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -161,3 +162,27 @@ def test_small_pet_tunes_the_smaller_sibling_and_reports_beside_base_pet(tmp_pat
     assert main(["report", str(tmp_path / "g")]) == 0
     md = (tmp_path / "g" / "results.md").read_text()
     assert "| — | base+PET |" in md and "| — | small+PET |" in md and "| Q | CLM+PET |" in md
+
+
+def test_a_teacher_whose_task_modules_are_gone_is_trained_again_only_when_needed(tmp_path, data_dir, tiny_model_dir):
+    """A store kept without its task folders (a git checkout keeps result.json only): paradigms that do not
+    learn from base+PET run without it; one that inherits trains the teacher again, with the same result."""
+    args = [f"model.name={tiny_model_dir}", "model.max_length=32", "task.name=sst2", f"task.data_dir={data_dir}",
+            "task.val_size=16", "task.max_test=8", "train.epochs=1", "recovery.r=4", "train.lr=0.01",
+            f"output_dir={tmp_path / 'o'}"]
+    run_experiment(load_config(None, [*args, "paradigms=[base_pet, clm_pet]"]), log=lambda s: None)
+    first = {p: json.loads((tmp_path / "o" / p / "result.json").read_text()) for p in ("base_pet", "clm_pet")}
+    tdir = tmp_path / "o" / "base_pet" / "task"
+    shutil.rmtree(tdir)
+    again = {r["paradigm"]: r for r in run_experiment(load_config(None, [*args, "paradigms=[base_pet, clm_pet]"]),
+                                                       log=lambda s: None)}
+    assert again == first and not tdir.exists()  # nothing needed the teacher: nothing trained again
+    lines = []
+    records = {r["paradigm"]: r for r in run_experiment(
+        load_config(None, [*args, "paradigms=[base_pet, clm_pet, clm_cpet]"]), log=lines.append)}
+    assert any("task modules" in s and "missing" in s and "training it again" in s for s in lines)
+    assert (tdir / "task_modules.safetensors").is_file() and "clm_cpet" in records
+    redo = records["base_pet"]["retrained"]
+    assert redo["previous_test"] == first["base_pet"]["test"] and redo["same_test"], redo
+    assert records["base_pet"]["fingerprint"] == first["base_pet"]["fingerprint"]
+    assert records["clm_pet"] == first["clm_pet"]
