@@ -457,15 +457,18 @@ def timing_table(rows: list[dict]) -> str:
            "that may have been shared: read ratios within a plan, not absolute speed (for that, `cpet bench`). "
            "Train s/step: the optimizer steps alone, the teacher's forward left out (its outputs are computed once "
            "per experiment and cached); marked * they include the validation passes (runs from before step timing "
-           "was recorded).", "",
+           "was recorded). Where only some runs timed their steps, their median comes first, with their count "
+           "(the same cells for every paradigm of a plan when they ran together).", "",
            "| plan | paradigm | train s/step | eval ms/example | task params | runs |", "|---|---|---|---|---|---|"]
     for (plan, paradigm, variant), m in sorted(vals.items(), key=lambda kv: (kv[0][0], ORDER.get(kv[0][1], len(ORDER)),
                                                                           kv[0][2])):
         runs = len(m["trainable_params"])
-        if m["train_step_seconds"] and len(m["train_step_seconds"]) == runs:
-            step = f"{statistics.median(m['train_step_seconds']):.3f}"
-        else:
-            step = f"{statistics.median(m['train_seconds_per_step']):.3f}*" if m["train_seconds_per_step"] else "-"
+        timed, whole = m["train_step_seconds"], m["train_seconds_per_step"]
+        step = f"{statistics.median(whole):.3f}*" if whole else "-"
+        if timed and len(timed) == runs:
+            step = f"{statistics.median(timed):.3f}"
+        elif timed:  # some runs timed their steps: their median beside every run's marked one
+            step = f"{statistics.median(timed):.3f} ({len(timed)} timed); {step}"
         ev = f"{statistics.median(m['eval_ms_per_example']):.2f}" if m["eval_ms_per_example"] else "-"
         params = f"{statistics.median(m['trainable_params']):,.0f}" if m["trainable_params"] else "-"
         name = LABELS.get(paradigm, paradigm) + (f" ({variant})" if variant else "")

@@ -487,3 +487,18 @@ def test_cells_that_only_reused_runs_do_not_count_in_the_eta():
     assert not _ran({"seconds": 0.1}) and _ran({"seconds": 150.0})
     done = [(150.0, 100.0)] + [(r["seconds"], 100.0) for r in ({"seconds": 0.1},) * 3 if _ran(r)]
     assert "measured / prior = 1.50 over 1 finished cells" in _eta(1000.0, done)
+
+
+def test_cost_table_gives_the_timed_steps_apart_when_only_some_runs_have_them():
+    from cpet.report import timing_table
+
+    def run(cell, per_step, timed=None):
+        base = {"plan": "Q", "paradigm": "clm_pet", "variant": "", "cell": cell}
+        rows = [{**base, "metric": "trainable_params", "value": 100},
+                {**base, "metric": "train_seconds_per_step", "value": per_step}]
+        return rows + ([{**base, "metric": "train_step_seconds", "value": timed}] if timed is not None else [])
+
+    table = timing_table(run("a", 2.0) + run("b", 3.0, 1.5) + run("c", 4.0, 2.5))
+    assert "| Q | CLM+PET | 2.000 (2 timed); 3.000* | - | 100 | 3 |" in table
+    assert "| Q | CLM+PET | 2.000 | - | 100 | 2 |" in timing_table(run("b", 3.0, 1.5) + run("c", 4.0, 2.5))
+    assert "| Q | CLM+PET | 3.000* |" in timing_table(run("a", 2.0) + run("b", 4.0))
