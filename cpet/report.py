@@ -442,6 +442,37 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def curve_table(series: dict[tuple[str, str], dict]) -> str:
+    """Figure 3 as numbers (``curve_series``): per task, plan and paradigm the mean validation metric at the
+    start (step 0: an inherited paradigm starts from its teacher's modules), after a quarter, half and all of
+    the training steps, its best, and the first step whose value is within 1 point of that best (how fast
+    it converges); zero-data paradigms as their level. Empty when no result has a curve."""
+    if not series:
+        return ""
+    lines = ["## Convergence (Figure 3)", "",
+             "Validation metric (mean over the chosen runs' seeds, in percent except log-likelihoods) against "
+             "optimizer steps. 'within 1 of best': the first step whose value is within 1 point of the curve's "
+             "own best. A paradigm with no training (no data) shows its level.", "",
+             "| task | plan | paradigm | step 0 | 1/4 | 1/2 | end | best | within 1 of best |", "|---|---|---|---|---|---|---|---|---|"]
+    for (task, plan), s in series.items():
+        scale = 1.0 if s["metric"] == "answer_logprob" else 100.0
+        for paradigm, pts in s["curves"].items():
+            last = pts[-1][0]
+
+            def at(frac: float) -> str:
+                step, value = min(pts, key=lambda p: (abs(p[0] - frac * last), p[0]))
+                return f"{scale * value:.2f} ({step})"
+
+            best = max(v for _, v in pts)
+            reach = next(st for st, v in pts if scale * (best - v) <= 1.0)
+            lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {scale * pts[0][1]:.2f} | "
+                         f"{at(0.25)} | {at(0.5)} | {scale * pts[-1][1]:.2f} ({last}) | {scale * best:.2f} | {reach} |")
+        for paradigm, level in s["levels"].items():
+            v = f"{scale * level:.2f}"
+            lines.append(f"| {task} | {plan} | {LABELS.get(paradigm, paradigm)} | {v} | {v} | {v} | {v} (0) | {v} | 0 |")
+    return "\n".join(lines) + "\n"
+
+
 def timing_table(rows: list[dict]) -> str:
     """Table 5's costs per plan and paradigm, medians over the runs the tables show (every task and seed):
     seconds per training step (the steps alone where the run recorded them, the teacher's cached forward left
@@ -591,11 +622,14 @@ def write_report(results: list[dict], out_dir: str | Path, title: str = "Results
                   f"paradigm by the validation mean over {on} (test never consulted; a tie goes to the lower "
                   "values; a paradigm with a teacher chooses among the runs at its teacher's chosen values); the "
                   "tables below show the chosen runs on every seed.\n\n" + table + "\n\n")
-    pngs = plot(rows, out) + plot_curves(chosen_runs(results, rows), out)
+    chosen = chosen_runs(results, rows)
+    pngs = plot(rows, out) + plot_curves(chosen, out)
+    curves = curve_table(curve_series(chosen))
     text = (f"# {title}\n\n{len(results)} results ({len({r['cell'] for r in results})} cells). "
             f"Produced with: {'; '.join(provenance) or 'unknown'}."
             + (f" Examples used (digest per task): {', '.join(data)}." if data else "") + "\n\n" + search + tables(rows, trivial_baselines(results))
             + "\n" + timing_table(rows)
+            + ("\n" + curves if curves else "")
             + ("\n" + cost_table(rows, load_bench(bench)) if bench else "")
             + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""))
     atomic_write(out / "results.md", text.encode())

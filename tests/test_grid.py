@@ -132,8 +132,26 @@ def test_curves_and_zero_data_point(tmp_path, data_dir, tiny_model_dir, capsys):
     zero = results["clm_inherit_zero"]
     assert zero["steps"] == 0 and zero["curve"] == [] and zero["history"] == []
     assert main(["report", str(tmp_path / "g")]) == 0
+    md = (tmp_path / "g" / "results.md").read_text()
+    conv = md.split("## Convergence (Figure 3)")[1].split("\n\n![")[0]
+    row = next(line for line in conv.splitlines() if line.startswith("| sst2 | Q | CLM+CPET |"))
+    assert row.split(" | ")[3] == f"{100 * results['clm_cpet']['curve'][0]['val_accuracy']:.2f}"  # its step 0
+    assert any(line.startswith("| sst2 | Q | CLM+I, no data |") for line in conv.splitlines())
     pytest.importorskip("matplotlib")
     assert (tmp_path / "g" / "curve_sst2_Q.png").is_file()
+
+
+def test_convergence_table_reads_start_quarter_half_end_and_the_step_that_comes_within_a_point_of_best():
+    from cpet.report import curve_table
+
+    pts = [(0, 0.30), (8, 0.40), (16, 0.455), (24, 0.47), (32, 0.46)]
+    table = curve_table({("mnli", "M"): {"metric": "accuracy", "curves": {"clm_pet": pts},
+                                          "levels": {"clm_inherit_zero": 0.42}}})
+    cells = next(line for line in table.splitlines() if "CLM+PET" in line).strip("| ").split(" | ")
+    assert cells[3:] == ["30.00", "40.00 (8)", "45.50 (16)", "46.00 (32)", "47.00", "24"]
+    zero = next(line for line in table.splitlines() if line.startswith("| mnli | M | CLM+I, no data")).strip("| ").split(" | ")
+    assert zero[3] == zero[7] == "42.00" and zero[8] == "0"
+    assert curve_table({}) == ""
 
 
 def test_curves_show_the_chosen_runs_and_steps_are_timed_apart_from_validation(tmp_path, data_dir, tiny_model_dir):
