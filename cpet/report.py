@@ -193,31 +193,77 @@ def trivial_baselines(results: list[dict]) -> dict[str, float]:
     return out
 
 
+PAIRED = ("Paired by seed: CLM+CPET − CLM+PET (each paradigm at its own chosen hyper-parameters), and the "
+          "share of the compression gap CLM+CPET recovers ((CPET − PET) / (base − PET) on the means over the "
+          f"seeds all three have); a gap under {GAP_FLOOR:g} point is noise, not a gap: shown, with no share. "
+          "'recovered' over tasks is the share of the summed gap (Σ(CPET − PET) / Σ(base − PET)) over the "
+          f"tasks whose gap is at least {GAP_FLOOR:g} point, so no one task can swing it; 'CPET > PET' counts "
+          "the tasks where CLM+CPET's mean is above CLM+PET's, over every task with both. Where some tasks "
+          "have no pair yet, both say over how many of the columns' tasks they are.")
+
+
+def _across_variants(variants, plans, tasks, scale, get, sizes) -> list[str]:
+    """One table over every variant section (a grid axis such as ``pet``): per variant and plan, base+PET,
+    CLM+PET and CLM+CPET per task (seed means), CLM+CPET − CLM+PET paired by seed, and each paradigm's task
+    parameters, so the variants read side by side; the sections below keep the details."""
+    out = ["## Across variants", "",
+           "Seed means per task; 'CPET − PET': paired by seed, mean over the seeds both have (n). Task "
+           "parameters: median over the runs shown (its tasks and seeds).", "",
+           "| variant | plan | paradigm | task params | " + " | ".join(tasks) + " |",
+           "|" + "---|" * (4 + len(tasks))]
+    for variant in variants:
+        for plan in plans:
+            for paradigm, at in (("base_pet", "none"), ("clm_pet", plan), ("clm_cpet", plan)):
+                vals = [get(variant, at, paradigm, t) for t in tasks]
+                if not any(vals):
+                    continue
+                n = [v for t in tasks for v in get(variant, at, paradigm, t, sizes).values()]
+                out.append("| " + " | ".join([variant or "—", plan, LABELS.get(paradigm, paradigm),
+                                              f"{statistics.median(n):,.0f}" if n else "",
+                                              *(f"{scale[t] * statistics.fmean(v.values()):.2f}" if v else ""
+                                                for t, v in zip(tasks, vals))]) + " |")
+            cells = []
+            for t in tasks:
+                pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
+                seeds = sorted(set(pet) & set(cpet))
+                cells.append(f"{scale[t] * statistics.fmean(cpet[s] - pet[s] for s in seeds):+.2f} ({len(seeds)})"
+                             if seeds else "")
+            if any(cells):
+                out.append("| " + " | ".join([variant or "—", plan, "CPET − PET", "", *cells]) + " |")
+    return out + [""]
+
+
 def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
     """The markdown report (see the module docstring)."""
     main_metric, scale = main_metrics(rows)
     tasks = sorted(main_metric)
     by = defaultdict(dict)  # (variant, plan, paradigm, task) -> {seed: value}
+    sizes = defaultdict(dict)  # the same keys -> {seed: task parameters}
     for r in rows:
         if main_metric.get(r["task"]) == r["metric"]:
             by[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
+        elif r["metric"] == "trainable_params":
+            sizes[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
+
     def parts(v: str) -> set[str]:
         return {p for p in v.split(", ") if p}
 
-    def get(variant: str, plan: str, paradigm: str, task: str) -> dict:
+    def get(variant: str, plan: str, paradigm: str, task: str, table: dict = by) -> dict:
         """A paradigm's values in a variant section; a paradigm that does not depend on some of the
         section's axes (base+PET on the recovery settings, say) shows its runs without them."""
-        if (variant, plan, paradigm, task) in by:
-            return by[(variant, plan, paradigm, task)]
-        own = [k[0] for k in by if k[1:] == (plan, paradigm, task) and parts(k[0]) <= parts(variant)]
-        return by[(max(own, key=lambda v: len(parts(v))), plan, paradigm, task)] if own else {}
+        if (variant, plan, paradigm, task) in table:
+            return table[(variant, plan, paradigm, task)]
+        own = [k[0] for k in table if k[1:] == (plan, paradigm, task) and parts(k[0]) <= parts(variant)]
+        return table[(max(own, key=lambda v: len(parts(v))), plan, paradigm, task)] if own else {}
 
     found = {k[0] for k in by}
     variants = sorted(v for v in found if not any(parts(v) < parts(w) for w in found))  # the widest sections
     plans = sorted({k[1] for k in by if k[1] != "none"})
     out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
            + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n); one seed: mean (n=1).", ""]
-    for variant in variants:
+    if len(variants) > 1:
+        out += _across_variants(variants, plans, tasks, scale, get, sizes)
+    for i, variant in enumerate(variants):
         if variant:
             out += [f"### {variant}", ""]
         base_means = {t: statistics.fmean(v.values()) for t in tasks if (v := get(variant, "none", "base_pet", t))}
@@ -246,13 +292,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
                     for ts in ([tasks, kept] if below else [tasks])]
             out.append("| " + " | ".join([plan if plan != "none" else "—", LABELS.get(paradigm, paradigm),
                                           *(_fmt(v, scale[t]) for t, v in zip(tasks, vals)), *avgs]) + " |")
-        out += ["", "Paired by seed: CLM+CPET − CLM+PET (each paradigm at its own chosen hyper-parameters), and the "
-                "share of the compression gap CLM+CPET recovers ((CPET − PET) / (base − PET) on the means over the "
-                f"seeds all three have); a gap under {GAP_FLOOR:g} point is noise, not a gap: shown, with no share. "
-                "'recovered' over tasks is the share of the summed gap (Σ(CPET − PET) / Σ(base − PET)) over the "
-                f"tasks whose gap is at least {GAP_FLOOR:g} point, so no one task can swing it; 'CPET > PET' counts "
-                "the tasks where CLM+CPET's mean is above CLM+PET's, over every task with both. Where some tasks "
-                "have no pair yet, both say over how many of the columns' tasks they are.", "",
+        out += ["", *([PAIRED] if i == 0 else ["Paired by seed (as above):"]), "",
                 "| plan | " + " | ".join(f"{t} †" if t in below else t for t in tasks) + " | recovered | CPET > PET |"
                 + (" recovered w/o † | CPET > PET w/o † |" if below else ""),
                 "|" + "---|" * (len(tasks) + 3 + 2 * bool(below))]

@@ -236,6 +236,14 @@ def test_sections_show_shared_baselines_beside_each_variant():
     assert "### recovery.init=fit" in text and "### recovery.init=zero" in text and "\n### \n" not in text
     assert "80% of 10.00" in text and "20% of 10.00" in text
     assert text.count("| — | base+PET | 50.00") == 2
+    # the variants side by side, once: the shared baselines in each, the paired difference per variant
+    across = text.split("## Across variants")[1].split("### ")[0]
+    assert across.count("| base+PET |  | 50.00 |") == 2 and "| recovery.init=fit | Q | CLM+CPET |  | 48.00 |" in across
+    assert "| recovery.init=fit | Q | CPET − PET |  | +8.00 (1) |" in across
+    assert "| recovery.init=zero | Q | CPET − PET |  | +2.00 (1) |" in across
+    assert text.count("Paired by seed: CLM+CPET") == 1  # the long explanation once, not per section
+    add("clm_pet", "Q", "", 0.40)  # one variant: no summary
+    assert "## Across variants" not in tables([r for r in rows if "zero" not in r["variant"]])
 
 
 def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apart():
