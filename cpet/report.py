@@ -261,7 +261,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
     plans = sorted({k[1] for k in by if k[1] != "none"})
     out = ["Metric per task: " + ", ".join(f"{t} {main_metric[t]}" for t in tasks)
            + " (in percent, except log-likelihoods). Cells: mean ± std over seeds (n); one seed: mean (n=1).", ""]
-    if len(variants) > 1:
+    if len(variants) > 1 and plans:  # (base+PET alone: the sections say it all)
         out += _across_variants(variants, plans, tasks, scale, get, sizes)
     for i, variant in enumerate(variants):
         if variant:

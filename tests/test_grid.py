@@ -244,6 +244,8 @@ def test_sections_show_shared_baselines_beside_each_variant():
     assert text.count("Paired by seed: CLM+CPET") == 1  # the long explanation once, not per section
     add("clm_pet", "Q", "", 0.40)  # one variant: no summary
     assert "## Across variants" not in tables([r for r in rows if "zero" not in r["variant"]])
+    bases = [{**r, "variant": v} for r in rows if r["paradigm"] == "base_pet" for v in ("lora.r=4", "lora.r=8")]
+    assert "## Across variants" not in tables(bases)  # no compressed plan: nothing to set side by side
 
 
 def test_tasks_where_base_pet_does_not_clear_the_bar_are_marked_and_averaged_apart():
