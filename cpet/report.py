@@ -124,6 +124,16 @@ def check_one_run_per_row(results: list[dict]) -> None:
                 "cells of the current grid file(s) with --grid GRID.yaml, or delete the stale cell records")
 
 
+def metric_scale(metric: str) -> float:
+    """The factor a metric is shown with: percent, except log-likelihoods (shown as they are)."""
+    return 1.0 if metric == "answer_logprob" else 100.0
+
+
+def paired(pet: dict, cpet: dict) -> dict:
+    """{seed: CLM+CPET − CLM+PET} over the seeds both ran (from {seed: value} of each)."""
+    return {s: cpet[s] - pet[s] for s in sorted(set(pet) & set(cpet))}
+
+
 def main_metrics(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
     """Per task: the metric its checkpoint was selected on (the first of its val metrics) and the scale
     it is shown in (percent, except log-likelihoods)."""
@@ -131,7 +141,7 @@ def main_metrics(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
     for r in rows:
         if r["metric"].startswith("val_") and r["task"] not in main:
             main[r["task"]] = r["metric"][4:]
-    return main, {t: (1.0 if m == "answer_logprob" else 100.0) for t, m in main.items()}
+    return main, {t: metric_scale(m) for t, m in main.items()}
 
 
 def _pyplot():
@@ -224,10 +234,8 @@ def _across_variants(variants, plans, tasks, scale, get, sizes) -> list[str]:
                                                 for t, v in zip(tasks, vals))]) + " |")
             cells = []
             for t in tasks:
-                pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
-                seeds = sorted(set(pet) & set(cpet))
-                cells.append(f"{scale[t] * statistics.fmean(cpet[s] - pet[s] for s in seeds):+.2f} ({len(seeds)})"
-                             if seeds else "")
+                d = paired(get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t))
+                cells.append(f"{scale[t] * statistics.fmean(d.values()):+.2f} ({len(d)})" if d else "")
             if any(cells):
                 out.append("| " + " | ".join([variant or "—", plan, "CPET − PET", "", *cells]) + " |")
     return out + [""]
@@ -301,14 +309,13 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
             for t in tasks:
                 pet, cpet = get(variant, plan, "clm_pet", t), get(variant, plan, "clm_cpet", t)
                 base = get(variant, "none", "base_pet", t)
-                seeds = sorted(set(pet) & set(cpet))
-                if not seeds:
+                d = paired(pet, cpet)
+                if not d:
                     cells.append("")
                     continue
-                d = {s: cpet[s] - pet[s] for s in seeds}
                 text = _fmt(list(d.values()), scale[t], sign="+")
                 diffs[t] = scale[t] * statistics.fmean(d.values())
-                matched = [s for s in seeds if s in base]  # the gap on the seeds base+PET also has
+                matched = [s for s in d if s in base]  # the gap on the seeds base+PET also has
                 if matched:
                     gap = scale[t] * statistics.fmean(base[s] - pet[s] for s in matched)
                     if gap >= GAP_FLOOR:
@@ -495,7 +502,7 @@ def curve_table(series: dict[tuple[str, str], dict]) -> str:
              "own best. A paradigm with no training (no data) shows its level.", "",
              "| task | plan | paradigm | step 0 | 1/4 | 1/2 | end | best | within 1 of best |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, plan), s in series.items():
-        scale = 1.0 if s["metric"] == "answer_logprob" else 100.0
+        scale = metric_scale(s["metric"])
         for paradigm, pts in s["curves"].items():
             last = pts[-1][0]
 
