@@ -294,7 +294,16 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
     if select == ["none"]:  # every run, nothing chosen
         select = []
     seeds = None
-    if select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
+    searches = {(tuple(g.select.keys), tuple(g.select.seeds)) for g in map(load_grid, grids or []) if g.select}
+    if select is None and len(searches) > 1:
+        raise CpetError(f"the grids {grids} search differently ({sorted(searches)}); report them one at a time, or "
+                        "pass --select")
+    if select is None and searches:  # the grid's own search, whatever another grid sharing the store searched
+        (keys, seeds), = searches
+        select = list(keys)
+        print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
+              "select; --select to change)")
+    elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
         spec = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")
         select, seeds = spec["keys"], tuple(spec["seeds"])
         print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "

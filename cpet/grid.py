@@ -347,6 +347,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
     skip = ("done",) if retry_failed else ("done", "failed")
     todo = [c for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
+    todo_ids = {c.id for c in todo}
     sel = grid.select
     priors = _priors(grid)
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded"
@@ -359,6 +360,9 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     failed_now: set[str] = set()  # cells that failed in this invocation: not tried again in a later round
 
     def finished(cell: Cell, rec: dict, final: bool = True) -> None:
+        before = (recorded[cell.id] or {}).get("results") or {}
+        if rec["status"] != "failed" and before:  # grids sharing a store share cell records: a paradigm this
+            rec = {**rec, "results": {**before, **rec["results"]}}  # search did not choose keeps its result
         atomic_write_json(grid.root / CELLS / f"{cell.id}.json", rec)
         recorded[cell.id] = rec
         if rec["status"] == "failed":
@@ -412,8 +416,18 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     if sel is None:
         execute([(c, list(c.config.paradigms), {}) for c in todo])
     else:
-        atomic_write_json(grid.root / SELECT, {"keys": list(sel.keys), "seeds": list(sel.seeds)})
-        search = [c for c in todo if sel.searches(c)]
+        spec = {"keys": list(sel.keys), "seeds": list(sel.seeds)}
+        mine = grid.root / SELECT
+        other = read_json(mine, "grid search", f"delete {mine}") if mine.is_file() else None
+        if other is None:
+            atomic_write_json(mine, spec)
+        elif other != spec:  # the store's default for cpet report stays the first grid's search
+            log(f"{mine} holds another grid's search ({other}); left as it is: report this grid's choice with "
+                "cpet report --grid GRID.yaml")
+        # every search cell's teacher first (also in cells another grid sharing the store recorded without it)
+        search = [c for c in grid.cells if sel.searches(c)
+                  and "base_pet" not in (recorded[c.id] or {}).get("results", {})
+                  and (c.id in todo_ids or (recorded[c.id] or {}).get("status") == "done")]
         execute([(c, ["base_pet"], {}) for c in search if "base_pet" in c.config.paradigms], final=False)
         for searching in (True, False):  # the search seeds' other paradigms, then the other seeds
             choices = _choices(grid)

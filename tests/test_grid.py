@@ -459,6 +459,41 @@ def test_the_grid_searches_on_one_seed_and_runs_the_others_at_the_values_validat
     assert "train.lr" not in next(r["variant"] for r in rows if r["paradigm"] == "clm_pet")  # trains on clm_lr only
 
 
+def test_a_second_grid_searching_on_more_seeds_shares_the_store_without_changing_the_first(
+        tmp_path, data_dir, tiny_model_dir, capsys):
+    """Grid A searches the rates on seed 1; grid B (same cells, same store) on seeds 1 and 2. B runs every
+    candidate on seed 2 too, teachers first, and A's records, default search and report stay as they were."""
+    axes = "  task.name: [sst2]\n  compress: [Q]\n  train.seed: [1, 2]\n  train.lr: [0.001, 0.02]\n" \
+           "  train.clm_lr: [0.001, 0.02]\n"
+    a = _grid_file(tmp_path, data_dir, tiny_model_dir, axes)
+    text = Path(a).read_text()
+    Path(a).write_text(text + "select: {keys: [train.lr, train.clm_lr], seeds: [1]}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text(text + "select: {keys: [train.lr, train.clm_lr], seeds: [1, 2]}\n")
+    root = tmp_path / "g"
+    assert main(["grid", a]) == 0
+    assert main(["report", str(root), "--grid", a, "-o", str(tmp_path / "ra")]) == 0
+    first = (tmp_path / "ra" / "results.md").read_text().split("\n", 3)[3]  # after the header (counts the runs)
+    capsys.readouterr()
+    assert main(["grid", str(b)]) == 0
+    assert "holds another grid's search" in capsys.readouterr().out
+    assert json.loads((root / "select.json").read_text())["seeds"] == [1]  # the store's default is still A's
+    folders = [p.name.split("-")[0] for p in (root / "paradigms").iterdir()]
+    # every candidate on both seeds: 2 teachers x 2 seeds; CLM+PET 2 x 2; CLM+CPET 2 (on the chosen teacher) x 2
+    assert folders.count("base_pet") == 4 and folders.count("clm_pet") == 4 and folders.count("clm_cpet") >= 4
+    cells = [json.loads(f.read_text()) for f in (root / "cells").glob("*.json")]
+    assert all(c["status"] == "done" for c in cells)
+    assert main(["report", str(root), "--grid", a, "-o", str(tmp_path / "ra2")]) == 0
+    assert (tmp_path / "ra2" / "results.md").read_text().split("\n", 3)[3] == first  # A's tables: unchanged
+    assert main(["report", str(root), "--grid", str(b), "-o", str(tmp_path / "rb")]) == 0
+    assert "validation of seeds [1, 2]" in capsys.readouterr().out
+    assert "(on seeds 1, 2)" in (tmp_path / "rb" / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["grid", str(b)]) == 0 and "8 already recorded" in capsys.readouterr().out
+    assert main(["report", str(root), "--grid", a, str(b)]) != 0
+    assert "search differently" in capsys.readouterr().err
+
+
 def test_a_grid_select_names_axes_and_search_seeds(tmp_path, data_dir, tiny_model_dir):
     g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  train.seed: [1, 2]\n  train.lr: [0.001, 0.02]\n")
     for select, needle in (("{keys: [train.epochs], seeds: [1]}", "must name axes"),
