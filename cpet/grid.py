@@ -310,10 +310,20 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     """The cells with their status and an estimate of the time left."""
     rows, done, prior_left = [], [], 0.0
     priors = _priors(grid)
+    choices = _choices(grid) if grid.select else {}
+    more_shared: set = set()
     for cell in grid.cells:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
         prior = priors[cell.id]
+        more = _more_to_run(grid, cell, rec, choices) if status == "done" else []
+        if more:  # recorded by a grid whose search chose otherwise (it shares the store): this one runs more
+            status = "more"
+            teacher = "base_pet" not in more and any(PARADIGM_SPECS[p].needs_teacher for p in more)
+            runs = (["base_pet"] if teacher else []) + more  # a config with a taught paradigm names its teacher
+            prior = prior_seconds(Cell(cell.values, replace(cell.config, paradigms=tuple(runs))), more_shared)
+            if teacher:  # ... which is already there
+                prior -= prior_seconds(Cell(cell.values, replace(cell.config, paradigms=("base_pet",))), set())
         if status == "done":
             if _ran(rec):
                 done.append((rec["seconds"], prior))
@@ -329,6 +339,17 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
             "paradigm at its chosen values (their estimates count one run of each)")
     log(f"{len(rows)} cells, {len(rows) - left} done, {left} to run; {_eta(prior_left, done)}")
     return rows
+
+
+def _more_to_run(grid: Grid, cell: Cell, rec: dict, choices: dict) -> list[str]:
+    """The paradigms of a recorded cell this grid's search still runs (as ``run_grid`` decides it): those it
+    chooses, or on a search seed tries, that the recorded search did not."""
+    if grid.select is None:
+        return []
+    keep, _ = _chosen_paradigms(cell, grid.select, choices)
+    if grid.select.searches(cell) and "base_pet" in cell.config.paradigms:
+        keep = list(dict.fromkeys(["base_pet", *keep]))  # a search cell's teacher always runs
+    return [p for p in keep if p not in (rec.get("results") or {})]
 
 
 def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False,

@@ -475,6 +475,9 @@ def test_a_second_grid_searching_on_more_seeds_shares_the_store_without_changing
     assert main(["report", str(root), "--grid", a, "-o", str(tmp_path / "ra")]) == 0
     first = (tmp_path / "ra" / "results.md").read_text().split("\n", 3)[3]  # after the header (counts the runs)
     capsys.readouterr()
+    assert main(["grid", str(b), "--dry-run"]) == 0  # the cells A recorded without B's candidates: more to run
+    out = capsys.readouterr().out
+    assert "[  more]" in out and "[  done]" in out and "0 to run" not in out
     assert main(["grid", str(b)]) == 0
     assert "holds another grid's search" in capsys.readouterr().out
     assert json.loads((root / "select.json").read_text())["seeds"] == [1]  # the store's default is still A's
