@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -278,7 +279,13 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
         return 0
     records = run_grid(grid, log, retry_failed=retry_failed, executor=executor, workers=workers)
     failed = sum(1 for r in records if r and r.get("status") == "failed")
-    print(f"\nresults: {grid.root.resolve()} (cpet report {grid.root} makes the tables)")
+    others = len(list((grid.root / "cells").glob("*.json"))) > len(grid.cells)  # another grid's cells are there
+    select = grid.root / "select.json"
+    searched = {"keys": list(grid.select.keys), "seeds": list(grid.select.seeds)} if grid.select else None
+    if select.is_file() and json.loads(select.read_text()) != searched:  # the store's default is another search
+        others = True
+    how = f"cpet report {grid.root}" + (f" --grid {path}" if others else "")
+    print(f"\nresults: {grid.root.resolve()} ({how} makes the tables)")
     return 1 if failed else 0
 
 
@@ -303,6 +310,8 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
         select = list(keys)
         print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
               "select; --select to change)")
+    elif select is None and grids:  # grids with no search: every run (the store's select.json is another grid's)
+        select = []
     elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
         spec = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")
         select, seeds = spec["keys"], tuple(spec["seeds"])

@@ -479,7 +479,8 @@ def test_a_second_grid_searching_on_more_seeds_shares_the_store_without_changing
     out = capsys.readouterr().out
     assert "[  more]" in out and "[  done]" in out and "0 to run" not in out
     assert main(["grid", str(b)]) == 0
-    assert "holds another grid's search" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "holds another grid's search" in out and f"--grid {b} makes the tables" in out
     assert json.loads((root / "select.json").read_text())["seeds"] == [1]  # the store's default is still A's
     folders = [p.name.split("-")[0] for p in (root / "paradigms").iterdir()]
     # every candidate on both seeds: 2 teachers x 2 seeds; CLM+PET 2 x 2; CLM+CPET 2 (on the chosen teacher) x 2
@@ -495,6 +496,11 @@ def test_a_second_grid_searching_on_more_seeds_shares_the_store_without_changing
     assert main(["grid", str(b)]) == 0 and "8 already recorded" in capsys.readouterr().out
     assert main(["report", str(root), "--grid", a, str(b)]) != 0
     assert "search differently" in capsys.readouterr().err
+    c = tmp_path / "c.yaml"  # no search: its report shows every run, not the store's select.json
+    c.write_text(text)
+    assert main(["report", str(root), "--grid", str(c), "-o", str(tmp_path / "rc")]) == 0
+    assert "chosen on validation" not in capsys.readouterr().out
+    assert "## Hyper-parameters chosen on validation" not in (tmp_path / "rc" / "results.md").read_text()
 
 
 def test_a_grid_select_names_axes_and_search_seeds(tmp_path, data_dir, tiny_model_dir):
