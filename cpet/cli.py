@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -270,7 +269,7 @@ def _adapt(task_dir: str, compressed: str, out: str, r: int, activation: str, sa
 
 def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool, retry_failed: bool,
           executor: str = "local", workers: int = 2) -> int:
-    from cpet.grid import describe, load_grid, run_grid
+    from cpet.grid import describe, load_grid, run_grid, shares_store
 
     grid = load_grid(path, overrides, output_dir)  # every cell validated before anything runs
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -279,20 +278,14 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
         return 0
     records = run_grid(grid, log, retry_failed=retry_failed, executor=executor, workers=workers)
     failed = sum(1 for r in records if r and r.get("status") == "failed")
-    others = len(list((grid.root / "cells").glob("*.json"))) > len(grid.cells)  # another grid's cells are there
-    select = grid.root / "select.json"
-    searched = {"keys": list(grid.select.keys), "seeds": list(grid.select.seeds)} if grid.select else None
-    if select.is_file() and json.loads(select.read_text()) != searched:  # the store's default is another search
-        others = True
-    how = f"cpet report {grid.root}" + (f" --grid {path}" if others else "")
+    how = f"cpet report {grid.root}" + (f" --grid {path}" if shares_store(grid) else "")
     print(f"\nresults: {grid.root.resolve()} ({how} makes the tables)")
     return 1 if failed else 0
 
 
 def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None,
             grids: list[str] | None = None) -> int:
-    from cpet.grid import SELECT, load_grid, results_of
-    from cpet.io import read_json
+    from cpet.grid import load_grid, results_of, store_search
     from cpet.report import write_report
 
     root_p = Path(root)
@@ -300,24 +293,25 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
         raise CpetError(f"{root} is not a cpet grid folder (no cells/); pass the output_dir of cpet grid")
     if select == ["none"]:  # every run, nothing chosen
         select = []
+    loaded = [load_grid(g, output_dir=root) for g in grids or []]  # every cell's config: built once
     seeds = None
-    searches = {(tuple(g.select.keys), tuple(g.select.seeds)) for g in map(load_grid, grids or []) if g.select}
-    if select is None and len(searches) > 1:
-        raise CpetError(f"the grids {grids} search differently ({sorted(searches)}); report them one at a time, or "
-                        "pass --select")
-    if select is None and searches:  # the grid's own search, whatever another grid sharing the store searched
-        (keys, seeds), = searches
+    if select is None:  # a grid's own search (the grid files'; without them the store's select.json)
+        searches = {(g.select.keys, g.select.seeds) for g in loaded if g.select}
+        if len(searches) > 1:
+            raise CpetError(f"the grids {grids} search differently ({sorted(searches)}); report them one at a "
+                            "time, or pass --select")
+        spec = store_search(root_p) if not loaded else None  # grid files that search nothing: every run
+        if searches:
+            (keys, seeds), = searches
+        elif spec:
+            keys, seeds = spec["keys"], tuple(spec["seeds"])
+        else:
+            keys = ()
         select = list(keys)
-        print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
-              "select; --select to change)")
-    elif select is None and grids:  # grids with no search: every run (the store's select.json is another grid's)
-        select = []
-    elif select is None and (root_p / SELECT).is_file():  # the grid searched these keys: report its choice
-        spec = read_json(root_p / SELECT, "grid search", f"delete {root_p / SELECT} or pass --select")
-        select, seeds = spec["keys"], tuple(spec["seeds"])
-        print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
-              "select; --select to change)")
-    cells = {c.id for g in grids for c in load_grid(g, output_dir=root).cells} if grids else None
+        if select:
+            print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
+                  "select; --select to change)")
+    cells = {c.id for g in loaded for c in g.cells} if loaded else None
     paths = write_report(results_of(root_p, cells), out or root_p, title=f"Results of {root_p.name}", bench=bench,
                          select=tuple(select or ()), select_seeds=seeds)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))

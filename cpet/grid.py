@@ -95,6 +95,11 @@ class Selection:
     def searches(self, cell: Cell) -> bool:
         return cell.config.train.seed in self.seeds
 
+    @property
+    def spec(self) -> dict:
+        """As ``select.json`` holds it."""
+        return {"keys": list(self.keys), "seeds": list(self.seeds)}
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -316,14 +321,14 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
         prior = priors[cell.id]
-        more = _more_to_run(grid, cell, rec, choices) if status == "done" else []
+        keep = _chosen_paradigms(cell, grid.select, choices)[0] if grid.select and status == "done" else []
+        more = _unrun(rec, keep)
         if more:  # recorded by a grid whose search chose otherwise (it shares the store): this one runs more
             status = "more"
-            teacher = "base_pet" not in more and any(PARADIGM_SPECS[p].needs_teacher for p in more)
-            runs = (["base_pet"] if teacher else []) + more  # a config with a taught paradigm names its teacher
+            made = Cell(cell.values, replace(cell.config, paradigms=("base_pet",)))
+            prior_seconds(made, more_shared)  # its teacher is there: counted as made, not as work
+            runs = [p for p in keep if p in more or p == "base_pet"]  # (a taught paradigm's config names it)
             prior = prior_seconds(Cell(cell.values, replace(cell.config, paradigms=tuple(runs))), more_shared)
-            if teacher:  # ... which is already there
-                prior -= prior_seconds(Cell(cell.values, replace(cell.config, paradigms=("base_pet",))), set())
         if status == "done":
             if _ran(rec):
                 done.append((rec["seconds"], prior))
@@ -341,15 +346,24 @@ def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     return rows
 
 
-def _more_to_run(grid: Grid, cell: Cell, rec: dict, choices: dict) -> list[str]:
-    """The paradigms of a recorded cell this grid's search still runs (as ``run_grid`` decides it): those it
-    chooses, or on a search seed tries, that the recorded search did not."""
-    if grid.select is None:
-        return []
-    keep, _ = _chosen_paradigms(cell, grid.select, choices)
-    if grid.select.searches(cell) and "base_pet" in cell.config.paradigms:
-        keep = list(dict.fromkeys(["base_pet", *keep]))  # a search cell's teacher always runs
-    return [p for p in keep if p not in (rec.get("results") or {})]
+def _unrun(rec: dict | None, paradigms) -> list[str]:
+    """The paradigms with no result in a cell's record: what a search still runs there (the record may come
+    from another grid sharing the store, whose search chose or tried other values)."""
+    have = (rec or {}).get("results") or {}
+    return [p for p in paradigms if p not in have]
+
+
+def store_search(root: Path) -> dict | None:
+    """The search ``select.json`` holds (the first grid that searched on this store): ``cpet report``'s default."""
+    f = Path(root) / SELECT
+    return read_json(f, "grid search", f"delete {f} or pass cpet report --select") if f.is_file() else None
+
+
+def shares_store(grid: Grid) -> bool:
+    """Whether the store holds another grid's cells or search, so that a report of this grid names it (--grid)."""
+    search = store_search(grid.root)
+    others = len(list((grid.root / CELLS).glob("*.json"))) > len(grid.cells)
+    return others or (search is not None and search != (grid.select.spec if grid.select else None))
 
 
 def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool = False,
@@ -368,7 +382,6 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     recorded = {c.id: cell_record(grid.root, c) for c in grid.cells}
     skip = ("done",) if retry_failed else ("done", "failed")
     todo = [c for c in grid.cells if (recorded[c.id] or {}).get("status") not in skip]
-    todo_ids = {c.id for c in todo}
     sel = grid.select
     priors = _priors(grid)
     log(f"grid {grid.root}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already recorded"
@@ -437,19 +450,17 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
     if sel is None:
         execute([(c, list(c.config.paradigms), {}) for c in todo])
     else:
-        spec = {"keys": list(sel.keys), "seeds": list(sel.seeds)}
-        mine = grid.root / SELECT
-        other = read_json(mine, "grid search", f"delete {mine}") if mine.is_file() else None
+        other = store_search(grid.root)
         if other is None:
-            atomic_write_json(mine, spec)
-        elif other != spec:  # the store's default for cpet report stays the first grid's search
-            log(f"{mine} holds another grid's search ({other}); left as it is: report this grid's choice with "
-                "cpet report --grid GRID.yaml")
+            atomic_write_json(grid.root / SELECT, sel.spec)
+        elif other != sel.spec:  # the store's default for cpet report stays the first grid's search
+            log(f"{grid.root / SELECT} holds another grid's search ({other}); left as it is: report this grid's "
+                "choice with cpet report --grid GRID.yaml")
         # every search cell's teacher first (also in cells another grid sharing the store recorded without it)
-        search = [c for c in grid.cells if sel.searches(c)
-                  and "base_pet" not in (recorded[c.id] or {}).get("results", {})
-                  and (c.id in todo_ids or (recorded[c.id] or {}).get("status") == "done")]
-        execute([(c, ["base_pet"], {}) for c in search if "base_pet" in c.config.paradigms], final=False)
+        search = [c for c in grid.cells if sel.searches(c) and _unrun(recorded[c.id], ["base_pet"])
+                  and "base_pet" in c.config.paradigms
+                  and (retry_failed or (recorded[c.id] or {}).get("status") != "failed")]
+        execute([(c, ["base_pet"], {}) for c in search], final=False)
         for searching in (True, False):  # the search seeds' other paradigms, then the other seeds
             choices = _choices(grid)
             batch = []
@@ -458,8 +469,8 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print, retry_failed: bool 
                     continue
                 rec = recorded[c.id] or {}
                 keep, skipped = _chosen_paradigms(c, sel, choices)
-                if rec.get("status") == "done" and not set(keep) & set(rec.get("not_chosen", {})):
-                    continue  # done, and nothing it left out has been chosen since
+                if rec.get("status") == "done" and not _unrun(rec, keep):
+                    continue  # done, and everything chosen since has its result
                 if rec.get("status") == "failed" and not retry_failed:
                     continue
                 missing = [p for p in keep if p in skipped]

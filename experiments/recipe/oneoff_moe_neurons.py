@@ -42,10 +42,11 @@ with torch.no_grad():
         lin = torch.linalg.lstsq(X1[fit], R[fit]).solution
         line = f"{blk.block}: moe {err(ym):.3f}  full linear {err(ym + X1 @ lin):.3f}"
         for r in (32, 64, 128, 256):
-            F = H[:, score.topk(r).indices]
+            top = score.topk(r).indices
+            F = H[:, top]
             F1 = torch.cat([F, xs], 1)
             U = torch.linalg.lstsq(F[fit], R[fit]).solution
             U1 = torch.linalg.lstsq(F1[fit], R[fit]).solution
-            raw = F @ W2[:, score.topk(r).indices].T
+            raw = F @ W2[:, top].T
             line += f" | r{r} raw {err(ym + raw):.3f} ls {err(ym + F @ U):.3f} ls+lin {err(ym + F1 @ U1):.3f}"
         print(line, flush=True)
