@@ -285,7 +285,7 @@ def _grid(path: str, overrides: list[str], output_dir: str | None, dry_run: bool
 
 def _report(root: str, out: str | None, bench: str | None = None, select: list[str] | None = None,
             grids: list[str] | None = None) -> int:
-    from cpet.grid import load_grid, results_of, store_search
+    from cpet.grid import grid_labels, load_grid, results_of, store_search
     from cpet.report import write_report
 
     root_p = Path(root)
@@ -311,7 +311,7 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
         if select:
             print(f"hyper-parameters chosen on validation of seeds {list(seeds)}: {', '.join(select)} (the grid's "
                   "select; --select to change)")
-    cells = {c.id for g in loaded for c in g.cells} if loaded else None
+    cells = grid_labels(*loaded) if loaded else None  # each cell labelled as these grids label it
     paths = write_report(results_of(root_p, cells), out or root_p, title=f"Results of {root_p.name}", bench=bench,
                          select=tuple(select or ()), select_seeds=seeds)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))

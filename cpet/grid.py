@@ -501,7 +501,7 @@ def _group(cell: Cell, paradigm: str, keys: tuple[str, ...]) -> tuple[tuple, str
 def _choices(grid: Grid) -> dict[tuple, str]:
     """The values validation chose so far, from the search seeds' results of this grid's cells (another
     grid sharing the store has its own search)."""
-    rows = long_rows(results_of(grid.root, {c.id for c in grid.cells}))
+    rows = long_rows(results_of(grid.root, grid_labels(grid)))
     return choose_on_validation(rows, grid.select.keys, grid.select.seeds)[0] if rows else {}
 
 
@@ -603,10 +603,24 @@ def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished) -> None:
             ray.shutdown()
 
 
-def results_of(root: Path, cells: set[str] | None = None) -> list[dict]:
-    """Every finished paradigm of the recorded cells (each distinct result once; ``cells``: of these cell
-    ids only): the result record + the axis labels and config of the (first) cell that produced it. A
-    cell still partial or failed contributes the paradigms it finished (a search cell's teacher, say)."""
+def grid_labels(*grids: Grid) -> dict[str, dict[str, str]]:
+    """Cell id -> its axis labels in these grids (a cell two grids share: the union of both grids' labels;
+    one config, so one value per key)."""
+    out: dict[str, dict[str, str]] = {}
+    for g in grids:
+        for c in g.cells:
+            out[c.id] = {**out.get(c.id, {}), **c.labels}
+    return out
+
+
+def results_of(root: Path, cells: dict[str, dict[str, str]] | None = None) -> list[dict]:
+    """Every finished paradigm of the recorded cells (each distinct result once): the result record + the
+    axis labels and config of the (first) cell that produced it. ``cells`` (``grid_labels``): of these cell
+    ids only, labelled as these grids label them, not as the record says. A cell's id is its config, so
+    grids that share a store share cells; the record keeps the labels of the grid that ran it first, which
+    lack the axes a later grid adds (``recovery.r`` beside runs made without that axis): read with those,
+    a later grid's candidates would not be told apart and a tie would not go to the lower value. A cell
+    still partial or failed contributes the paradigms it finished (a search cell's teacher, say)."""
     layout = StoreLayout(Path(root))
     out, seen = [], set()
     for f in sorted((Path(root) / CELLS).glob("*.json")):
@@ -621,6 +635,7 @@ def results_of(root: Path, cells: set[str] | None = None) -> list[dict]:
             seen.add((paradigm, fp))
             rf = layout.paradigm_dir(paradigm, fp) / "result.json"
             result = read_json(rf, "result", f"delete {rf.parent} and {f}, then rerun the grid")
-            out.append({**result, "cell": rec["cell"], "labels": rec["labels"], "cell_config": rec["config"]})
+            labels = cells[f.stem] if cells is not None else rec["labels"]
+            out.append({**result, "cell": rec["cell"], "labels": labels, "cell_config": rec["config"]})
     return out
 

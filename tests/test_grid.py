@@ -503,6 +503,40 @@ def test_a_second_grid_searching_on_more_seeds_shares_the_store_without_changing
     assert "## Hyper-parameters chosen on validation" not in (tmp_path / "rc" / "results.md").read_text()
 
 
+def test_a_grid_that_adds_an_axis_labels_the_cells_it_shares_by_its_own_axes(
+        tmp_path, data_dir, tiny_model_dir, capsys):
+    """Grid A ran CLM+CPET at the base's recovery rank; grid B (same store) searches recovery.r in {4, 8}, so
+    A's cells are B's rank-4 candidates. B's report and search label them recovery.r=4, as B's own cells
+    (the records keep A's labels, which lack that axis): the rank-4 and rank-8 runs are candidates of one
+    search, not a main variant beside a recovery.r section."""
+    from cpet.grid import grid_labels, results_of
+    from cpet.report import long_rows
+
+    axes = "  task.name: [sst2]\n  compress: [Q]\n  train.seed: [1]\n"
+    a = _grid_file(tmp_path, data_dir, tiny_model_dir, axes)
+    b = tmp_path / "b.yaml"
+    b.write_text(Path(a).read_text().replace("axes:\n", "axes:\n  recovery.r: [4, 8]\n")
+                 + "select: {keys: [recovery.r], seeds: [1]}\n")
+    assert main(["grid", a]) == 0
+    root = tmp_path / "g"
+    ran = {f.stem for f in (root / "cells").glob("*.json")}
+    assert main(["grid", str(b)]) == 0
+    grid_b = load_grid(b)
+    assert ran < {c.id for c in grid_b.cells}  # A's cell is one of B's: shared, not run again
+    rows = [r for r in long_rows(results_of(root)) if r["paradigm"] == "clm_cpet" and r["metric"] == "accuracy"]
+    assert sorted(r["variant"] for r in rows) == ["", "recovery.r=8"]  # the records: A's labels on A's cell
+    rows = [r for r in long_rows(results_of(root, grid_labels(grid_b)))
+            if r["paradigm"] == "clm_cpet" and r["metric"] == "accuracy"]
+    assert sorted(r["variant"] for r in rows) == ["recovery.r=4", "recovery.r=8"]
+    assert {r["variant"] for r in long_rows(results_of(root, grid_labels(grid_b))) if r["paradigm"] != "clm_cpet"} \
+        == {""}  # base+PET and CLM+PET do not depend on the recovery rank
+    capsys.readouterr()
+    assert main(["report", str(root), "--grid", str(b), "-o", str(tmp_path / "rb")]) == 0
+    md = (tmp_path / "rb" / "results.md").read_text()
+    cpet_row, = [line for line in md.splitlines() if line.startswith("| sst2 | Q | CLM+CPET |")]
+    assert "| — | recovery.r=4: " in cpet_row and "; recovery.r=8: " in cpet_row  # one search, two candidates
+
+
 def test_a_grid_select_names_axes_and_search_seeds(tmp_path, data_dir, tiny_model_dir):
     g = _grid_file(tmp_path, data_dir, tiny_model_dir, "  train.seed: [1, 2]\n  train.lr: [0.001, 0.02]\n")
     for select, needle in (("{keys: [train.epochs], seeds: [1]}", "must name axes"),
