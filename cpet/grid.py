@@ -605,7 +605,8 @@ def _run_on_ray(grid: Grid, todo: list[Cell], workers: int, finished) -> None:
 
 def grid_labels(*grids: Grid) -> dict[str, dict[str, str]]:
     """Cell id -> its axis labels in these grids (a cell two grids share: the union of both grids' labels;
-    one config, so one value per key)."""
+    one config, so one value per key, though not always one text: 1e-3 and 0.001 name one rate, and the
+    later grid's text is kept)."""
     out: dict[str, dict[str, str]] = {}
     for g in grids:
         for c in g.cells:
@@ -617,8 +618,8 @@ def results_of(root: Path, cells: dict[str, dict[str, str]] | None = None) -> li
     """Every finished paradigm of the recorded cells (each distinct result once): the result record + the
     axis labels and config of the (first) cell that produced it. ``cells`` (``grid_labels``): of these cell
     ids only, labelled as these grids label them, not as the record says. A cell's id is its config, so
-    grids that share a store share cells; the record keeps the labels of the grid that ran it first, which
-    lack the axes a later grid adds (``recovery.r`` beside runs made without that axis): read with those,
+    grids that share a store share cells; the record holds the labels of the grid that last wrote it, which
+    lack the axes another grid adds (``recovery.r`` beside runs made without that axis): read with those,
     a later grid's candidates would not be told apart and a tie would not go to the lower value. A cell
     still partial or failed contributes the paradigms it finished (a search cell's teacher, say)."""
     layout = StoreLayout(Path(root))

@@ -509,7 +509,7 @@ def test_a_grid_that_adds_an_axis_labels_the_cells_it_shares_by_its_own_axes(
     A's cells are B's rank-4 candidates. B's report and search label them recovery.r=4, as B's own cells
     (the records keep A's labels, which lack that axis): the rank-4 and rank-8 runs are candidates of one
     search, not a main variant beside a recovery.r section."""
-    from cpet.grid import grid_labels, results_of
+    from cpet.grid import _choices, grid_labels, results_of
     from cpet.report import long_rows
 
     axes = "  task.name: [sst2]\n  compress: [Q]\n  train.seed: [1]\n"
@@ -530,6 +530,8 @@ def test_a_grid_that_adds_an_axis_labels_the_cells_it_shares_by_its_own_axes(
     assert sorted(r["variant"] for r in rows) == ["recovery.r=4", "recovery.r=8"]
     assert {r["variant"] for r in long_rows(results_of(root, grid_labels(grid_b))) if r["paradigm"] != "clm_cpet"} \
         == {""}  # base+PET and CLM+PET do not depend on the recovery rank
+    chosen, = [v for k, v in _choices(grid_b).items() if k[2] == "clm_cpet"]  # the grid's own search, too
+    assert chosen in ("recovery.r=4", "recovery.r=8")
     capsys.readouterr()
     assert main(["report", str(root), "--grid", str(b), "-o", str(tmp_path / "rb")]) == 0
     md = (tmp_path / "rb" / "results.md").read_text()
