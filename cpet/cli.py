@@ -300,10 +300,9 @@ def _report(root: str, out: str | None, bench: str | None = None, select: list[s
         if len(searches) > 1:
             raise CpetError(f"the grids {grids} search differently ({sorted(searches)}); report them one at a "
                             "time, or pass --select")
-        spec = store_search(root_p) if not loaded else None  # grid files that search nothing: every run
         if searches:
             (keys, seeds), = searches
-        elif spec:
+        elif not loaded and (spec := store_search(root_p)):  # grid files that search nothing: every run
             keys, seeds = spec["keys"], tuple(spec["seeds"])
         else:
             keys = ()

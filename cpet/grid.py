@@ -225,20 +225,22 @@ def _token_scale(task: TaskConfig, model: str, max_length: int, batch_size: int,
     return padded / REF_TOKENS["train"], mean / REF_TOKENS["eval"]
 
 
-def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_only: bool = False) -> float:
+def prior_seconds(cell: Cell, shared: set, teacher_share: float = 1.0, chosen_only: bool = False,
+                  paradigms: tuple[str, ...] | None = None) -> float:
     """A rough time for one cell from the demo's rates, counting each run once across cells (``shared``
     holds what earlier cells made: a teacher per model, task, PET and training; a fresh PET trained at
     ``train.clm_lr`` whatever ``train.lr`` is); ``teacher_share``: the share of a paradigm with a teacher
     expected to run (a search tries it at the chosen teacher's rate only); ``chosen_only``: the learning rates
-    are left out of what tells runs apart (a seed that does not search runs each paradigm at one rate).
-    Finished cells refine it."""
+    are left out of what tells runs apart (a seed that does not search runs each paradigm at one rate);
+    ``paradigms``: count these of the cell's paradigms only (what a search still runs there). Finished cells
+    refine it."""
     cfg = cell.config
     sizes = _split_sizes(cfg.task)
     if sizes is None:
         return 0.0
     n_train, n_val, n_test = sizes
     epochs, total = cfg.train.epochs, 0.0
-    for p in cfg.paradigms:
+    for p in cfg.paradigms if paradigms is None else paradigms:
         spec = PARADIGM_SPECS[p]
         share = 1.0
         if p == "base_pet":
@@ -271,17 +273,17 @@ def _train_key(train, lr) -> tuple:
     return tuple(sorted({**asdict(train), "lr": lr, "clm_lr": None}.items()))
 
 
-def _priors(grid: Grid) -> dict[str, float]:
+def _priors(grid: Grid, choices: dict[tuple, str] | None = None) -> dict[str, float]:
     """Each cell's prior (``prior_seconds``): with a search, a searching seed tries a paradigm with a teacher at
     one teacher rate; a seed that does not search runs what validation chose, so once the search has chosen a
     cell's paradigms its prior is the runs it will make (a cell whose candidates were not chosen: none), else
-    one candidate of each paradigm spread over the cells."""
+    one candidate of each paradigm spread over the cells. ``choices``: ``_choices(grid)``, when the caller has it."""
     shared: set = set()
     sel = grid.select
     if sel is None:
         return {c.id: prior_seconds(c, shared) for c in grid.cells}
     rates = len({c.labels.get("train.lr") for c in grid.cells}) if "train.lr" in sel.keys else 1
-    choices = _choices(grid)
+    choices = _choices(grid) if choices is None else choices
     chosen: set = set()
     priors = {}
     for c in grid.cells:
@@ -292,8 +294,7 @@ def _priors(grid: Grid) -> dict[str, float]:
         if any(p in skipped for p in keep):  # a paradigm not chosen yet: the spread-out estimate
             priors[c.id] = prior_seconds(c, chosen, chosen_only=True)
         else:
-            narrow = Cell(c.values, replace(c.config, paradigms=tuple(keep)))
-            priors[c.id] = prior_seconds(narrow, shared) if keep else 0.0
+            priors[c.id] = prior_seconds(c, shared, paradigms=tuple(keep))
     return priors
 
 
@@ -314,21 +315,18 @@ def _eta(prior_left: float, done: list[tuple[float, float]]) -> str:
 def describe(grid: Grid, log: Callable[[str], None] = print) -> list[dict]:
     """The cells with their status and an estimate of the time left."""
     rows, done, prior_left = [], [], 0.0
-    priors = _priors(grid)
     choices = _choices(grid) if grid.select else {}
+    priors = _priors(grid, choices)
     more_shared: set = set()
     for cell in grid.cells:
         rec = cell_record(grid.root, cell)
         status = rec["status"] if rec else "todo"
         prior = priors[cell.id]
-        keep = _chosen_paradigms(cell, grid.select, choices)[0] if grid.select and status == "done" else []
-        more = _unrun(rec, keep)
-        if more:  # recorded by a grid whose search chose otherwise (it shares the store): this one runs more
-            status = "more"
-            made = Cell(cell.values, replace(cell.config, paradigms=("base_pet",)))
-            prior_seconds(made, more_shared)  # its teacher is there: counted as made, not as work
-            runs = [p for p in keep if p in more or p == "base_pet"]  # (a taught paradigm's config names it)
-            prior = prior_seconds(Cell(cell.values, replace(cell.config, paradigms=tuple(runs))), more_shared)
+        if grid.select and status in ("done", "partial"):  # the record's status is the last writer's: a grid
+            # sharing the store whose search chose otherwise leaves more, or less, to run in this grid's view
+            more = _unrun(rec, _chosen_paradigms(cell, grid.select, choices)[0])
+            status = ("more" if status == "done" else "partial") if more else "done"
+            prior = prior_seconds(cell, more_shared, paradigms=tuple(more)) if more else prior
         if status == "done":
             if _ran(rec):
                 done.append((rec["seconds"], prior))
@@ -362,7 +360,8 @@ def store_search(root: Path) -> dict | None:
 def shares_store(grid: Grid) -> bool:
     """Whether the store holds another grid's cells or search, so that a report of this grid names it (--grid)."""
     search = store_search(grid.root)
-    others = len(list((grid.root / CELLS).glob("*.json"))) > len(grid.cells)
+    mine = {c.id for c in grid.cells}
+    others = any(f.stem not in mine for f in (grid.root / CELLS).glob("*.json"))
     return others or (search is not None and search != (grid.select.spec if grid.select else None))
 
 
