@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -254,7 +255,7 @@ def tables(rows: list[dict], trivial: dict[str, float] | None = None) -> str:
             sizes[(r["variant"], r["plan"], r["paradigm"], r["task"])][r["seed"]] = float(r["value"])
 
     def parts(v: str) -> set[str]:
-        return {p for p in v.split(", ") if p}
+        return set(variant_parts(v))
 
     def get(variant: str, plan: str, paradigm: str, task: str, table: dict = by) -> dict:
         """A paradigm's values in a variant section; a paradigm that does not depend on some of the
@@ -554,9 +555,18 @@ def timing_table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def variant_parts(variant: str) -> list[str]:
+    """The "k=v" parts of a variant "k=v, k=v": split only where ", " starts a new key, so a value that is a
+    mapping or a list ({"alpha": 1.0, "outputs": ["logits"]}) stays one part."""
+    return [p for p in _PART_START.split(variant) if p]
+
+
+_PART_START = re.compile(r", (?=[A-Za-z_][\w.]*=)")
+
+
 def split_variant(variant: str, keys: tuple[str, ...]) -> tuple[str, str]:
     """("k=v, ..." of the keys not selected, "k=v, ..." of the selected ones)."""
-    parts = [p for p in variant.split(", ") if p]
+    parts = variant_parts(variant)
     chosen = [p for p in parts if p.split("=", 1)[0] in keys]
     return ", ".join(p for p in parts if p not in chosen), ", ".join(chosen)
 
@@ -570,7 +580,7 @@ def _candidate_order(candidate: str) -> tuple:
             return (key, 0, float(v), "")
         except ValueError:
             return (key, 1, 0.0, v)
-    return tuple(value(p) for p in candidate.split(", ") if p)
+    return tuple(value(p) for p in variant_parts(candidate))
 
 
 def choose_on_validation(rows: list[dict], keys: tuple[str, ...],
@@ -590,7 +600,7 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...],
     choices: dict[tuple, str] = {}
     lines = ["| task | plan | paradigm | other axes | candidates: val mean (seeds) | chosen | test (all its seeds) |",
              "|---|---|---|---|---|---|---|"]
-    parts = lambda v: frozenset(p for p in v.split(", ") if p)  # noqa: E731
+    parts = lambda v: frozenset(variant_parts(v))  # noqa: E731
     teacher: dict[tuple[str, frozenset], set[str]] = {}  # (task, base+PET's other axes) -> its chosen "key=value" parts
     for group, cands in sorted(groups.items(), key=lambda kv: (kv[0][2] != "base_pet", kv[0][0], kv[0][1],
                                                               ORDER.get(kv[0][2], 99), kv[0][3])):
@@ -601,7 +611,7 @@ def choose_on_validation(rows: list[dict], keys: tuple[str, ...],
         if PARADIGM_SPECS[paradigm].needs_teacher and mine:
             base_keys = {p.split("=", 1)[0]: p for p in teacher[max(mine, key=lambda k: len(k[1]))]}
             kept = {c: rs for c, rs in cands.items()
-                    if all(base_keys.get(p.split("=", 1)[0], p) == p for p in c.split(", ") if p)}
+                    if all(base_keys.get(p.split("=", 1)[0], p) == p for p in variant_parts(c))}
             if not kept:  # no run yet with the teacher's chosen values: nothing to choose from (never another teacher's)
                 continue
             cands = kept

@@ -348,6 +348,31 @@ def test_a_tie_on_validation_goes_to_the_lower_value_as_a_number():
         assert f"| train.lr={low} |" in table
 
 
+def test_an_axis_whose_values_are_mappings_is_searched_like_any_other():
+    """A distill axis labels its values as JSON ({"alpha": 1.0, "outputs": ["logits"]}), whose ", " must not split
+    the variant: the search chooses among the two targets, and the other axes stay apart."""
+    from cpet.report import select_on_validation, variant_parts
+
+    hidden, logits = '{"alpha": 0.05, "outputs": ["hidden"]}', '{"alpha": 1.0, "outputs": ["logits"]}'
+    assert variant_parts(f"distill={logits}, recovery.r=[32, 128], train.lr=0.001") == [
+        f"distill={logits}", "recovery.r=[32, 128]", "train.lr=0.001"]
+    rows = []
+    for target, val, test in ((hidden, 0.50, 0.1), (logits, 0.60, 0.2)):
+        for lr in ("0.001", "0.005"):
+            base = {"task": "qnli", "plan": "SP", "paradigm": "clm_pet", "seed": 1, "cell": "c", "fingerprint": "f",
+                    "variant": f"distill={target}, train.lr={lr}"}
+            rows += [{**base, "metric": "val_accuracy", "value": val + (lr == "0.005") * 0.01},
+                     {**base, "metric": "accuracy", "value": test}]
+    chosen, table = select_on_validation(rows, ("train.lr", "distill"))
+    assert {r["value"] for r in chosen if r["metric"] == "accuracy"} == {0.2} and len(chosen) == 2
+    assert all(r["variant"] == "" for r in chosen)  # both keys chosen: nothing left as a section
+    row, = [line for line in table.splitlines() if line.startswith("| qnli | SP |")]
+    assert f"| — | distill={hidden}, train.lr=0.001: 50.00;" in row and f"| distill={logits}, train.lr=0.005 |" in row
+    # chosen for one key only, the other stays a section of its own
+    chosen, _ = select_on_validation(rows, ("train.lr",))
+    assert {r["variant"] for r in chosen} == {f"distill={hidden}", f"distill={logits}"}
+
+
 def test_a_paradigm_with_a_teacher_keeps_the_teachers_chosen_lr():
     from cpet.report import select_on_validation
 
