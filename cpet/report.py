@@ -556,8 +556,9 @@ def timing_table(rows: list[dict]) -> str:
 
 
 def variant_parts(variant: str) -> list[str]:
-    """The "k=v" parts of a variant "k=v, k=v": split only where ", " starts a new key, so a value that is a
-    mapping or a list ({"alpha": 1.0, "outputs": ["logits"]}) stays one part."""
+    """The "k=v" parts of a variant "k=v, k=v" (``plan_and_variant`` builds them): split only where ", " starts a
+    new key, so a value that is a mapping or a list ({"alpha": 1.0, "outputs": ["logits"]}) stays one part. A text
+    inside such a value that itself holds ", name=" would still split there."""
     return [p for p in _PART_START.split(variant) if p]
 
 
